@@ -1,0 +1,77 @@
+# oauthmail — build the private C module oauthmail.core for one Lua version.
+#   make                      LUA_VERSION=5.4 (default), 5.1, 5.3 or jit
+#   make install PREFIX=DIR   standard layout under DIR
+#   make check                every test, every Lua version, ASan/UBSan, luacheck
+LUA_VERSION ?= 5.4
+PREFIX      ?= /usr/local
+CC          ?= cc
+SANITIZE    ?=
+
+ifeq ($(LUA_VERSION),jit)
+  LUA_PC  := luajit
+  LUA_BIN := luajit
+  LUA_ABI := 5.1
+else
+  LUA_PC  := lua$(LUA_VERSION)
+  LUA_BIN := lua$(LUA_VERSION)
+  LUA_ABI := $(LUA_VERSION)
+endif
+
+BUILD   ?= build/$(LUA_VERSION)$(if $(SANITIZE),-san)
+WARN    := -Wall -Wextra -Wshadow -Wmissing-prototypes -Wdeclaration-after-statement \
+           -Wstrict-prototypes -Wformat=2
+CFLAGS  ?= -O2 -g
+ALL_CFLAGS  = $(CFLAGS) -std=gnu99 -fPIC -fvisibility=hidden $(WARN) \
+              $(shell pkg-config --cflags $(LUA_PC) openssl libcurl)
+ALL_LDFLAGS = $(LDFLAGS) -shared $(shell pkg-config --libs openssl libcurl)
+ifneq ($(SANITIZE),)
+  ALL_CFLAGS  += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+  ALL_LDFLAGS += -fsanitize=address,undefined
+endif
+
+SRCS := $(wildcard csrc/*.c)
+OBJS := $(SRCS:csrc/%.c=$(BUILD)/obj/%.o)
+HDRS := $(wildcard csrc/*.h)
+CORE := $(BUILD)/oauthmail/core.so
+LUAS := $(wildcard lua/oauthmail/*.lua)
+
+.PHONY: all install check test lint asan clean demo
+all: $(CORE)
+
+$(BUILD)/obj/%.o: csrc/%.c $(HDRS) Makefile
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -c $< -o $@
+
+$(CORE): $(OBJS)
+	@mkdir -p $(dir $@)
+	$(CC) -o $@ $(OBJS) $(ALL_LDFLAGS)
+
+install: $(CORE)
+	install -d $(DESTDIR)$(PREFIX)/lib/lua/$(LUA_ABI)/oauthmail $(DESTDIR)$(PREFIX)/share/lua/$(LUA_ABI)/oauthmail
+	install -m 0755 $(CORE) $(DESTDIR)$(PREFIX)/lib/lua/$(LUA_ABI)/oauthmail/core.so
+	install -m 0644 $(LUAS) $(DESTDIR)$(PREFIX)/share/lua/$(LUA_ABI)/oauthmail/
+
+# One Lua version's suite: make test LUA_VERSION=5.3 [SPEC=spec/conn_spec.lua]
+SPEC ?= spec
+TEST_ENV = LUA_VERSION=$(LUA_VERSION) OAUTHMAIL_BUILD=$(BUILD) OAUTHMAIL_LUA=$(LUA_BIN) \
+  OAUTHMAIL_ROOT=$(CURDIR) LUA_PATH="$(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;$(CURDIR)/?.lua;;" \
+  LUA_CPATH="$(CURDIR)/$(BUILD)/?.so;;"
+test: $(CORE)
+	$(TEST_ENV) $(SAN_ENV) $(LUA_BIN) bin/busted-run $(BUSTED_ARGS) $(SPEC)
+
+lint:
+	luacheck lua spec bin/busted-run examples bench
+
+# The lua binary is not instrumented, so the sanitizer runtimes are preloaded;
+# spec/support/helpers.lua removes them again for the peers it starts.
+asan:
+	$(MAKE) test SANITIZE=1 LUA_VERSION=5.4 CFLAGS="-O1 -g" CC=gcc \
+	  SAN_ENV='LD_PRELOAD="$(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libubsan.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1'
+
+
+# Everything CI runs, after bin/setup has installed the packages.
+check:
+	bin/check-all
+
+clean:
+	rm -rf build

@@ -1,0 +1,129 @@
+/* core.c — luaopen_oauthmail_core: builds the private module from one list of
+ * primitive families (one C file each), plus the error value they share. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <time.h>
+#include "core.h"
+
+static const struct {
+  const char *name;
+  void (*open)(lua_State *L);
+} families[] = {
+  { "conn", om_conn_open },
+  { NULL, NULL }
+};
+
+static int error_tostring(lua_State *L) {
+  const char *kind, *msg;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_getfield(L, 1, "kind");
+  lua_getfield(L, 1, "message");
+  kind = lua_tostring(L, -2);
+  msg = lua_tostring(L, -1);
+  lua_pushfstring(L, "%s error: %s", kind ? kind : "unknown", msg ? msg : "(no message)");
+  return 1;
+}
+
+static void push_error_va(lua_State *L, const char *kind, const char *reason,
+                          const char *fmt, va_list ap) {
+  char buf[1024];
+  vsnprintf(buf, sizeof buf, fmt, ap);
+  lua_createtable(L, 0, 4);
+  lua_pushstring(L, kind);
+  lua_setfield(L, -2, "kind");
+  lua_pushstring(L, buf);
+  lua_setfield(L, -2, "message");
+  if (reason) {
+    lua_pushstring(L, reason);
+    lua_setfield(L, -2, "reason");
+  }
+  om_setmetatable(L, OM_ERROR_MT);
+}
+
+void om_push_error(lua_State *L, const char *kind, const char *reason, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  push_error_va(L, kind, reason, fmt, ap);
+  va_end(ap);
+}
+
+int om_fail(lua_State *L, const char *kind, const char *reason, const char *fmt, ...) {
+  va_list ap;
+  lua_pushnil(L);
+  va_start(ap, fmt);
+  push_error_va(L, kind, reason, fmt, ap);
+  va_end(ap);
+  return 2;
+}
+
+const char *om_opt_string(lua_State *L, int t, const char *k, const char *def) {
+  const char *s = def;
+  int ty = om_getfield(L, t, k);
+  if (ty == LUA_TSTRING) s = lua_tostring(L, -1);
+  else if (ty != LUA_TNIL) luaL_error(L, "option '%s': expected a string, got %s", k, luaL_typename(L, -1));
+  lua_pop(L, 1);  /* the string stays alive: it is still referenced by the table */
+  return s;
+}
+
+lua_Number om_opt_number(lua_State *L, int t, const char *k, lua_Number def) {
+  lua_Number n = def;
+  int ty = om_getfield(L, t, k);
+  if (ty == LUA_TNUMBER) n = lua_tonumber(L, -1);
+  else if (ty != LUA_TNIL) luaL_error(L, "option '%s': expected a number, got %s", k, luaL_typename(L, -1));
+  lua_pop(L, 1);
+  return n;
+}
+
+int om_opt_bool(lua_State *L, int t, const char *k, int def) {
+  int b = def;
+  int ty = om_getfield(L, t, k);
+  if (ty == LUA_TBOOLEAN) b = lua_toboolean(L, -1);
+  else if (ty != LUA_TNIL) luaL_error(L, "option '%s': expected a boolean, got %s", k, luaL_typename(L, -1));
+  lua_pop(L, 1);
+  return b;
+}
+
+double om_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* Sleep without holding anything; used by retry back-off and tests. */
+static int core_sleep(lua_State *L) {
+  lua_Number s = luaL_checknumber(L, 1);
+  struct timespec ts;
+  if (s < 0) s = 0;
+  ts.tv_sec = (time_t)s;
+  ts.tv_nsec = (long)((s - (lua_Number)ts.tv_sec) * 1e9);
+  while (nanosleep(&ts, &ts) != 0) {}
+  return 0;
+}
+
+static int core_monotime(lua_State *L) {
+  lua_pushnumber(L, om_now());
+  return 1;
+}
+
+__attribute__((visibility("default"))) int luaopen_oauthmail_core(lua_State *L);
+
+int luaopen_oauthmail_core(lua_State *L) {
+  int i;
+  if (luaL_newmetatable(L, OM_ERROR_MT)) {
+    lua_pushcfunction(L, error_tostring);
+    lua_setfield(L, -2, "__tostring");
+  }
+  lua_newtable(L);
+  lua_pushvalue(L, -2);
+  lua_setfield(L, -2, "error_metatable");
+  lua_pushcfunction(L, core_monotime);
+  lua_setfield(L, -2, "monotime");
+  lua_pushcfunction(L, core_sleep);
+  lua_setfield(L, -2, "sleep");
+  for (i = 0; families[i].name; i++) {
+    lua_newtable(L);
+    families[i].open(L);
+    lua_setfield(L, -2, families[i].name);
+  }
+  return 1;
+}
