@@ -10,6 +10,7 @@ static const struct {
   void (*open)(lua_State *L);
 } families[] = {
   { "conn", om_conn_open },
+  { "fs", om_fs_open },
   { NULL, NULL }
 };
 

@@ -1,0 +1,349 @@
+/* fs.c — the file primitives the token stores stand on: advisory locks with a
+ * deadline, crash-safe replacement of a file, permission inspection, private
+ * directories and bounded reads. Policy (what is too open, what to lock) lives
+ * in lua/oauthmail/store; this file only does the system calls right. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+#include <openssl/crypto.h>
+#include "core.h"
+
+#define FS_LOCK_TYPE "oauthmail.fs.lock"
+#define FS_READ_DEFAULT_MAX (16 * 1024 * 1024)
+
+typedef struct {
+  int fd;          /* -1 once unlocked */
+} fs_lock;
+
+static int fail_errno(lua_State *L, int err, const char *what, const char *path) {
+  const char *reason = err == ENOENT ? "missing" : err == EACCES || err == EPERM ? "denied" : "io";
+  return om_fail(L, "store", reason, "%s %s: %s", what, path, strerror(err));
+}
+
+static void sleep_seconds(double s) {
+  struct timespec ts;
+  ts.tv_sec = (time_t)s;
+  ts.tv_nsec = (long)((s - (double)ts.tv_sec) * 1e9);
+  while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+}
+
+/* ---- locks ------------------------------------------------------------ */
+
+static int lock_release(fs_lock *lk) {
+  if (lk->fd >= 0) {
+    /* closing the descriptor drops the flock; unlocking first makes the
+     * release immediate even if a forked child still shares the descriptor */
+    flock(lk->fd, LOCK_UN);
+    close(lk->fd);
+    lk->fd = -1;
+    return 1;
+  }
+  return 0;
+}
+
+static int lock_unlock(lua_State *L) {
+  fs_lock *lk = (fs_lock *)luaL_checkudata(L, 1, FS_LOCK_TYPE);
+  lock_release(lk);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int lock_gc(lua_State *L) {
+  fs_lock *lk = (fs_lock *)luaL_checkudata(L, 1, FS_LOCK_TYPE);
+  lock_release(lk);
+  return 0;
+}
+
+static int lock_held(lua_State *L) {
+  fs_lock *lk = (fs_lock *)luaL_checkudata(L, 1, FS_LOCK_TYPE);
+  lua_pushboolean(L, lk->fd >= 0);
+  return 1;
+}
+
+static int lock_tostring(lua_State *L) {
+  fs_lock *lk = (fs_lock *)luaL_checkudata(L, 1, FS_LOCK_TYPE);
+  lua_pushfstring(L, "oauthmail.fs.lock (%s)", lk->fd >= 0 ? "held" : "released");
+  return 1;
+}
+
+/* fs.lock(path, {exclusive=true, timeout=10}) -> lock | nil, err
+ * flock(2) on an open descriptor, polled with LOCK_NB so the wait has a
+ * deadline: a blocking flock could hang a process forever behind a stuck peer. */
+static int fs_lock_open(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  int exclusive = 1;
+  double timeout = 10, deadline, pause = 0.005;
+  fs_lock *lk;
+  int fd;
+  if (!lua_isnoneornil(L, 2)) {
+    luaL_checktype(L, 2, LUA_TTABLE);
+    exclusive = om_opt_bool(L, 2, "exclusive", 1);
+    timeout = om_opt_number(L, 2, "timeout", 10);
+  }
+  if (timeout < 0) luaL_argerror(L, 2, "timeout must not be negative");
+  lk = (fs_lock *)lua_newuserdata(L, sizeof *lk);
+  lk->fd = -1;   /* closed first: an error below leaves a harmless object */
+  om_setmetatable(L, FS_LOCK_TYPE);
+  fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd < 0) return fail_errno(L, errno, "cannot open lock file", path);
+  lk->fd = fd;
+  deadline = om_now() + timeout;
+  for (;;) {
+    if (flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) == 0) return 1;
+    if (errno != EWOULDBLOCK && errno != EINTR) {
+      int err = errno;
+      lock_release(lk);
+      return fail_errno(L, err, "cannot lock", path);
+    }
+    if (om_now() >= deadline) {
+      lock_release(lk);
+      return om_fail(L, "store", "timeout", "timed out after %g s waiting for lock on %s", timeout, path);
+    }
+    sleep_seconds(pause);
+    if (pause < 0.05) pause *= 2;
+  }
+}
+
+/* ---- atomic replace ------------------------------------------------------ */
+
+static int write_all(int fd, const char *p, size_t n) {
+  while (n > 0) {
+    ssize_t w = write(fd, p, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return -1;
+    }
+    p += w;
+    n -= (size_t)w;
+  }
+  return 0;
+}
+
+static int fsync_dir_of(const char *path) {
+  /* the rename is only durable once the directory entry is on disk */
+  char dir[4096];
+  const char *slash = strrchr(path, '/');
+  int dfd, rc;
+  if (!slash) strcpy(dir, ".");
+  else if (slash == path) strcpy(dir, "/");
+  else {
+    size_t n = (size_t)(slash - path);
+    if (n >= sizeof dir) { errno = ENAMETOOLONG; return -1; }
+    memcpy(dir, path, n);
+    dir[n] = '\0';
+  }
+  dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) return -1;
+  rc = fsync(dfd);
+  close(dfd);
+  return rc;
+}
+
+/* fs.atomic_write(path, data, mode [, test_fault]) -> true | nil, err
+ * Readers see either the old file or the complete new one, never a mix: the
+ * data goes to a fresh temp file in the same directory (so rename stays on one
+ * file system), is fsynced, renamed over the target, and the directory fsynced.
+ * TEST HOOK: test_fault == "during_save" ends the process with _exit(86) after
+ * half the data reached the temp file, to prove the old file survives a crash.
+ * Production callers never pass it. */
+static int fs_atomic_write(lua_State *L) {
+  size_t len, plen;
+  const char *path = luaL_checklstring(L, 1, &plen);
+  const char *data = luaL_checklstring(L, 2, &len);
+  mode_t mode = (mode_t)luaL_optinteger(L, 3, 0600);
+  const char *fault = luaL_optstring(L, 4, NULL);
+  char *tmp;
+  int fd = -1, attempt, err;
+  size_t tlen = plen + 48;
+  if (mode & ~(mode_t)07777) luaL_argerror(L, 3, "mode must be permission bits (e.g. 384 = 0600)");
+  tmp = (char *)malloc(tlen);
+  if (!tmp) return luaL_error(L, "out of memory");
+  for (attempt = 0; attempt < 16 && fd < 0; attempt++) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    snprintf(tmp, tlen, "%s.tmp.%ld.%lx", path, (long)getpid(),
+             (unsigned long)(ts.tv_nsec ^ (attempt * 7919L)));
+    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode);
+    if (fd < 0 && errno != EEXIST) break;
+  }
+  if (fd < 0) {
+    err = errno;
+    free(tmp);
+    return fail_errno(L, err, "cannot create temporary file next to", path);
+  }
+  /* open() applied the umask; the caller asked for exactly this mode */
+  if (fchmod(fd, mode) != 0) goto fail;
+  if (fault && strcmp(fault, "during_save") == 0) {
+    if (write_all(fd, data, len / 2) == 0) fsync(fd);
+    _exit(86);
+  }
+  if (write_all(fd, data, len) != 0) goto fail;
+  if (fsync(fd) != 0) goto fail;
+  if (close(fd) != 0) { fd = -1; goto fail; }
+  fd = -1;
+  if (rename(tmp, path) != 0) goto fail;
+  free(tmp);
+  if (fsync_dir_of(path) != 0) return fail_errno(L, errno, "cannot sync the directory of", path);
+  lua_pushboolean(L, 1);
+  return 1;
+fail:
+  err = errno;
+  if (fd >= 0) close(fd);
+  unlink(tmp);
+  free(tmp);
+  return fail_errno(L, err, "cannot write", path);
+}
+
+/* ---- inspection ---------------------------------------------------------- */
+
+static const char *type_name(mode_t m) {
+  if (S_ISREG(m)) return "file";
+  if (S_ISDIR(m)) return "directory";
+  if (S_ISLNK(m)) return "link";
+  return "other";
+}
+
+/* fs.stat(path [, {follow=true}]) -> {mode=, uid=, gid=, size=, type=, mtime=} | nil, err */
+static int fs_stat(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  int follow = 1;
+  struct stat st;
+  if (!lua_isnoneornil(L, 2)) {
+    luaL_checktype(L, 2, LUA_TTABLE);
+    follow = om_opt_bool(L, 2, "follow", 1);
+  }
+  if ((follow ? stat(path, &st) : lstat(path, &st)) != 0) return fail_errno(L, errno, "cannot stat", path);
+  lua_createtable(L, 0, 6);
+  lua_pushinteger(L, (lua_Integer)(st.st_mode & 07777));
+  lua_setfield(L, -2, "mode");
+  lua_pushinteger(L, (lua_Integer)st.st_uid);
+  lua_setfield(L, -2, "uid");
+  lua_pushinteger(L, (lua_Integer)st.st_gid);
+  lua_setfield(L, -2, "gid");
+  lua_pushnumber(L, (lua_Number)st.st_size);
+  lua_setfield(L, -2, "size");
+  lua_pushnumber(L, (lua_Number)st.st_mtime);
+  lua_setfield(L, -2, "mtime");
+  lua_pushstring(L, type_name(st.st_mode));
+  lua_setfield(L, -2, "type");
+  return 1;
+}
+
+/* fs.mkdir_private(path) -> true | nil, err
+ * mkdir -p where every directory it creates is 0700; existing ones are left
+ * as they are (the store checks and reports their permissions itself). */
+static int fs_mkdir_private(lua_State *L) {
+  size_t n, i;
+  const char *path = luaL_checklstring(L, 1, &n);
+  char *buf;
+  struct stat st;
+  if (n == 0) luaL_argerror(L, 1, "empty path");
+  buf = (char *)malloc(n + 1);
+  if (!buf) return luaL_error(L, "out of memory");
+  memcpy(buf, path, n + 1);
+  for (i = 1; i <= n; i++) {
+    if (buf[i] != '/' && buf[i] != '\0') continue;
+    buf[i] = '\0';
+    if (mkdir(buf, 0700) == 0) {
+      chmod(buf, 0700);  /* the umask may have taken bits away; never adds any */
+    } else if (errno != EEXIST || stat(buf, &st) != 0 || !S_ISDIR(st.st_mode)) {
+      int err = errno == EEXIST ? ENOTDIR : errno;
+      lua_pushstring(L, buf);
+      free(buf);
+      return fail_errno(L, err, "cannot create directory", lua_tostring(L, -1));
+    }
+    if (i < n) buf[i] = '/';
+  }
+  free(buf);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* fs.read_file(path [, max]) -> data | nil, err — never reads more than max bytes */
+static int fs_read_file(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  lua_Integer max = luaL_optinteger(L, 2, FS_READ_DEFAULT_MAX);
+  luaL_Buffer b;
+  size_t total = 0;
+  char chunk[8192];
+  int fd;
+  if (max < 0) luaL_argerror(L, 2, "max must not be negative");
+  fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return fail_errno(L, errno, "cannot open", path);
+  luaL_buffinit(L, &b);
+  for (;;) {
+    ssize_t r = read(fd, chunk, sizeof chunk);
+    if (r < 0) {
+      int err = errno;
+      if (err == EINTR) continue;
+      close(fd);
+      return fail_errno(L, err, "cannot read", path);
+    }
+    if (r == 0) break;
+    total += (size_t)r;
+    if (total > (size_t)max) {
+      close(fd);
+      OPENSSL_cleanse(chunk, sizeof chunk);
+      return om_fail(L, "store", "too_large", "%s is larger than %ld bytes", path, (long)max);
+    }
+    luaL_addlstring(&b, chunk, (size_t)r);
+  }
+  close(fd);
+  OPENSSL_cleanse(chunk, sizeof chunk);
+  luaL_pushresult(&b);
+  return 1;
+}
+
+/* fs.remove(path) -> true | nil, err (a missing file is not an error) */
+static int fs_remove(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  if (unlink(path) != 0 && errno != ENOENT) return fail_errno(L, errno, "cannot remove", path);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int fs_uid(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)geteuid());
+  return 1;
+}
+
+static const luaL_Reg lock_methods[] = {
+  { "unlock", lock_unlock },
+  { "held", lock_held },
+  { NULL, NULL }
+};
+
+static const luaL_Reg lock_metamethods[] = {
+  { "__gc", lock_gc },
+  { "__close", lock_gc },
+  { "__tostring", lock_tostring },
+  { NULL, NULL }
+};
+
+static const luaL_Reg fs_funcs[] = {
+  { "lock", fs_lock_open },
+  { "atomic_write", fs_atomic_write },
+  { "stat", fs_stat },
+  { "mkdir_private", fs_mkdir_private },
+  { "read_file", fs_read_file },
+  { "remove", fs_remove },
+  { "uid", fs_uid },
+  { NULL, NULL }
+};
+
+void om_fs_open(lua_State *L) {
+  if (luaL_newmetatable(L, FS_LOCK_TYPE)) {
+    om_setfuncs(L, lock_metamethods);
+    om_newlib(L, lock_methods);
+    lua_setfield(L, -2, "__index");
+  }
+  lua_pop(L, 1);
+  om_setfuncs(L, fs_funcs);
+}
