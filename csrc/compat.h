@@ -23,7 +23,7 @@ static inline void *om_testudata(lua_State *L, int i, const char *tname) {
 }
 #else
 #  define om_setfuncs(L, l) luaL_setfuncs((L), (l), 0)
-#  define om_newlib(L, l) luaL_newlib((L), (l))
+#  define om_newlib(L, l) (lua_newtable(L), luaL_setfuncs((L), (l), 0))
 #  define om_rawlen(L, i) lua_rawlen((L), (i))
 #  define om_setmetatable(L, tname) luaL_setmetatable((L), (tname))
 #  define om_testudata(L, i, tname) luaL_testudata((L), (i), (tname))
