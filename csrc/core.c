@@ -11,6 +11,7 @@ static const struct {
 } families[] = {
   { "conn", om_conn_open },
   { "fs", om_fs_open },
+  { "crypto", om_crypto_open },
   { NULL, NULL }
 };
 
