@@ -84,7 +84,11 @@ function M.spawn(cmd, opts)
   assert(pid, "could not start: " .. cmd)
   local proc = { pid = pid, log = log, cmd = cmd }
   function proc.output() return M.read_file(log) or "" end
-  function proc.alive() return (M.exec("kill -0 " .. pid)) end
+  -- Orphaned peers may linger as zombies where PID 1 does not reap: a zombie is not alive.
+  function proc.alive()
+    local stat = M.read_file("/proc/" .. pid .. "/stat")
+    return stat ~= nil and stat:match("^%d+ %b() (%a)") ~= "Z"
+  end
   function proc.stop()
     if proc.stopped then return end
     proc.stopped = true
