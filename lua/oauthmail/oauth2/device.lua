@@ -1,0 +1,87 @@
+-- oauthmail.oauth2.device — the device authorization grant (RFC 8628): ask
+-- for a user code, show it, then poll the token endpoint at the pace the
+-- server sets (interval, +5 s on slow_down) until approval, denial, expiry or
+-- the deadline the server gave with the code.
+local core = require "oauthmail.core"
+local errors = require "oauthmail.errors"
+local endpoint = require "oauthmail.oauth2.endpoint"
+local discovery = require "oauthmail.oauth2.discovery"
+
+local M = {}
+
+local GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+
+local function default_show(info)
+  io.stderr:write((info.message or ("To sign in, open " .. info.verification_uri .. " and enter the code "
+    .. info.user_code)) .. "\n")
+  io.stderr:flush()
+end
+
+local function pending(doc) return doc.error == "authorization_pending" or doc.error == "slow_down" end
+
+-- oauth2.device_code(cfg) -> token | nil, err
+function M.device_code(cfg)
+  local c, err = discovery.resolve(cfg, "device_authorization_endpoint")
+  if not c then return nil, err end
+  if not c.token_endpoint then
+    return errors.fail("config", "no token_endpoint configured (set it, or set issuer= to use discovery)")
+  end
+  local sleep = c.sleep or core.sleep
+  local doc, derr = endpoint.call(c, c.device_authorization_endpoint, {
+    { "scope", endpoint.scope_string(c.scope) },
+  }, { what = "device authorization" })
+  if not doc then return nil, derr end
+  -- Google still says verification_url (the draft's name).
+  local uri = doc.verification_uri or doc.verification_url
+  if type(doc.device_code) ~= "string" or type(doc.user_code) ~= "string" or type(uri) ~= "string" then
+    return errors.fail("oauth", "device authorization: the answer lacks device_code, user_code or verification_uri",
+      { reason = "malformed" })
+  end
+  local expires_in = tonumber(doc.expires_in) or 900
+  local deadline = core.monotime() + expires_in
+  local interval = tonumber(doc.interval) or 5
+  if interval < 1 then interval = 1 end
+  local info = {
+    verification_uri = uri, user_code = doc.user_code, expires_in = expires_in,
+    verification_uri_complete = type(doc.verification_uri_complete) == "string" and doc.verification_uri_complete or nil,
+    message = type(doc.message) == "string" and doc.message or nil,
+  }
+  endpoint.trace(c, { event = "device_code", verification_uri = uri, expires_in = expires_in, interval = interval })
+  local show = c.on_device_code or default_show
+  show(info)
+
+  local polls = 0
+  while true do
+    if core.monotime() + interval > deadline then
+      return errors.fail("oauth", "the device code expired before the user approved it (after " .. expires_in .. " s)",
+        { oauth_error = "expired_token", reason = "timeout", retryable = true,
+          hint = "run the sign-in again and enter the code sooner" })
+    end
+    sleep(interval)
+    polls = polls + 1
+    local answer, perr = endpoint.call(c, c.token_endpoint, {
+      { "grant_type", GRANT },
+      { "device_code", doc.device_code },
+    }, { what = "device token poll", accept_error = pending })
+    if not answer then
+      if perr.oauth_error == "access_denied" then
+        perr.hint = "the user declined the sign-in on the verification page"
+        perr.message = "the user denied the device sign-in" .. (perr.message and (": " .. perr.message) or "")
+      elseif perr.oauth_error == "expired_token" then
+        perr.hint = "run the sign-in again and enter the code sooner"
+        perr.message = "the device code expired before it was approved" .. (perr.message and (": " .. perr.message) or "")
+      end
+      return nil, perr
+    end
+    if answer.error == "slow_down" then
+      interval = interval + 5
+      endpoint.trace(c, { event = "slow_down", interval = interval, polls = polls })
+    elseif answer.error ~= "authorization_pending" then
+      local tok, terr = endpoint.token(answer, "device token poll")
+      if tok then endpoint.trace(c, { event = "token", grant = "device_code", polls = polls, expires_at = tok.expires_at }) end
+      return tok, terr
+    end
+  end
+end
+
+return M

@@ -1,0 +1,322 @@
+-- oauthmail.oauth2.endpoint — one call to an OAuth2 endpoint, the way every
+-- flow makes it: a form body, client authentication (RFC 6749 2.3.1, RFC 7523),
+-- bounded retries on 429/5xx/network errors honouring Retry-After, and the
+-- decoding of OAuth error answers into the shared error value. Nothing here
+-- ever puts a secret (client secret, assertion, code, verifier, token) into an
+-- error message or a trace event.
+local core = require "oauthmail.core"
+local cjson = require "cjson.safe"
+local errors = require "oauthmail.errors"
+local crypto = require "oauthmail.crypto"
+
+local M = {}
+
+local function http() return require "oauthmail.http" end
+
+-- application/x-www-form-urlencoded (RFC 6749 appendix B): unreserved bytes as
+-- is, space as '+', everything else percent-encoded.
+function M.urlencode(s)
+  return (tostring(s):gsub("[^%w%-%._~ ]", function(c)
+    return string.format("%%%02X", c:byte())
+  end):gsub(" ", "+"))
+end
+
+function M.urldecode(s)
+  return (s:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+-- Encode an ordered list of {name, value} pairs (nil values are skipped), so
+-- request bodies are stable and readable in traces.
+function M.form(pairs_list)
+  local out = {}
+  for _, p in ipairs(pairs_list) do
+    if p[2] ~= nil then out[#out + 1] = M.urlencode(p[1]) .. "=" .. M.urlencode(p[2]) end
+  end
+  return table.concat(out, "&")
+end
+
+function M.parse_query(q)
+  local t = {}
+  for part in q:gmatch("[^&;]+") do
+    local k, v = part:match("^([^=]*)=?(.*)$")
+    if k and k ~= "" and t[M.urldecode(k)] == nil then t[M.urldecode(k)] = M.urldecode(v) end
+  end
+  return t
+end
+
+function M.scope_string(scope)
+  if scope == nil then return nil end
+  if type(scope) == "table" then return table.concat(scope, " ") end
+  return scope
+end
+
+function M.has_scope(scope, name)
+  local s = M.scope_string(scope)
+  if not s then return false end
+  for w in s:gmatch("%S+") do if w == name then return true end end
+  return false
+end
+
+-- Keep a quoted body useful for diagnosis without leaking: long opaque runs
+-- (tokens, codes, assertions) are masked and the text is cut short.
+function M.redact_body(body)
+  local ok, redact = pcall(require, "oauthmail.redact")
+  local s = tostring(body or "")
+  if ok and type(redact) == "table" and type(redact.text) == "function" then
+    local r = redact.text(s)
+    if type(r) == "string" then s = r end
+  end
+  s = s:gsub("[%w%-_%.~+/=]+", function(run)
+    if #run >= 20 then return "[redacted " .. #run .. " chars]" end
+  end)
+  s = s:gsub("[%c]", " ")
+  if #s > 200 then s = s:sub(1, 200) .. "..." end
+  return s
+end
+
+function M.trace(cfg, ev)
+  if type(cfg.trace) == "function" then
+    ev.kind = ev.kind or "oauth2"
+    cfg.trace(ev)
+  end
+end
+
+-- Retry-After (RFC 9110 10.2.3): delay-seconds or an HTTP-date.
+local MONTHS = { Jan = 1, Feb = 2, Mar = 3, Apr = 4, May = 5, Jun = 6, Jul = 7, Aug = 8, Sep = 9, Oct = 10, Nov = 11, Dec = 12 }
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+function M.retry_after(value, now)
+  if type(value) ~= "string" then return nil end
+  local secs = value:match("^%s*(%d+)%s*$")
+  if secs then return tonumber(secs) end
+  local d, mon, y, hh, mm, ss = value:match("%a+,%s*(%d+)%s+(%a+)%s+(%d+)%s+(%d+):(%d+):(%d+)%s+GMT")
+  if d and MONTHS[mon] then
+    local t = days_from_civil(tonumber(y), MONTHS[mon], tonumber(d)) * 86400
+      + tonumber(hh) * 3600 + tonumber(mm) * 60 + tonumber(ss)
+    local wait = t - (now or os.time())
+    return wait > 0 and wait or 0
+  end
+  return nil
+end
+
+-- The client assertion of RFC 7523 section 2.2 (private_key_jwt), signed with
+-- the client certificate's key; Microsoft identifies the key by x5t / x5t#S256.
+local function read_file(path, what)
+  local f, ferr = io.open(path, "rb")
+  if not f then return errors.fail("config", "cannot read the " .. what .. ": " .. tostring(ferr), { reason = "file" }) end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+function M.client_assertion(cfg, audience)
+  local cc = cfg.client_certificate
+  if type(cc) ~= "table" or type(cc.key) ~= "string" then
+    return errors.fail("config", "client_auth private_key_jwt needs client_certificate = {cert=, key=}")
+  end
+  local key, kerr = read_file(cc.key, "client certificate key")
+  if not key then return nil, kerr end
+  local header = { kid = cc.kid }
+  if cc.cert then
+    local cert, cerr = read_file(cc.cert, "client certificate")
+    if not cert then return nil, cerr end
+    local s256, e1 = crypto.x5t_s256(cert)
+    if not s256 then return errors.fail("config", "client certificate is not a PEM certificate: " .. tostring(e1.message)) end
+    header["x5t#S256"] = s256
+    header.x5t = crypto.x5t(cert)
+  end
+  local now = os.time()
+  local jws, err = crypto.jws_sign {
+    alg = cc.alg or "PS256", key = key, passphrase = cc.passphrase, header = header,
+    payload = {
+      aud = audience, iss = cfg.client_id, sub = cfg.client_id,
+      jti = crypto.b64url_encode(crypto.random(18)),
+      iat = now, nbf = now, exp = now + 300,
+    },
+  }
+  if not jws then
+    return errors.fail("config", "cannot sign the client assertion: " .. tostring(err and err.message), { reason = "sign" })
+  end
+  return jws
+end
+
+function M.client_auth_method(cfg)
+  if cfg.client_auth then return cfg.client_auth end
+  if cfg.client_certificate then return "private_key_jwt" end
+  if cfg.client_secret then return "client_secret_basic" end
+  return "none"
+end
+
+-- Add the client's credentials to a request (params list and headers).
+local function apply_client_auth(cfg, url, params, headers)
+  local method = M.client_auth_method(cfg)
+  if method == "client_secret_basic" then
+    if type(cfg.client_secret) ~= "string" then
+      return errors.fail("config", "client_auth client_secret_basic needs client_secret")
+    end
+    headers["Authorization"] = "Basic "
+      .. crypto.b64encode(M.urlencode(cfg.client_id) .. ":" .. M.urlencode(cfg.client_secret))
+  elseif method == "client_secret_post" then
+    if type(cfg.client_secret) ~= "string" then
+      return errors.fail("config", "client_auth client_secret_post needs client_secret")
+    end
+    params[#params + 1] = { "client_id", cfg.client_id }
+    params[#params + 1] = { "client_secret", cfg.client_secret }
+  elseif method == "private_key_jwt" then
+    local jws, err = M.client_assertion(cfg, url)
+    if not jws then return nil, err end
+    params[#params + 1] = { "client_id", cfg.client_id }
+    params[#params + 1] = { "client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer" }
+    params[#params + 1] = { "client_assertion", jws }
+  elseif method == "none" then
+    params[#params + 1] = { "client_id", cfg.client_id }
+  else
+    return errors.fail("config", "unknown client_auth '" .. tostring(method)
+      .. "' (client_secret_basic, client_secret_post, private_key_jwt or none)")
+  end
+  return true
+end
+
+local NOT_RETRYABLE = {
+  invalid_grant = true, invalid_client = true, invalid_request = true, unauthorized_client = true,
+  unsupported_grant_type = true, invalid_scope = true, access_denied = true, expired_token = true,
+  invalid_target = true,
+}
+
+-- Turn an error answer into the shared error value.
+function M.oauth_error(resp, doc, what)
+  local status = resp.status
+  local code = type(doc.error) == "string" and doc.error or nil
+  local desc = type(doc.error_description) == "string" and doc.error_description or nil
+  local provider_code = desc and desc:match("(AADSTS%d+)")
+  if not provider_code and type(doc.error_codes) == "table" and tonumber(doc.error_codes[1]) then
+    provider_code = "AADSTS" .. string.format("%d", doc.error_codes[1])
+  end
+  local retryable = status == 429 or status >= 500
+  if code and NOT_RETRYABLE[code] then retryable = false end
+  if code == "temporarily_unavailable" or code == "server_error" then retryable = true end
+  local msg = desc and desc:gsub("[\r\n]+", " ") or
+    ((code and (what .. " refused: " .. code)) or (what .. " failed with HTTP " .. tostring(status)))
+  return errors.new("oauth", msg, {
+    oauth_error = code, provider_code = provider_code, status = status, code = status,
+    trace_id = type(doc.trace_id) == "string" and doc.trace_id or nil,
+    correlation_id = type(doc.correlation_id) == "string" and doc.correlation_id or nil,
+    retryable = retryable,
+  })
+end
+
+-- M.call(cfg, url, params_builder, opts) -> doc (decoded JSON object), resp | nil, err
+--   params: list of {name, value}; client authentication is added unless opts.client_auth == false.
+--   opts.what names the call in messages ("token request", "device authorization", ...).
+--   opts.accept_error(doc, resp) -> true: return the error document instead of failing
+--   (device polling reads authorization_pending this way).
+function M.call(cfg, url, params, opts)
+  opts = opts or {}
+  local what = opts.what or "token request"
+  local retry = cfg.retry or {}
+  local attempts = retry.attempts or 3
+  local max_wait = retry.max_wait or 30
+  local sleep = cfg.sleep or core.sleep
+  local waited = 0
+  local attempt = 0
+  local last_err
+  while true do
+    attempt = attempt + 1
+    local list = {}
+    for i, p in ipairs(params) do list[i] = p end
+    local headers = { ["Accept"] = "application/json", ["Content-Type"] = "application/x-www-form-urlencoded" }
+    if opts.client_auth ~= false then
+      local ok, aerr = apply_client_auth(cfg, url, list, headers)
+      if not ok then return nil, aerr end
+    end
+    M.trace(cfg, { event = "request", what = what, url = url, attempt = attempt })
+    local resp, err = http().request {
+      method = "POST", url = url, headers = headers, body = M.form(list),
+      timeout = cfg.timeout or 30, ca_file = cfg.ca_file, verify = cfg.verify,
+      client_cert = cfg.tls_client_cert, client_key = cfg.tls_client_key, proxy = cfg.proxy,
+      follow_redirects = false, max_body = 1024 * 1024, trace = cfg.trace,
+    }
+    local wait
+    if not resp then
+      -- A TLS verification failure will not heal by itself; a lost connection may.
+      last_err = err
+      if err.kind == "network" then
+        err.retryable = true
+        wait = math.min(2 ^ (attempt - 1), 8)
+      end
+    else
+      local doc = cjson.decode(resp.body or "")
+      if opts.empty_ok and resp.status >= 200 and resp.status < 300 and not (resp.body or ""):find("%S") then
+        return {}, resp
+      end
+      if type(doc) ~= "table" then
+        last_err = errors.new(resp.status >= 500 and "http" or "oauth",
+          what .. ": the server answered HTTP " .. tostring(resp.status) .. " with a body that is not JSON: "
+            .. M.redact_body(resp.body),
+          { status = resp.status, code = resp.status, reason = "malformed", retryable = resp.status == 429 or resp.status >= 500 })
+        if last_err.retryable then
+          wait = M.retry_after(resp.headers and resp.headers["retry-after"]) or math.min(2 ^ (attempt - 1), 8)
+        end
+      elseif resp.status >= 200 and resp.status < 300 then
+        return doc, resp
+      else
+        if opts.accept_error and doc.error and opts.accept_error(doc, resp) then return doc, resp end
+        last_err = M.oauth_error(resp, doc, what)
+        if last_err.retryable then
+          local ra = M.retry_after(resp.headers and resp.headers["retry-after"])
+          last_err.retry_after = ra
+          wait = ra or math.min(2 ^ (attempt - 1), 8)
+        end
+      end
+    end
+    if not wait or attempt >= attempts or waited + wait > max_wait then
+      if wait and attempt < attempts then
+        last_err.message = last_err.message .. " (server asked to wait " .. wait .. " s, over the retry budget of "
+          .. max_wait .. " s)"
+      end
+      return nil, last_err
+    end
+    M.trace(cfg, { event = "retry", what = what, attempt = attempt, wait = wait,
+      status = resp and resp.status or nil, reason = last_err.oauth_error or last_err.reason })
+    sleep(wait)
+    waited = waited + wait
+  end
+end
+
+-- Decode a token answer into the token table every flow returns.
+function M.token(doc, what)
+  if type(doc.access_token) ~= "string" or doc.access_token == "" then
+    return errors.fail("oauth", (what or "token request") .. ": the answer has no access_token", { reason = "malformed" })
+  end
+  local expires_in = tonumber(doc.expires_in) or 3600
+  local t = {
+    access_token = doc.access_token,
+    token_type = type(doc.token_type) == "string" and doc.token_type or "Bearer",
+    expires_at = os.time() + expires_in,
+  }
+  if type(doc.refresh_token) == "string" and doc.refresh_token ~= "" then t.refresh_token = doc.refresh_token end
+  if type(doc.scope) == "string" then t.scope = doc.scope end
+  if type(doc.id_token) == "string" then t.id_token = doc.id_token end
+  return t
+end
+
+-- POST to the token endpoint and decode the token.
+function M.token_request(cfg, params, opts)
+  opts = opts or {}
+  local doc, err = M.call(cfg, cfg.token_endpoint, params, opts)
+  if not doc then return nil, err end
+  local tok, terr = M.token(doc, opts.what)
+  if tok then M.trace(cfg, { event = "token", grant = opts.grant, expires_at = tok.expires_at, scope = tok.scope,
+    refresh_token = tok.refresh_token and "present" or "absent" }) end
+  return tok, terr
+end
+
+return M
