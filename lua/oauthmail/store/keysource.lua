@@ -1,0 +1,98 @@
+-- oauthmail.store.keysource — where the key that encrypts a token file comes
+-- from: an environment variable, a key file, a command (pass, secret-tool...),
+-- or a passphrase stretched with scrypt. Errors name the source, never the key.
+local core = require "oauthmail.core"
+local crypto = require "oauthmail.crypto"
+local errors = require "oauthmail.errors"
+local shell = require "oauthmail.store.shell"
+
+local M = {}
+
+local KEY_SOURCES = { key_env = true, key_file = true, key_command = true }
+local PASS_SOURCES = { passphrase = true, passphrase_env = true, passphrase_command = true }
+M.DEFAULT_SCRYPT = { N = 32768, r = 8, p = 1 }
+
+local function fail(message, reason)
+  return errors.fail("store", message, { reason = reason or "key" })
+end
+
+local function unhex(s)
+  return (s:gsub("%x%x", function(x) return string.char(tonumber(x, 16)) end))
+end
+
+-- A 256-bit key written as 64 hex digits or base64; a key file may also hold raw bytes.
+local function parse_key(text, what, raw_ok)
+  if raw_ok and #text == 32 then return text end
+  local t = text:gsub("^%s+", ""):gsub("%s+$", "")
+  if #t == 64 and t:match("^%x+$") then return unhex(t) end
+  local raw = crypto.b64decode(t)
+  if raw and #raw == 32 then return raw end
+  return fail(what .. " does not hold a 256-bit key (expected 64 hex digits or base64 of 32 bytes)")
+end
+
+local function first_line(s) return (s:match("^([^\r\n]*)")) end
+
+-- check(spec) raises on a malformed configuration, so mistakes show at setup.
+function M.check(spec)
+  if type(spec) ~= "table" then error("store encryption: expected a table of options", 3) end
+  local n = 0
+  for k, v in pairs(spec) do
+    if KEY_SOURCES[k] or PASS_SOURCES[k] then
+      if type(v) ~= "string" or v == "" then error("store encryption: '" .. k .. "' must be a non-empty string", 3) end
+      n = n + 1
+    elseif k == "scrypt" then
+      if type(v) ~= "table" then error("store encryption: 'scrypt' must be a table {N=, r=, p=}", 3) end
+    else
+      error("store encryption: unknown option '" .. tostring(k) .. "'", 3)
+    end
+  end
+  if n ~= 1 then
+    error("store encryption: give exactly one of key_env, key_file, key_command, passphrase, "
+      .. "passphrase_env, passphrase_command", 3)
+  end
+end
+
+-- kind(spec) -> "none" when a key is given directly, "scrypt" for passphrases
+function M.kdf(spec)
+  for k in pairs(spec) do if PASS_SOURCES[k] then return "scrypt" end end
+  return "none"
+end
+
+-- Secret material from the configured source: the key itself, or a passphrase.
+function M.material(spec)
+  if spec.key_env then
+    local v = os.getenv(spec.key_env)
+    if not v or v == "" then return fail("environment variable " .. spec.key_env .. " (the token file key) is not set") end
+    return parse_key(v, "environment variable " .. spec.key_env, false)
+  elseif spec.key_file then
+    local st, serr = core.fs.stat(spec.key_file)
+    if not st then return fail("key file: " .. serr.message) end
+    if st.mode % 64 ~= 0 then
+      return fail(string.format("key file %s is accessible by others (mode %04o); run chmod 600 %s",
+        spec.key_file, st.mode, spec.key_file), "permissions")
+    end
+    local data, err = core.fs.read_file(spec.key_file, 4096)
+    if not data then return fail("key file: " .. err.message) end
+    return parse_key(data, "key file " .. spec.key_file, true)
+  elseif spec.key_command then
+    local out, rc = shell.capture(spec.key_command)
+    if not out then return fail("key command failed: " .. rc) end
+    if rc ~= 0 then return fail("key command exited with status " .. rc) end
+    return parse_key(out, "the output of the key command", false)
+  elseif spec.passphrase then
+    return spec.passphrase
+  elseif spec.passphrase_env then
+    local v = os.getenv(spec.passphrase_env)
+    if not v or v == "" then return fail("environment variable " .. spec.passphrase_env .. " (the token file passphrase) is not set") end
+    return v
+  else
+    local out, rc = shell.capture(spec.passphrase_command)
+    if not out then return fail("passphrase command failed: " .. rc) end
+    if rc ~= 0 then return fail("passphrase command exited with status " .. rc) end
+    local line = first_line(out)
+    if line == "" then return fail("passphrase command printed an empty first line") end
+    return line
+  end
+end
+
+return M

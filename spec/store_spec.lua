@@ -1,0 +1,363 @@
+-- spec/store_spec.lua — the token stores: memory, file (plain and encrypted,
+-- every key source), command; and every kind of bad file, each of which must
+-- give a clear error naming the file and leave the file exactly as it was.
+local core = require "oauthmail.core"
+local cjson = require "cjson"
+local crypto = require "oauthmail.crypto"
+local store = require "oauthmail.store"
+local h = require "spec.support.helpers"
+
+local fs = core.fs
+local KEY = '["https://issuer.test","client-1","user@example.org","mail.send"]'
+local KEY2 = '["https://issuer.test","client-1","other@example.org","mail.send"]'
+local FAST = { N = 1024, r = 8, p = 1 }   -- scrypt cost kept low so the suite stays quick
+
+local function record(tag)
+  return {
+    access_token = "at-secret-" .. tag .. "-0123456789",
+    refresh_token = "rt-secret-" .. tag .. "-0123456789",
+    token_type = "Bearer", expires_at = 1900000000, scope = "mail.send",
+  }
+end
+
+local function secrets_of(...)
+  local list = {}
+  for _, r in ipairs { ... } do
+    list[#list + 1] = r.access_token
+    list[#list + 1] = r.refresh_token
+  end
+  return list
+end
+
+local HEXKEY = string.rep("0123456789abcdef", 4)
+local OTHER_HEXKEY = string.rep("fedcba9876543210", 4)
+
+-- setenv for child processes only; this process reads keys via key_command
+-- or key_file where it needs a specific value.
+local function file_key(dir, text, mode)
+  return h.write_file(dir .. "/store.key", text, mode or "600")
+end
+
+describe("store.memory", function()
+  it("round-trips records by copy", function()
+    local s = store.new()
+    assert.is_nil(s:load(KEY))
+    local r = record("m")
+    assert.is_true(s:save(KEY, r))
+    r.access_token = "changed"
+    local got = s:load(KEY)
+    assert.equals("at-secret-m-0123456789", got.access_token)
+    got.access_token = "changed again"
+    assert.equals("at-secret-m-0123456789", s:load(KEY).access_token)
+    assert.is_nil(s:load(KEY2))
+  end)
+
+  it("reports a lock taken twice in one process", function()
+    local s = store.memory()
+    local release = assert(s:lock(KEY, 1))
+    local again, err = s:lock(KEY, 1)
+    assert.is_nil(again)
+    assert.equals("busy", err.reason)
+    assert.truthy(s:lock(KEY2, 1))
+    release()
+    release()
+    assert.truthy(s:lock(KEY, 1))
+  end)
+end)
+
+describe("store.new", function()
+  it("builds stores from specs and accepts custom ones", function()
+    assert.equals("memory", store.new { kind = "memory" }.kind)
+    assert.equals("file", store.new { kind = "file", path = "/tmp/x/t.json" }.kind)
+    assert.equals("command", store.new { kind = "command", get = "true", put = "true" }.kind)
+    local custom = { load = function() end, save = function() end, lock = function() end }
+    assert.equals(custom, store.new(custom))
+  end)
+
+  it("raises on configuration mistakes", function()
+    assert.has_error(function() store.new { kind = "redis" } end)
+    assert.has_error(function() store.new "file" end)
+    assert.has_error(function() store.file {} end)
+    assert.has_error(function() store.file { path = "/tmp/t.json", encryption = {} } end)
+    assert.has_error(function() store.file { path = "/tmp/t.json", encryption = { key_env = "A", key_file = "/k" } } end)
+    assert.has_error(function() store.file { path = "/tmp/t.json", encryption = { keyenv = "A" } } end)
+    assert.has_error(function() store.command { get = "true" } end)
+  end)
+end)
+
+describe("store.file", function()
+  it("keeps many accounts in one versioned JSON file, 0600 in a new 0700 folder", function()
+    local dir = h.tmpdir() .. "/state/oauthmail"
+    local path = dir .. "/tokens.json"
+    local s = store.file { path = path }
+    assert.is_nil(s:load(KEY))  -- no folder, no file: simply no token yet
+    local release = assert(s:lock(KEY, 1))
+    assert.is_true(s:save(KEY, record("a")))
+    assert.is_true(s:save(KEY2, record("b")))
+    release()
+    assert.equals(tonumber("700", 8), fs.stat(dir).mode)
+    assert.equals(tonumber("600", 8), fs.stat(path).mode)
+    local env = cjson.decode(h.read_file(path))
+    assert.equals("oauthmail-tokens", env.format)
+    assert.equals(1, env.version)
+    assert.equals("rt-secret-a-0123456789", env.accounts[KEY].refresh_token)
+    local again = store.file { path = path }
+    assert.same(record("a"), again:load(KEY))
+    assert.same(record("b"), again:load(KEY2))
+    assert.same({ KEY2, KEY }, again:list())  -- sorted
+    assert.is_true(again:save(KEY2, nil))
+    assert.is_nil(again:load(KEY2))
+    assert.same(record("a"), again:load(KEY))
+  end)
+
+  it("locks through a sidecar file, with a deadline", function()
+    local path = h.tmpdir() .. "/tokens.json"
+    local s1, s2 = store.file { path = path }, store.file { path = path }
+    local release = assert(s1:lock(KEY, 1))
+    local r2, err = s2:lock(KEY, 0.2)
+    assert.is_nil(r2)
+    assert.equals("timeout", err.reason)
+    assert.matches("timed out after 0.2 s waiting for lock on " .. path .. ".lock", err.message, 1, true)
+    release()
+    assert.truthy(s2:lock(KEY, 0.2))
+  end)
+
+  describe("encrypted at rest", function()
+    local function roundtrip(enc, env)
+      local dir = h.tmpdir()
+      local path = dir .. "/tokens.json"
+      local s = store.file { path = path, encryption = enc(dir) }
+      local r = record("enc")
+      assert.is_true(s:save(KEY, r))
+      local text = h.read_file(path)
+      h.assert_no_secrets(text, secrets_of(r))
+      local envelope = cjson.decode(text)
+      assert.equals("aes-256-gcm", envelope.encryption.cipher)
+      assert.is_nil(envelope.accounts)
+      assert.same(r, store.file { path = path, encryption = enc(dir) }:load(KEY))
+      if env then assert.equals(env, envelope.encryption.kdf) end
+      return path, envelope
+    end
+
+    it("takes the key from a key file (hex, base64 or raw bytes)", function()
+      roundtrip(function(dir) return { key_file = file_key(dir, HEXKEY .. "\n") } end, "none")
+      roundtrip(function(dir) return { key_file = file_key(dir, crypto.b64encode(string.rep("k", 32))) } end)
+      roundtrip(function(dir) return { key_file = file_key(dir, string.rep("\1", 32)) } end)
+    end)
+
+    it("takes the key from a command's output", function()
+      roundtrip(function() return { key_command = "echo " .. HEXKEY } end, "none")
+    end)
+
+    it("takes the key from an environment variable", function()
+      local var = "HOME"  -- any set variable: here one that is not a key, to see the refusal
+      local path = h.tmpdir() .. "/t.json"
+      local ok, err = store.file { path = path, encryption = { key_env = var } }:save(KEY, record("x"))
+      assert.is_nil(ok)
+      assert.matches("environment variable HOME does not hold a 256-bit key", err.message, 1, true)
+      ok, err = store.file { path = path, encryption = { key_env = "OAUTHMAIL_SPEC_UNSET_VAR" } }:save(KEY, record("x"))
+      assert.is_nil(ok)
+      assert.matches("OAUTHMAIL_SPEC_UNSET_VAR", err.message, 1, true)
+      assert.matches("is not set", err.message, 1, true)
+      -- and a child process with the variable set reads its own file back
+      local script = h.tmpdir() .. "/env.lua"
+      h.write_file(script, [[
+        local s = require("oauthmail.store").file { path = arg[1], encryption = { key_env = "OM_SPEC_KEY" } }
+        assert(s:save("k", { access_token = "child-token-123456" }))
+        io.write(assert(require("oauthmail.store").file { path = arg[1], encryption = { key_env = "OM_SPEC_KEY" } }:load("k")).access_token)
+      ]])
+      local okc, out = h.exec("OM_SPEC_KEY=" .. HEXKEY .. " " .. h.lua_bin .. " " .. h.quote(script) .. " " .. h.quote(path))
+      assert.is_true(okc, out)
+      assert.equals("child-token-123456", out)
+      h.assert_no_secrets(h.read_file(path), { "child-token-123456" })
+    end)
+
+    it("derives the key from a passphrase with scrypt", function()
+      local _, envelope = roundtrip(function() return { passphrase = "correct horse battery", scrypt = FAST } end, "scrypt")
+      assert.equals(1024, envelope.encryption.N)
+      assert.truthy(crypto.b64decode(envelope.encryption.salt))
+      roundtrip(function() return { passphrase_command = "printf 'from-pass-manager\\nurl: x\\n'", scrypt = FAST } end)
+    end)
+  end)
+
+  describe("refuses bad files with a clear error and leaves them as they are", function()
+    -- Each case: make a bad file, then check that load and save both fail
+    -- naming the file, that the bytes did not change, and that no secret leaks.
+    local function refused(path, s, pattern, reason)
+      local before = h.read_file(path)
+      local got, err = s:load(KEY)
+      assert.is_nil(got)
+      assert.equals("store", err.kind)
+      if reason then assert.equals(reason, err.reason) end
+      assert.matches(path, err.message, 1, true)
+      assert.matches(pattern, err.message, 1, true)
+      local ok, serr = s:save(KEY, record("new"))
+      assert.is_nil(ok)
+      assert.equals(err.message, serr.message)
+      assert.equals(before, h.read_file(path))
+      h.assert_no_secrets(tostring(err), secrets_of(record("old"), record("new")))
+      h.assert_no_secrets(tostring(err), { HEXKEY, OTHER_HEXKEY })
+      return err
+    end
+
+    local function encrypted_store(dir, hex)
+      return store.file { path = dir .. "/tokens.json", encryption = { key_command = "echo " .. (hex or HEXKEY) } }
+    end
+
+    it("truncated JSON", function()
+      local dir = h.tmpdir()
+      local s = store.file { path = dir .. "/tokens.json" }
+      assert(s:save(KEY, record("old")))
+      local text = h.read_file(s.path)
+      h.write_file(s.path, text:sub(1, #text - 20), "600")
+      refused(s.path, s, "is not valid JSON", "corrupt")
+    end)
+
+    it("a wrong key", function()
+      local dir = h.tmpdir()
+      assert(encrypted_store(dir):save(KEY, record("old")))
+      refused(dir .. "/tokens.json", encrypted_store(dir, OTHER_HEXKEY), "wrong key, or the file was modified", "decrypt")
+    end)
+
+    it("a wrong passphrase", function()
+      local dir = h.tmpdir()
+      local path = dir .. "/tokens.json"
+      assert(store.file { path = path, encryption = { passphrase = "right passphrase", scrypt = FAST } }:save(KEY, record("old")))
+      refused(path, store.file { path = path, encryption = { passphrase = "wrong passphrase" } }, "wrong key", "decrypt")
+    end)
+
+    it("a passphrase where the file was sealed with a key", function()
+      local dir = h.tmpdir()
+      assert(encrypted_store(dir):save(KEY, record("old")))
+      refused(dir .. "/tokens.json", store.file { path = dir .. "/tokens.json", encryption = { passphrase = "pw" } },
+        "is encrypted with a key, but the store is configured with a passphrase", "key")
+    end)
+
+    it("an encrypted file opened without a key", function()
+      local dir = h.tmpdir()
+      assert(encrypted_store(dir):save(KEY, record("old")))
+      refused(dir .. "/tokens.json", store.file { path = dir .. "/tokens.json" }, "no encryption key configured", "key")
+    end)
+
+    it("one flipped ciphertext byte", function()
+      local dir = h.tmpdir()
+      local s = encrypted_store(dir)
+      assert(s:save(KEY, record("old")))
+      local env = cjson.decode(h.read_file(s.path))
+      local blob = crypto.b64decode(env.data)
+      local i = 20
+      blob = blob:sub(1, i - 1) .. string.char((blob:byte(i) + 1) % 256) .. blob:sub(i + 1)
+      env.data = crypto.b64encode(blob)
+      h.write_file(s.path, cjson.encode(env), "600")
+      refused(s.path, encrypted_store(dir), "wrong key, or the file was modified", "decrypt")
+    end)
+
+    it("a modified encryption header", function()
+      local dir = h.tmpdir()
+      local path = dir .. "/tokens.json"
+      local enc = { passphrase = "pw-0123", scrypt = FAST }
+      assert(store.file { path = path, encryption = enc }:save(KEY, record("old")))
+      local env = cjson.decode(h.read_file(path))
+      env.encryption.p = 2
+      h.write_file(path, cjson.encode(env), "600")
+      refused(path, store.file { path = path, encryption = enc }, "wrong key, or the file was modified", "decrypt")
+    end)
+
+    it("a token file readable by others", function()
+      local dir = h.tmpdir()
+      local s = store.file { path = dir .. "/tokens.json" }
+      assert(s:save(KEY, record("old")))
+      h.exec("chmod 644 " .. h.quote(s.path))
+      refused(s.path, s, "is accessible by others (mode 0644); run chmod 600 " .. s.path, "permissions")
+      assert.equals(tonumber("644", 8), fs.stat(s.path).mode)
+    end)
+
+    it("a folder writable by others", function()
+      local dir = h.tmpdir()
+      local s = store.file { path = dir .. "/tokens.json" }
+      assert(s:save(KEY, record("old")))
+      h.exec("chmod 777 " .. h.quote(dir))
+      refused(s.path, s, "is writable by others (mode 0777); run chmod 700 " .. dir, "permissions")
+      local lk, err = s:lock(KEY, 0.1)
+      assert.is_nil(lk)
+      assert.matches("writable by others", err.message, 1, true)
+    end)
+
+    it("a key file readable by others", function()
+      local dir = h.tmpdir()
+      local s = store.file { path = dir .. "/tokens.json", encryption = { key_file = file_key(dir, HEXKEY) } }
+      assert(s:save(KEY, record("old")))
+      h.exec("chmod 640 " .. h.quote(dir .. "/store.key"))
+      local s2 = store.file { path = dir .. "/tokens.json", encryption = { key_file = dir .. "/store.key" } }
+      local err = refused(s.path, s2, "key file " .. dir .. "/store.key is accessible by others (mode 0640)", "permissions")
+      assert.matches("(for token file " .. s.path .. ")", err.message, 1, true)
+    end)
+
+    it("a file from a future format version", function()
+      local dir = h.tmpdir()
+      local path = h.write_file(dir .. "/tokens.json",
+        cjson.encode { format = "oauthmail-tokens", version = 2, accounts = {}, shards = { "x" } }, "600")
+      refused(path, store.file { path = path }, "has format version 2, newer than this oauthmail understands (1)", "version")
+    end)
+
+    it("a file that is not a token file", function()
+      local dir = h.tmpdir()
+      local path = h.write_file(dir .. "/tokens.json", '{"hello": "world"}', "600")
+      refused(path, store.file { path = path }, "is not an oauthmail token file", "corrupt")
+    end)
+
+    it("a missing folder when creating folders is off", function()
+      local dir = h.tmpdir() .. "/not-there"
+      local s = store.file { path = dir .. "/tokens.json", create_dir = false }
+      local ok, err = s:save(KEY, record("new"))
+      assert.is_nil(ok)
+      assert.matches("folder " .. dir .. " of token file " .. dir .. "/tokens.json does not exist", err.message, 1, true)
+      local lk, lerr = s:lock(KEY, 0.1)
+      assert.is_nil(lk)
+      assert.equals(err.message, lerr.message)
+      assert.is_nil(fs.stat(dir))
+    end)
+  end)
+end)
+
+describe("store.command", function()
+  -- A toy secret manager: one file per account, named by the key id.
+  local function manager(dir)
+    return store.command {
+      get = "cat " .. h.quote(dir) .. "/$OAUTHMAIL_STORE_KEY_ID 2>/dev/null || true",
+      put = "cat > " .. h.quote(dir) .. "/$OAUTHMAIL_STORE_KEY_ID",
+      lock_dir = dir,
+    }
+  end
+
+  it("gets and puts records through the commands", function()
+    local dir = h.tmpdir()
+    local s = manager(dir)
+    assert.is_nil(s:load(KEY))
+    assert.is_true(s:save(KEY, record("c")))
+    assert.same(record("c"), s:load(KEY))
+    assert.is_nil(s:load(KEY2))
+    assert.truthy(h.read_file(dir .. "/" .. s.key_id(KEY)))
+    local release = assert(s:lock(KEY, 1))
+    local l2, err = manager(dir):lock(KEY, 0.1)
+    assert.is_nil(l2)
+    assert.equals("timeout", err.reason)
+    release()
+  end)
+
+  it("reports failing commands and bad output without showing the output", function()
+    local r = record("c")
+    local failing = store.command { get = "echo " .. r.access_token .. "; exit 3", put = "cat >/dev/null; exit 4" }
+    local got, err = failing:load(KEY)
+    assert.is_nil(got)
+    assert.equals("command store: get command exited with status 3", err.message)
+    local ok, perr = failing:save(KEY, r)
+    assert.is_nil(ok)
+    assert.equals("command store: put command exited with status 4", perr.message)
+    local garbage = store.command { get = "echo not-json-" .. r.refresh_token, put = "true" }
+    got, err = garbage:load(KEY)
+    assert.is_nil(got)
+    assert.equals("corrupt", err.reason)
+    h.assert_no_secrets(tostring(err) .. tostring(perr), secrets_of(r))
+  end)
+end)
