@@ -12,6 +12,7 @@ static const struct {
   { "conn", om_conn_open },
   { "fs", om_fs_open },
   { "crypto", om_crypto_open },
+  { "http", om_http_open },
   { "smtp", om_smtp_open },
   { NULL, NULL }
 };
