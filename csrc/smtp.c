@@ -868,6 +868,8 @@ static int eng_auth(lua_State *L) {
   engine_t *e = check_engine(L);
   const char *m = luaL_checkstring(L, 2);
   int mech, initial;
+  lua_Number max_initial;
+  size_t line_len;
   char *secret = NULL, *host = NULL;
   size_t slen = 0, ulen;
   lua_Number port;
@@ -880,7 +882,9 @@ static int eng_auth(lua_State *L) {
   else if (caps_keyword(m, strlen(m), "PLAIN")) mech = MECH_PLAIN;
   else if (caps_keyword(m, strlen(m), "LOGIN")) mech = MECH_LOGIN;
   else return luaL_argerror(L, 2, "unknown SASL mechanism");
-  initial = om_opt_bool(L, 3, "initial", 1) && mech != MECH_LOGIN;
+  /* initial: true, false, or nil = only when the AUTH line fits max_initial */
+  initial = om_opt_bool(L, 3, "initial", -1);
+  max_initial = om_opt_number(L, 3, "max_initial", 1000);
   port = om_opt_number(L, 3, "port", 0);
   sasl_clear(e);
   e->mech = mech;
@@ -936,7 +940,14 @@ static int eng_auth(lua_State *L) {
   }
   secret_free(&secret, &slen);
   free(host);
-  lua_pushinteger(L, (lua_Integer)(5 + strlen(mech_names[mech]) + 1 + 4 * ((e->blob_len + 2) / 3) + 2));
+  line_len = 5 + strlen(mech_names[mech]) + 1 + 4 * ((e->blob_len + 2) / 3) + 2;
+  if (initial < 0) initial = (lua_Number)line_len <= max_initial;
+  if (mech == MECH_LOGIN) initial = 0;
+  if (!initial && mech != MECH_LOGIN)
+    trace_f(L, e, "info", "two-step AUTH (an initial response would make a %lu-byte line)",
+            (unsigned long)line_len);
+  lua_pushboolean(L, initial);
+  lua_pushinteger(L, (lua_Integer)line_len);
   if (initial) {
     size_t bl;
     char *enc = b64_encode(L, e->blob, e->blob_len, &bl);
@@ -961,7 +972,7 @@ static int eng_auth(lua_State *L) {
     emit_line(L, e, traced, strlen(traced), NULL);
     queue_push(L, e, ST_AUTH);
   }
-  return 1;
+  return 2;
 }
 
 /* ---- message data ----------------------------------------------------- */
@@ -988,8 +999,10 @@ static void filter(lua_State *L, engine_t *e, buf_t *o, const char *s, size_t n,
     }
     buf_reserve(L, o, 3);
     if (e->after_cr) {
+      /* the LF of a CRLF split across chunks: CRLF is already out */
       e->after_cr = 0;
-      if (s[i] == '\n') { i++; continue; }
+      if (s[i] == '\n') i++;
+      continue;
     }
     if (s[i] == '\r' || s[i] == '\n') {
       o->p[o->len++] = '\r';

@@ -1,0 +1,665 @@
+-- oauthmail.smtp — an SMTP submission session: connect, STARTTLS, SASL
+-- (XOAUTH2, OAUTHBEARER, PLAIN, LOGIN), send messages one by one or in
+-- pipelined batches. The bytes are handled by the C engine (csrc/smtp.c);
+-- this file decides what to say next and when to stop. See docs/smtp.md.
+local core = require "oauthmail.core"
+local errors = require "oauthmail.errors"
+
+local M = {}
+local Session = {}
+Session.__index = Session
+
+local DEFAULT_PORT = { starttls = 587, implicit = 465, none = 25 }
+local CHUNK = 256 * 1024          -- body bytes handed to the engine at a time
+local RECV_MAX = 64 * 1024
+
+local function reply_error(kind, what, r, fields)
+  local e = {
+    code = r.code, enhanced = r.enhanced, text = r.text,
+    retryable = r.code >= 400 and r.code < 500,
+  }
+  for k, v in pairs(fields or {}) do e[k] = v end
+  local msg = string.format("%s: %d%s %s", what, r.code, r.enhanced and (" " .. r.enhanced) or "",
+    (r.text or ""):gsub("\n", " / "))
+  return errors.new(kind, msg, e)
+end
+
+-- Marks transport and engine failures the way DESIGN.md asks.
+local function as_error(err)
+  if errors.is(err) or type(err) == "table" then
+    if err.retryable == nil then err.retryable = err.kind == "network" end
+    return setmetatable(err, errors.metatable)
+  end
+  return errors.new("network", tostring(err), { retryable = true })
+end
+
+-- ---------------------------------------------------------------- waiting
+
+function Session:_trace()
+  local evs = self.eng:trace_events()
+  if evs and self.trace then
+    for i = 1, #evs do self.trace(evs[i]) end
+  end
+end
+
+function Session:_info(text)
+  if self.trace then self.trace { proto = "smtp", dir = "info", text = text } end
+end
+
+-- A failure of the transport or of the reply syntax ends the session: what
+-- the server thinks happened is unknown from here on.
+function Session:_broken(err)
+  err = as_error(err)
+  self:_info("session abandoned: " .. tostring(err.message))
+  self.broken = err
+  if self.conn then self.conn:close() end
+  return nil, err
+end
+
+function Session:_flush()
+  local out = self.eng:output()
+  self:_trace()
+  if #out > 0 then
+    local ok, err = self.conn:send(out)
+    if not ok then return self:_broken(err) end
+  end
+  return true
+end
+
+-- The one place that waits: the next reply, reading more bytes as needed.
+function Session:_reply()
+  while true do
+    local r, err = self.eng:reply()
+    self:_trace()
+    if r then return r end
+    if err then return self:_broken(err) end
+    local data, rerr = self.conn:receive_some(RECV_MAX)
+    if not data then return self:_broken(rerr) end
+    self.eng:feed(data)
+  end
+end
+
+-- Send what is queued, then read one reply.
+function Session:_ask()
+  local ok, err = self:_flush()
+  if not ok then return nil, err end
+  return self:_reply()
+end
+
+local function check_usable(self)
+  if self.closed then error("oauthmail.smtp: session is closed", 3) end
+  if self.broken then return nil, self.broken end
+  return true
+end
+
+-- ---------------------------------------------------------------- opening
+
+function Session:_ehlo()
+  local ok, err = self.eng:ehlo(self.helo)
+  if not ok then return nil, err end
+  local r
+  r, err = self:_ask()
+  if not r then return nil, err end
+  if r.code >= 200 and r.code < 300 then return r.caps or {} end
+  if r.code == 421 then return nil, reply_error("smtp", "server closed the session", r) end
+  -- an old server without ESMTP: HELO and no extensions (RFC 5321 4.1.1.1)
+  self:_info("EHLO refused; falling back to HELO")
+  self.eng:helo(self.helo)
+  r, err = self:_ask()
+  if not r then return nil, err end
+  if r.code >= 200 and r.code < 300 then return {} end
+  return nil, reply_error("smtp", "HELO refused", r)
+end
+
+local TLS_KEYS = { "ca_file", "ca_path", "verify", "min_tls", "client_cert", "client_key", "servername", "ciphers" }
+
+local function tls_options(opts)
+  local t = {}
+  for _, k in ipairs(TLS_KEYS) do t[k] = opts[k] end
+  t.servername = t.servername or opts.host
+  return t
+end
+
+local function check_opts(opts)
+  if type(opts) ~= "table" then error("oauthmail.smtp.open: expected a table of options", 3) end
+  if opts.transport == nil and type(opts.host) ~= "string" then error("oauthmail.smtp.open: 'host' must be a string", 3) end
+  if opts.port ~= nil and type(opts.port) ~= "number" then error("oauthmail.smtp.open: 'port' must be a number", 3) end
+  if opts.tls ~= nil and not DEFAULT_PORT[opts.tls] then
+    error("oauthmail.smtp.open: 'tls' must be \"starttls\", \"implicit\" or \"none\"", 3)
+  end
+  if opts.trace ~= nil and type(opts.trace) ~= "function" and not (getmetatable(opts.trace) or {}).__call then
+    error("oauthmail.smtp.open: 'trace' must be a function", 3)
+  end
+end
+
+-- smtp.open{host=, port=, tls=, timeout=, helo=, trace=, allow_plaintext_auth=, ...TLS options}
+-- `transport` (a table with send/receive_some/starttls/close) replaces the
+-- connection, for tests.
+function M.open(opts)
+  check_opts(opts)
+  local tls = opts.tls or "starttls"
+  local self = setmetatable({
+    host = opts.host or "localhost", port = opts.port or DEFAULT_PORT[tls], tls = tls,
+    helo = opts.helo or "localhost", trace = opts.trace,
+    allow_plaintext_auth = opts.allow_plaintext_auth == true,
+    opts = opts, capabilities = {},
+  }, Session)
+  self.eng = core.smtp.engine { trace = self.trace ~= nil, max_line = opts.max_line, max_reply = opts.max_reply }
+  local conn, err = opts.transport
+  if not conn then
+    local c = tls_options(opts)
+    c.host, c.port, c.timeout = self.host, self.port, opts.timeout or 30
+    c.tls = tls == "implicit" and "implicit" or "none"
+    conn, err = require("oauthmail.conn").connect(c)
+    if not conn then return nil, as_error(err) end
+  end
+  self.conn = conn
+  self:_info(string.format("connected to %s:%d (%s)", self.host, self.port, tls))
+  local ok, caps
+  ok, err = self:_start()
+  if not ok then
+    self:close()
+    return nil, err
+  end
+  caps = ok
+  self.capabilities = caps
+  self.secure = tls ~= "none"
+  return self
+end
+
+function Session:_start()
+  self.eng:expect_greeting()
+  local r, err = self:_reply()
+  if not r then return nil, err end
+  if r.code ~= 220 then return nil, reply_error("smtp", "server refused the session", r) end
+  local caps
+  caps, err = self:_ehlo()
+  if not caps then return nil, err end
+  if self.tls ~= "starttls" then return caps end
+  -- Never carry on in plain text: no STARTTLS, no session.
+  if not caps.STARTTLS then
+    return nil, errors.new("tls", "the server does not offer STARTTLS; refusing to continue without TLS",
+      { reason = "starttls_not_offered", retryable = false })
+  end
+  self.eng:starttls()
+  r, err = self:_ask()
+  if not r then return nil, err end
+  if r.code ~= 220 then
+    return nil, reply_error("tls", "STARTTLS refused", r, { reason = "starttls_refused" })
+  end
+  if r.injected then
+    return nil, errors.new("tls", "the server sent data after its STARTTLS reply and before TLS; refusing to continue",
+      { reason = "injection", retryable = false })
+  end
+  local ok
+  ok, err = self.conn:starttls(tls_options(self.opts))
+  if not ok then return nil, as_error(err) end
+  self.eng:reset()
+  return self:_ehlo()
+end
+
+-- ---------------------------------------------------------------- auth
+
+local MECHS = { xoauth2 = "XOAUTH2", oauthbearer = "OAUTHBEARER", plain = "PLAIN", login = "LOGIN" }
+
+-- The error challenge is a small flat JSON object; only its string fields matter.
+local function decode_challenge(json)
+  local t = { json = json }
+  for _, k in ipairs { "status", "schemes", "scope", "openid-configuration" } do
+    local v = json:match('"' .. k .. '"%s*:%s*"([^"]*)"') or json:match('"' .. k .. '"%s*:%s*(%d+)')
+    t[k] = v
+  end
+  return t
+end
+
+-- session:auth{mechanism=, user=, token= | password=, two_step=} -> true | nil, err
+function Session:auth(o)
+  local ok, err = check_usable(self)
+  if not ok then return nil, err end
+  if type(o) ~= "table" then error("session:auth: expected a table of options", 2) end
+  local mech = MECHS[(o.mechanism or "xoauth2"):lower()]
+  if not mech then error("session:auth: mechanism must be xoauth2, oauthbearer, plain or login", 2) end
+  if type(o.user) ~= "string" then error("session:auth: 'user' must be a string", 2) end
+  local secret_key = (mech == "PLAIN" or mech == "LOGIN") and "password" or "token"
+  if type(o[secret_key]) ~= "string" then error("session:auth: '" .. secret_key .. "' must be a string", 2) end
+  if not self.secure and not self.allow_plaintext_auth then
+    return errors.fail("config", "refusing to authenticate over a connection without TLS " ..
+      "(allow_plaintext_auth exists for loopback test servers only)", { reason = "plaintext_auth", retryable = false })
+  end
+  local offered = self.capabilities.AUTH or {}
+  if not offered[mech] and not o.force then
+    local list = {}
+    for m in pairs(offered) do list[#list + 1] = m end
+    table.sort(list)
+    return errors.fail("auth", string.format("the server does not offer AUTH %s (it offers: %s)", mech,
+      #list > 0 and table.concat(list, " ") or "none"), { reason = "mechanism", retryable = false })
+  end
+  local initial
+  if o.two_step == true then initial = false elseif o.two_step == false then initial = true end
+  ok, err = self.eng:auth(mech, {
+    user = o.user, token = o.token, password = o.password, initial = initial,
+    max_initial = o.max_initial or 1000, host = self.host, port = self.port,
+  })
+  if ok == nil then return nil, err end
+  local r, challenge
+  r, err = self:_ask()
+  while r and r.continue do
+    if r.challenge then challenge = decode_challenge(r.challenge) end
+    r, err = self:_ask()
+  end
+  if not r then return nil, err end
+  if r.code == 235 then
+    self.authenticated = true
+    return true
+  end
+  local what = "authentication refused"
+  if challenge and challenge.status then
+    what = what .. string.format(" (error challenge: status %s, scope %s)", challenge.status, challenge.scope or "-")
+  end
+  return nil, reply_error("auth", what, r, { challenge = challenge, mechanism = mech })
+end
+
+-- ---------------------------------------------------------------- messages
+
+local function recipients(to)
+  if type(to) == "string" then return { to } end
+  if type(to) ~= "table" or #to == 0 then error("session:send: 'to' must be an address or a non-empty list", 3) end
+  for i = 1, #to do
+    if type(to[i]) ~= "string" then error("session:send: 'to[" .. i .. "]' must be a string", 3) end
+  end
+  return to
+end
+
+-- A function returning the next chunk (nil at the end) for any data source.
+local function source(data)
+  if type(data) == "string" then
+    local pos = 1
+    return function()
+      if pos > #data then return nil end
+      local c = data:sub(pos, pos + CHUNK - 1)
+      pos = pos + CHUNK
+      return c
+    end
+  elseif io.type(data) == "file" then
+    return function()
+      local c, err = data:read(CHUNK)
+      if c == nil and err then error({ reader_error = err }) end
+      return c
+    end
+  elseif type(data) == "function" then
+    return function()
+      local c, err = data()
+      if c == nil and err then error({ reader_error = err }) end
+      if c ~= nil and type(c) ~= "string" then error({ reader_error = "reader returned a " .. type(c) }) end
+      return c
+    end
+  end
+  error("session:send: 'data' must be a string, a file or a reader function", 3)
+end
+
+-- The MAIL parameters this message needs and the server offers, after
+-- checking every address so that nothing is sent for a message that cannot go.
+function Session:_prepare(msg)
+  if type(msg) ~= "table" then error("session:send: expected a table", 3) end
+  if type(msg.from) ~= "string" then error("session:send: 'from' must be a string", 3) end
+  local to = recipients(msg.to)
+  local caps = self.capabilities
+  local utf8 = msg.from:find("[\128-\255]") ~= nil
+  for i = 1, #to do utf8 = utf8 or to[i]:find("[\128-\255]") ~= nil end
+  local ok, err = true, nil
+  if msg.from ~= "" and msg.from ~= "<>" then ok, err = core.smtp.check_address(msg.from, caps.SMTPUTF8 ~= nil) end
+  for i = 1, #to do
+    if not ok then break end
+    ok, err = core.smtp.check_address(to[i], caps.SMTPUTF8 ~= nil)
+  end
+  if not ok then
+    err.retryable = false
+    return nil, err
+  end
+  local params = {}
+  local data = msg.data
+  if type(data) == "string" and type(caps.SIZE) == "number" then
+    if caps.SIZE > 0 and #data > caps.SIZE then
+      return errors.fail("smtp", string.format("message is %d bytes; the server accepts at most %d", #data, caps.SIZE),
+        { reason = "too_large", retryable = false })
+    end
+    params[#params + 1] = "SIZE=" .. #data
+  end
+  if caps["8BITMIME"] and (type(data) ~= "string" or data:find("[\128-\255]")) then
+    params[#params + 1] = "BODY=8BITMIME"
+  end
+  if utf8 then params[#params + 1] = "SMTPUTF8" end
+  return to, params
+end
+
+-- Queue MAIL and RCPTs; the engine re-checks what _prepare checked.
+function Session:_envelope(msg, to, params)
+  local ok, err = self.eng:mail(msg.from, params)
+  if not ok then return nil, err end
+  for i = 1, #to do
+    ok, err = self.eng:rcpt(to[i])
+    if not ok then return nil, err end
+  end
+  return true
+end
+
+-- Read MAIL and RCPT replies; returns mail reply, accepted list, rejected map.
+-- Pipelined, the commands are already out; otherwise each goes out and waits.
+function Session:_envelope_replies(to, pipelined)
+  local mr, err
+  if pipelined then mr, err = self:_reply() else mr, err = self:_ask() end
+  if not mr then return nil, err end
+  local accepted, rejected = {}, {}
+  if not pipelined and mr.code >= 300 then return mr, accepted, rejected end
+  for i = 1, #to do
+    local r
+    if pipelined then
+      r, err = self:_reply()
+    else
+      self.eng:rcpt(to[i])
+      r, err = self:_ask()
+    end
+    if not r then return nil, err end
+    if r.code < 300 then accepted[#accepted + 1] = to[i] else rejected[to[i]] = r end
+  end
+  return mr, accepted, rejected
+end
+
+function Session:_rset()
+  self.eng:rset()
+  local r, err = self:_ask()
+  if not r then return nil, err end
+  return r.code < 300
+end
+
+-- Turn the reply to the end of data into a receipt or an error.
+local function outcome(mr, accepted, rejected, fr)
+  if mr.code >= 300 then return nil, reply_error("smtp", "sender refused", mr) end
+  if #accepted == 0 then
+    local _, any = next(rejected)
+    return nil, reply_error("smtp", "every recipient was refused", any or fr, { rejected = rejected })
+  end
+  if fr.code >= 300 then return nil, reply_error("smtp", "message refused", fr, { rejected = rejected }) end
+  return { code = fr.code, enhanced = fr.enhanced, text = fr.text, accepted = accepted, rejected = rejected }
+end
+
+-- Stream the body through DATA: the terminator goes out with the last chunk.
+function Session:_data_body(next_chunk)
+  local c = next_chunk()
+  local n = 0
+  while true do
+    local following = c and next_chunk()
+    if c then
+      self.eng:body(c)
+      n = n + #c
+    end
+    if not following then self.eng:body_end() end
+    local ok, err = self:_flush()
+    if not ok then return nil, err end
+    if not following then return n end
+    c = following
+  end
+end
+
+-- Stream the body as BDAT chunks. Pipelined, nothing is read until the last
+-- chunk is out (the envelope travels in the same write as the first chunk);
+-- otherwise each chunk but the last waits for its reply.
+function Session:_bdat_body(next_chunk, pipelined)
+  local c = next_chunk()
+  local sent = 0
+  while true do
+    local following = c and next_chunk()
+    self.eng:bdat(c or "", not following)
+    sent = sent + 1
+    local ok, err = self:_flush()
+    if not ok then return nil, err end
+    if not following then return sent end
+    if not pipelined then
+      local r
+      r, err = self:_reply()
+      if not r then return nil, err end
+      sent = sent - 1
+      if r.code >= 300 then return nil, r end
+    end
+    c = following
+  end
+end
+
+-- session:send{from=, to=, data=, chunking=} -> receipt | nil, err
+function Session:send(msg)
+  local ok, err = check_usable(self)
+  if not ok then return nil, err end
+  local to, params = self:_prepare(msg)
+  if not to then return nil, params end
+  local next_chunk = source(msg.data)
+  local ret = { pcall(self._transaction, self, msg, to, params, next_chunk) }
+  if not ret[1] then
+    if type(ret[2]) == "table" and ret[2].reader_error then
+      -- a half-sent message must never be completed: drop the connection
+      return self:_broken(errors.new("config", "reading the message failed: " .. tostring(ret[2].reader_error),
+        { reason = "reader", retryable = false }))
+    end
+    error(ret[2], 0)
+  end
+  return ret[2], ret[3]
+end
+
+function Session:_transaction(msg, to, params, next_chunk)
+  local caps = self.capabilities
+  local pipelined = caps.PIPELINING ~= nil
+  local chunking = msg.chunking == true and caps.CHUNKING ~= nil
+  local ok, err, mr, accepted, rejected, fr
+  if pipelined then
+    ok, err = self:_envelope(msg, to, params)
+  else
+    ok, err = self.eng:mail(msg.from, params)
+  end
+  if not ok then return nil, err end
+  if chunking then
+    if pipelined then
+      local sent, berr = self:_bdat_body(next_chunk, true)
+      if not sent then return nil, berr end
+      mr, accepted, rejected = self:_envelope_replies(to, true)
+      if not mr then return nil, accepted end
+      for _ = 1, sent do
+        local r
+        r, err = self:_reply()
+        if not r then return nil, err end
+        if not fr or fr.code < 300 then fr = r end  -- keep the first refusal
+      end
+    else
+      mr, accepted, rejected = self:_envelope_replies(to, false)
+      if not mr then return nil, accepted end
+      if mr.code < 300 and #accepted > 0 then
+        local sent, last = self:_bdat_body(next_chunk, false)
+        if not sent then
+          if type(last) == "table" and last.command then fr = last else return nil, last end
+        else
+          fr, err = self:_reply()
+          if not fr then return nil, err end
+        end
+      end
+    end
+  else
+    if pipelined then self.eng:data() end
+    mr, accepted, rejected = self:_envelope_replies(to, pipelined)
+    if not mr then return nil, accepted end
+    local dr
+    if pipelined then
+      dr, err = self:_reply()
+      if not dr then return nil, err end
+    elseif mr.code < 300 and #accepted > 0 then
+      self.eng:data()
+      dr, err = self:_ask()
+      if not dr then return nil, err end
+    end
+    if dr and dr.code == 354 then
+      if mr.code >= 300 or #accepted == 0 then
+        -- RFC 2920 3.1: a server that said 354 anyway gets an empty message
+        self.eng:body_end()
+      else
+        local n
+        n, err = self:_data_body(next_chunk)
+        if not n then return nil, err end
+      end
+      fr, err = self:_reply()
+      if not fr then return nil, err end
+      if mr.code >= 300 or #accepted == 0 then fr = nil end
+    elseif dr then
+      fr = dr
+    end
+  end
+  local receipt
+  receipt, err = outcome(mr, accepted, rejected, fr or mr)
+  if not receipt and not self.broken then
+    -- keep the session usable for the next message; if even RSET fails the
+    -- session is marked broken and the next call says so
+    self:_rset()
+  end
+  return receipt, err
+end
+
+-- ---------------------------------------------------------------- batches
+
+-- One window of messages pipelined as MAIL/RCPT/BDAT LAST each, written in
+-- one send and matched back to the messages in order.
+function Session:_window(list, idx, results)
+  local queued = {}
+  for k = 1, #idx do
+    local i = idx[k]
+    local msg = list[i]
+    local to, params = self:_prepare(msg)
+    if not to then
+      results[i] = params
+    else
+      local ok, err = self:_envelope(msg, to, params)
+      if not ok then
+        results[i] = err
+      else
+        self.eng:bdat(msg.data, true)
+        queued[#queued + 1] = { i = i, to = to }
+      end
+    end
+  end
+  local ok, err = self:_flush()
+  if not ok then return nil, err end
+  local retry, open_tx = {}, false
+  for _, q in ipairs(queued) do
+    local mr, accepted, rejected = self:_envelope_replies(q.to, true)
+    if not mr then return nil, accepted end
+    local fr
+    fr, err = self:_reply()
+    if not fr then return nil, err end
+    if mr.code == 503 and open_tx then
+      -- a transaction left open by an earlier failure made this MAIL a
+      -- "nested MAIL"; send it again after RSET
+      retry[#retry + 1] = q.i
+    else
+      local receipt
+      receipt, err = outcome(mr, accepted, rejected, fr)
+      results[q.i] = receipt or err
+      if not receipt and mr.code < 300 then open_tx = true end
+    end
+  end
+  if open_tx then
+    local rok, rerr = self:_rset()
+    if rok == nil then return nil, rerr end
+  end
+  return retry
+end
+
+-- session:send_many(list [, {window=64}]) -> list of receipts or errors, aligned with list.
+function Session:send_many(list, o)
+  local ok, err = check_usable(self)
+  if not ok then return nil, err end
+  if type(list) ~= "table" then error("session:send_many: expected a list of messages", 2) end
+  local window = (o and o.window) or 64
+  local results = {}
+  local caps = self.capabilities
+  local batch = caps.PIPELINING ~= nil and caps.CHUNKING ~= nil
+  local i = 1
+  local pending = {}
+  local function run(idx)
+    local retry, werr = self:_window(list, idx, results)
+    if not retry then return nil, werr end
+    if #retry > 0 then
+      local again
+      again, werr = self:_window(list, retry, results)
+      if not again then return nil, werr end
+      for _, r in ipairs(again) do
+        results[r] = errors.new("smtp", "sender refused twice in a pipelined batch", { retryable = true })
+      end
+    end
+    return true
+  end
+  while i <= #list do
+    local msg = list[i]
+    if batch and type(msg) == "table" and type(msg.data) == "string" then
+      pending[#pending + 1] = i
+    else
+      if #pending > 0 then
+        ok, err = run(pending)
+        if not ok then return nil, err end
+        pending = {}
+      end
+      results[i], err = self:send(msg)
+      if not results[i] then
+        results[i] = err
+        if self.broken then return nil, err end
+      end
+    end
+    if #pending >= window then
+      ok, err = run(pending)
+      if not ok then return nil, err end
+      pending = {}
+    end
+    i = i + 1
+  end
+  if #pending > 0 then
+    ok, err = run(pending)
+    if not ok then return nil, err end
+  end
+  return results
+end
+
+-- ---------------------------------------------------------------- misc
+
+function Session:noop()
+  local ok, err = check_usable(self)
+  if not ok then return nil, err end
+  self.eng:noop()
+  local r
+  r, err = self:_ask()
+  if not r then return nil, err end
+  if r.code >= 300 then return nil, reply_error("smtp", "NOOP refused", r) end
+  return true
+end
+
+function Session:reset()
+  local ok, err = check_usable(self)
+  if not ok then return nil, err end
+  return self:_rset()
+end
+
+-- session:close(): QUIT (best effort, bounded by the connection's timeout) and close.
+function Session:close()
+  if self.closed then return true end
+  self.closed = true
+  if self.conn and not self.broken then
+    local ok = pcall(function()
+      if select(1, self.eng:pending()) == 0 then
+        self.eng:quit()
+        if self:_flush() then self:_reply() end
+      end
+    end)
+    if not ok then self:_info("QUIT failed") end
+  end
+  if self.conn then self.conn:close() end
+  self:_trace()
+  self.eng:close()
+  return true
+end
+Session.__close = Session.close
+
+M.Session = Session
+return M
