@@ -1,0 +1,348 @@
+-- oauthmail.tokens — the token lifecycle: hand out an access token that stays
+-- valid for a safety margin, from memory, from the store, by refresh token, or
+-- by re-running a flow that needs nobody; refresh once however many callers
+-- need it at once (coroutines here, processes through the store's lock); and
+-- save a rotated refresh token before the new access token is used.
+local cjson = require "cjson.safe"
+local errors = require "oauthmail.errors"
+local store_mod = require "oauthmail.store"
+
+local M = {}
+local Manager = {}
+Manager.__index = Manager
+
+-- Yielded by get() from a coroutine while another coroutine of this manager
+-- is refreshing (only possible when the flow's I/O itself yields): the
+-- scheduler resumes the waiter later, and get() then returns the shared result.
+M.WAIT = setmetatable({}, { __tostring = function() return "oauthmail.tokens.WAIT" end })
+
+M.DEFAULT_MARGIN = 300
+M.MICROSOFT_MARGIN = 600   -- Exchange refuses tokens ~10 min before exp (501 5.5.127)
+
+-- TEST HOOK (spec/support/token_worker.lua only): called with "after_token",
+-- "before_save" and "after_save" so the crash tests can end the process there.
+M._test_fault = nil
+
+local function fault(point)
+  if M._test_fault then M._test_fault(point) end
+end
+
+local function json_string(s)
+  return (cjson.encode(s):gsub("\\/", "/"))
+end
+
+local function scope_string(scope)
+  local list = {}
+  if type(scope) == "table" then
+    for _, s in ipairs(scope) do list[#list + 1] = tostring(s) end
+  elseif type(scope) == "string" then
+    for s in scope:gmatch("%S+") do list[#list + 1] = s end
+  end
+  table.sort(list)
+  return table.concat(list, " ")
+end
+
+-- The account a token belongs to: who issues it, to which client, for which
+-- user, with which scopes. Readable in a token file, unambiguous as a key.
+function M.account_key(flow)
+  if type(flow) ~= "table" then error("tokens.account_key: expected the flow table", 2) end
+  local parts = {
+    flow.issuer or flow.token_endpoint or flow.tenant or "",
+    flow.client_id or "",
+    flow.user or flow.username or flow.login_hint or "",
+    scope_string(flow.scope),
+  }
+  for i, p in ipairs(parts) do parts[i] = json_string(tostring(p)) end
+  return "[" .. table.concat(parts, ",") .. "]"
+end
+
+local function copy(t)
+  local c = {}
+  for k, v in pairs(t) do c[k] = v end
+  return c
+end
+
+local function check_opts(opts)
+  if type(opts) ~= "table" then error("tokens.new: expected an options table", 3) end
+  if type(opts.flow) ~= "table" then error("tokens.new: 'flow' must be the flow configuration table", 3) end
+  if opts.margin ~= nil and (type(opts.margin) ~= "number" or opts.margin < 0) then
+    error("tokens.new: 'margin' must be a non-negative number of seconds", 3)
+  end
+  local it = type(opts.interactive)
+  if it ~= "nil" and it ~= "boolean" and it ~= "function" then
+    error("tokens.new: 'interactive' must be a boolean or a function(grant)", 3)
+  end
+  for _, k in ipairs { "clock", "trace" } do
+    local v = opts[k]
+    if v ~= nil and type(v) ~= "function" and not (getmetatable(v) or {}).__call then
+      error("tokens.new: '" .. k .. "' must be a function", 3)
+    end
+  end
+  if opts.oauth2 ~= nil and (type(opts.oauth2) ~= "table" or type(opts.oauth2.run) ~= "function"
+    or type(opts.oauth2.refresh) ~= "function") then
+    error("tokens.new: 'oauth2' must be a module with run and refresh", 3)
+  end
+  if opts.profile ~= nil and type(opts.profile) ~= "string" then error("tokens.new: 'profile' must be a string", 3) end
+  if opts.lock_timeout ~= nil and type(opts.lock_timeout) ~= "number" then
+    error("tokens.new: 'lock_timeout' must be a number", 3)
+  end
+end
+
+-- tokens.new{flow=, store=, margin=, interactive=, oauth2=, profile=, lock_timeout=, clock=, trace=}
+function M.new(opts)
+  check_opts(opts)
+  local flow = opts.flow
+  local self = setmetatable({
+    flow = flow,
+    store = store_mod.new(opts.store),
+    margin = opts.margin or (flow.provider == "microsoft" and M.MICROSOFT_MARGIN or M.DEFAULT_MARGIN),
+    interactive = opts.interactive or false,
+    oauth2 = opts.oauth2,
+    profile = opts.profile,
+    lock_timeout = opts.lock_timeout or 30,
+    clock = opts.clock or os.time,
+    trace_fn = opts.trace,
+    invalid = {},      -- access tokens a server refused (set of strings, memory only)
+    cached = nil,      -- the last record this manager handed out or loaded
+    unsaved = nil,     -- a record obtained but not yet saved (the store failed)
+    inflight = nil,    -- the coroutine (or MAIN) refreshing right now
+  }, Manager)
+  self.key = opts.key or M.account_key(flow)
+  if not store_mod.is_store(self.store) then error("tokens.new: 'store' is not a store", 2) end
+  return self
+end
+
+local MAIN = {}
+
+function Manager:trace(ev)
+  if self.trace_fn then
+    ev.type = "token"
+    self.trace_fn(ev)
+  end
+end
+
+function Manager:api()
+  if not self.oauth2 then self.oauth2 = require "oauthmail.oauth2" end
+  return self.oauth2
+end
+
+function Manager:grant()
+  return self.flow.grant or self.flow.flow
+end
+
+function Manager:is_interactive_grant()
+  local api = self:api()
+  if api.interactive then return api.interactive(self:grant()) == true end
+  local g = self:grant()
+  return g == "authorization_code" or g == "device_code"
+end
+
+function Manager:may_interact()
+  if type(self.interactive) == "function" then return self.interactive(self:grant()) == true end
+  return self.interactive == true
+end
+
+-- The margin that applies to one record: the configured one, or half the
+-- token's lifetime when the server issues tokens shorter-lived than the
+-- margin (otherwise every get would refresh).
+function Manager:margin_for(rec)
+  local m = self.margin
+  if rec.obtained_at and rec.expires_at then
+    local half = (rec.expires_at - rec.obtained_at) / 2
+    if half < m then m = half end
+  end
+  return m
+end
+
+function Manager:usable(rec)
+  if type(rec) ~= "table" or type(rec.access_token) ~= "string" then return false end
+  if self.invalid[rec.access_token] then return false end
+  if rec.expires_at == nil then return true end
+  return rec.expires_at - self.clock() >= self:margin_for(rec)
+end
+
+local function public(rec)
+  local t = copy(rec)
+  t.obtained_at = nil
+  return t
+end
+
+function Manager:consent_error(cause)
+  local cmd = "oauthmail login --profile " .. (self.profile or "<profile>")
+  local msg = string.format('no usable token for %s and the "%s" flow needs a person to sign in; '
+    .. 'run "%s" or call manager:login()', self.flow.user or self.flow.username or self.flow.client_id or "this account",
+    tostring(self:grant()), cmd)
+  local fields = { reason = "consent_required", hint = 'run "' .. cmd .. '" once on a machine with a browser '
+    .. '(or the device code screen), then retry' }
+  if cause then
+    msg = msg .. " (" .. tostring(cause.message) .. ")"
+    fields.oauth_error = cause.oauth_error
+    fields.provider_code = cause.provider_code
+  end
+  return errors.fail("oauth", msg, fields)
+end
+
+-- Obtain a fresh token record. The caller holds the store's lock.
+function Manager:fetch(rec, allow_interactive)
+  local api = self:api()
+  local tok, err, refresh_err
+  if rec and type(rec.refresh_token) == "string" then
+    self:trace { event = "refresh", account = self.key }
+    tok, err = api.refresh(self.flow, rec.refresh_token)
+    if not tok then
+      -- a dead refresh token (expired, revoked, rotated away: invalid_grant)
+      -- is replaced by a new grant; anything else is reported as it is
+      if not (errors.is(err) and err.oauth_error == "invalid_grant") then return nil, err end
+      refresh_err = err
+      self:trace { event = "refresh_rejected", account = self.key, oauth_error = err.oauth_error,
+        provider_code = err.provider_code }
+    elseif not tok.refresh_token then
+      tok.refresh_token = rec.refresh_token
+    end
+  end
+  if not tok then
+    if self:is_interactive_grant() and not allow_interactive then
+      return self:consent_error(refresh_err)
+    end
+    self:trace { event = "run_flow", account = self.key, grant = self:grant() }
+    tok, err = api.run(self.flow)
+    if not tok then return nil, err end
+  end
+  if type(tok) ~= "table" or type(tok.access_token) ~= "string" then
+    error("tokens: the oauth2 module returned no access_token", 0)
+  end
+  local new = copy(tok)
+  new.obtained_at = self.clock()
+  return new
+end
+
+-- Save and remember a record; on failure keep it so the next get retries the
+-- save before anything else (a rotated refresh token must not be lost).
+function Manager:commit(new)
+  fault("before_save")
+  local ok, err = self.store:save(self.key, new)
+  fault("after_save")
+  if not ok then
+    self.unsaved = new
+    self:trace { event = "save_failed", account = self.key }
+    err.message = "obtained a new token but could not save it: " .. tostring(err.message)
+      .. " (kept in memory; the save is retried on the next get)"
+    return nil, err
+  end
+  self.unsaved = nil
+  self.cached = new
+  self:trace { event = "saved", account = self.key, expires_at = new.expires_at }
+  return new
+end
+
+-- Under the store's lock: re-read, refresh only if still needed, save, release.
+function Manager:locked_obtain(force_flow)
+  local raw_release, lerr = self.store:lock(self.key, self.lock_timeout)
+  if not raw_release then return nil, lerr end
+  -- remembered so a refresh that raised does not leave the lock held
+  local function release()
+    self.held_release = nil
+    return raw_release()
+  end
+  self.held_release = release
+  local result, err
+  if self.unsaved then
+    result, err = self:commit(self.unsaved)
+    if result and not force_flow and self:usable(result) then release() return result end
+    if not result then release() return nil, err end
+  end
+  local rec, rerr = self.store:load(self.key)
+  if rerr then release() return nil, rerr end
+  if not force_flow and self:usable(rec) then
+    self:trace { event = "from_store", account = self.key, after_lock = true }
+    self.cached = rec
+    release()
+    return rec
+  end
+  local new, ferr = self:fetch(not force_flow and rec or nil, force_flow or self:may_interact())
+  if not new then release() return nil, ferr end
+  fault("after_token")
+  result, err = self:commit(new)
+  release()
+  return result, err
+end
+
+-- Run `fn` as the one in-process refresh, or wait for the one in flight.
+function Manager:single_flight(fn, ...)
+  local co, ismain = coroutine.running()
+  local me = (co == nil or ismain) and MAIN or co
+  local holder = self.inflight
+  if holder and (holder == me or (holder ~= MAIN and coroutine.status(holder) == "dead")) then
+    -- left over from a refresh that raised; nothing is in flight
+    holder = nil
+    self.inflight = nil
+    if self.held_release then self.held_release() end
+  end
+  if holder then
+    if me == MAIN then
+      return errors.fail("policy", "a token refresh for this account is already in progress in this "
+        .. "process; call get() from a coroutine to wait for it", { reason = "busy" })
+    end
+    repeat coroutine.yield(M.WAIT) until self.inflight == nil
+    return nil, nil, true
+  end
+  self.inflight = me
+  local rec, err = fn(self, ...)
+  self.inflight = nil
+  return rec, err
+end
+
+-- manager:get() -> token | nil, err
+function Manager:get()
+  for _ = 1, 3 do
+    if not self.unsaved and self:usable(self.cached) then return public(self.cached) end
+    if not self.unsaved then
+      local rec, err = self.store:load(self.key)
+      if err then return nil, err end
+      if self:usable(rec) then
+        self:trace { event = "from_store", account = self.key }
+        self.cached = rec
+        return public(rec)
+      end
+    end
+    local rec, err, waited = self:single_flight(self.locked_obtain, false)
+    if not waited then
+      if not rec then return nil, err end
+      return public(rec)
+    end
+    -- another coroutine refreshed meanwhile: take its result from the cache
+  end
+  return errors.fail("policy", "could not obtain a token after waiting for other refreshes", { reason = "busy" })
+end
+
+-- manager:invalidate(token) after a server refused it: the next get refreshes.
+function Manager:invalidate(token)
+  local at = type(token) == "table" and token.access_token or token
+  if type(at) ~= "string" then error("manager:invalidate: expected a token table or an access token string", 2) end
+  self.invalid[at] = true
+  self:trace { event = "invalidated", account = self.key }
+  return true
+end
+
+-- manager:login() -> token | nil, err: run the configured flow now (the
+-- interactive ones included) and save the result, whatever the store holds.
+function Manager:login()
+  local rec, err, waited = self:single_flight(self.locked_obtain, true)
+  if waited then return self:get() end
+  if not rec then return nil, err end
+  return public(rec)
+end
+
+-- manager:logout() -> true | nil, err: forget this account's tokens here and in the store.
+function Manager:logout()
+  local release, lerr = self.store:lock(self.key, self.lock_timeout)
+  if not release then return nil, lerr end
+  local ok, err = self.store:save(self.key, nil)
+  release()
+  self.cached, self.unsaved = nil, nil
+  if not ok then return nil, err end
+  return true
+end
+
+M.Manager = Manager
+return M

@@ -1,0 +1,369 @@
+-- spec/tokens_spec.lua — the token manager. First against a scripted oauth2
+-- module (every decision path, with a fake clock), then against real servers:
+-- a counting token endpoint for the many-process and crash tests, and the
+-- real oidc-provider for refresh-token rotation.
+local errors = require "oauthmail.errors"
+local store = require "oauthmail.store"
+local tokens = require "oauthmail.tokens"
+local h = require "spec.support.helpers"
+
+local NOW = 1800000000
+
+-- A scripted oauth2 module: counts calls, issues numbered tokens, rotates
+-- refresh tokens, and can be told to fail or to yield mid-request.
+local function fake_oauth2(clock, opts)
+  opts = opts or {}
+  local f = { refreshes = 0, runs = 0, seen_rt = {}, lifetime = opts.lifetime or 3600 }
+  local function issue(kind)
+    local n = f.refreshes + f.runs - 1
+    local tok = {
+      access_token = "AT-secret-" .. kind .. "-" .. n .. "-xyzzy",
+      token_type = "Bearer",
+      expires_at = clock.now + f.lifetime,
+      scope = "mail.send",
+    }
+    if not f.no_rotation then tok.refresh_token = "RT-secret-" .. n .. "-plugh" end
+    return tok
+  end
+  function f.interactive(grant) return grant == "authorization_code" or grant == "device_code" end
+  function f.refresh(_, rt)
+    f.refreshes = f.refreshes + 1
+    f.seen_rt[#f.seen_rt + 1] = rt
+    if f.yield then coroutine.yield("in-request") end
+    if f.refresh_error then return nil, f.refresh_error end
+    if f.raise then error("flow blew up") end
+    return issue("refresh")
+  end
+  function f.run(cfg)
+    f.runs = f.runs + 1
+    f.last_grant = cfg.grant
+    if f.yield then coroutine.yield("in-request") end
+    if f.run_error then return nil, f.run_error end
+    return issue("run")
+  end
+  return f
+end
+
+local function setup(flow, opts)
+  opts = opts or {}
+  local clock = { now = NOW }
+  local fake = fake_oauth2(clock, opts)
+  local trace = h.trace_collector()
+  local st = opts.store or store.memory()
+  local m = tokens.new {
+    flow = flow, store = st, oauth2 = fake, clock = function() return clock.now end, trace = trace,
+    interactive = opts.interactive, profile = opts.profile, margin = opts.margin,
+  }
+  return m, fake, clock, st, trace
+end
+
+local CC = { grant = "client_credentials", token_endpoint = "https://idp.test/token", client_id = "app-1",
+  client_secret = "client-secret-value-42", scope = "https://outlook.office365.com/.default" }
+local AUTH = { grant = "authorization_code", provider = "microsoft", issuer = "https://login.test/tenant/v2.0",
+  client_id = "app-2", user = "noreply@contoso.test", scope = "offline_access SMTP.Send" }
+
+local function stored(st, m) return st:load(m.key) end
+
+local function secrets(fake, extra)
+  local list = { "client-secret-value-42" }
+  for i = 0, fake.refreshes + fake.runs do
+    for _, kind in ipairs { "refresh", "run" } do list[#list + 1] = "AT-secret-" .. kind .. "-" .. i .. "-xyzzy" end
+    list[#list + 1] = "RT-secret-" .. i .. "-plugh"
+  end
+  for _, s in ipairs(extra or {}) do list[#list + 1] = s end
+  return list
+end
+
+describe("tokens (scripted flows)", function()
+  it("keys accounts by issuer, client, user and sorted scopes", function()
+    assert.equals('["https://login.test/tenant/v2.0","app-2","noreply@contoso.test","SMTP.Send offline_access"]',
+      tokens.account_key(AUTH))
+    assert.equals(tokens.account_key { issuer = "i", client_id = "c", scope = { "b", "a" } },
+      tokens.account_key { issuer = "i", client_id = "c", scope = "a b" })
+    assert.not_equals(tokens.account_key { issuer = "i", client_id = "c" }, tokens.account_key { issuer = "i", client_id = "d" })
+  end)
+
+  it("runs a non-interactive flow when the store is empty, saves, then serves from memory", function()
+    local m, fake, _, st, trace = setup(CC)
+    local tok = assert(m:get())
+    assert.equals("AT-secret-run-0-xyzzy", tok.access_token)
+    assert.is_nil(tok.obtained_at)
+    assert.equals(1, fake.runs)
+    assert.equals("client_credentials", fake.last_grant)
+    assert.equals("AT-secret-run-0-xyzzy", stored(st, m).access_token)
+    assert.same(tok, m:get())
+    assert.equals(1, fake.runs + fake.refreshes)
+    h.assert_no_secrets(trace.text(), secrets(fake))
+  end)
+
+  it("uses a stored token that is valid beyond the margin without any request", function()
+    local st = store.memory()
+    local m0 = tokens.new { flow = CC, store = st, oauth2 = fake_oauth2({ now = NOW }) }
+    st:save(m0.key, { access_token = "AT-stored-0001", refresh_token = "RT-stored-0001", expires_at = NOW + 301 })
+    local m, fake = setup(CC, { store = st })
+    assert.equals("AT-stored-0001", assert(m:get()).access_token)
+    assert.equals(0, fake.runs + fake.refreshes)
+  end)
+
+  it("refreshes a token that expires within the margin and stores the rotated refresh token", function()
+    local m, fake, clock, st, trace = setup(AUTH)
+    st:save(m.key, { access_token = "AT-old-000001", refresh_token = "RT-old-000001", expires_at = NOW + 3600 })
+    assert.equals("AT-old-000001", assert(m:get()).access_token)
+    clock.now = NOW + 3600 - 599   -- Microsoft: 600 s margin
+    local tok = assert(m:get())
+    assert.equals("AT-secret-refresh-0-xyzzy", tok.access_token)
+    assert.same({ "RT-old-000001" }, fake.seen_rt)
+    local rec = stored(st, m)
+    assert.equals("RT-secret-0-plugh", rec.refresh_token)
+    assert.equals("AT-secret-refresh-0-xyzzy", rec.access_token)
+    h.assert_no_secrets(trace.text(), secrets(fake, { "AT-old-000001", "RT-old-000001" }))
+  end)
+
+  it("uses 600 s as the default margin for Microsoft and 300 s otherwise", function()
+    local ms = setup(AUTH)
+    local other = setup(CC)
+    assert.equals(600, ms.margin)
+    assert.equals(300, other.margin)
+    local custom = setup(CC, { margin = 42 })
+    assert.equals(42, custom.margin)
+  end)
+
+  it("refreshes an invalidated token early, even though the clock says it is fine", function()
+    local m, fake = setup(AUTH)
+    local st = m.store
+    st:save(m.key, { access_token = "AT-refused-0001", refresh_token = "RT-good-000001", expires_at = NOW + 3600 })
+    local tok = assert(m:get())
+    assert.is_true(m:invalidate(tok))
+    local fresh = assert(m:get())
+    assert.equals("AT-secret-refresh-0-xyzzy", fresh.access_token)
+    assert.equals(1, fake.refreshes)
+    assert.same(fresh, m:get())
+    assert.has_error(function() m:invalidate(42) end)
+  end)
+
+  it("keeps the old refresh token when the server does not rotate it", function()
+    local m, fake, clock = setup(AUTH)
+    fake.no_rotation = true
+    m.store:save(m.key, { access_token = "AT-a-000001", refresh_token = "RT-keep-000001", expires_at = NOW + 100 })
+    clock.now = NOW
+    assert(m:get())
+    assert.equals("RT-keep-000001", m.store:load(m.key).refresh_token)
+  end)
+
+  it("serves a short-lived token until half its lifetime instead of refreshing on every call", function()
+    local m, fake, clock = setup(CC, { lifetime = 120 })
+    assert(m:get())
+    clock.now = NOW + 50
+    assert(m:get())
+    assert.equals(1, fake.runs)
+    clock.now = NOW + 61
+    assert(m:get())
+    assert.equals(1, fake.refreshes + fake.runs - 1)
+  end)
+
+  describe("interactive flows", function()
+    it("never starts one unasked, and says exactly how to give consent", function()
+      local m, fake = setup(AUTH, { profile = "contoso" })
+      local tok, err = m:get()
+      assert.is_nil(tok)
+      assert.equals("oauth", err.kind)
+      assert.equals("consent_required", err.reason)
+      assert.matches('run "oauthmail login --profile contoso" or call manager:login()', err.message, 1, true)
+      assert.matches('"authorization_code" flow needs a person', err.message, 1, true)
+      assert.equals(0, fake.runs)
+    end)
+
+    it("names a placeholder profile when none is known", function()
+      local m = setup(AUTH)
+      local _, err = m:get()
+      assert.matches('run "oauthmail login --profile <profile>"', err.message, 1, true)
+    end)
+
+    it("runs when interactive allows it, or through login()", function()
+      local m, fake = setup(AUTH, { interactive = true })
+      assert.equals("AT-secret-run-0-xyzzy", assert(m:get()).access_token)
+      assert.equals(1, fake.runs)
+      local m2, fake2 = setup(AUTH, { interactive = function(grant) return grant == "device_code" end })
+      assert.is_nil(m2:get())
+      assert.equals(0, fake2.runs)
+      local tok = assert(m2:login())
+      assert.equals(1, fake2.runs)
+      assert.equals(tok.access_token, assert(m2:get()).access_token)
+      assert.equals(tok.access_token, m2.store:load(m2.key).access_token)
+    end)
+
+    it("reports an expired refresh token (AADSTS700082) with the way back", function()
+      local m, fake, _, st, trace = setup(AUTH, { profile = "contoso" })
+      st:save(m.key, { access_token = "AT-dead-000001", refresh_token = "RT-dead-000001", expires_at = NOW - 10 })
+      fake.refresh_error = errors.new("oauth", "the token endpoint refused the refresh token: invalid_grant "
+        .. "(AADSTS700082: The refresh token has expired due to inactivity)",
+        { oauth_error = "invalid_grant", provider_code = "AADSTS700082", retryable = false })
+      local tok, err = m:get()
+      assert.is_nil(tok)
+      assert.equals("consent_required", err.reason)
+      assert.equals("AADSTS700082", err.provider_code)
+      assert.matches('run "oauthmail login --profile contoso"', err.message, 1, true)
+      assert.equals(0, fake.runs)
+      assert.equals("RT-dead-000001", st:load(m.key).refresh_token)   -- nothing lost
+      h.assert_no_secrets(tostring(err) .. trace.text(), { "AT-dead-000001", "RT-dead-000001" })
+    end)
+  end)
+
+  it("replaces a dead refresh token by re-running a flow that needs nobody", function()
+    local m, fake, _, st = setup(CC)
+    st:save(m.key, { access_token = "AT-x-000001", refresh_token = "RT-revoked-0001", expires_at = NOW - 1 })
+    fake.refresh_error = errors.new("oauth", "invalid_grant", { oauth_error = "invalid_grant" })
+    assert.equals("AT-secret-run-1-xyzzy", assert(m:get()).access_token)
+    assert.equals(1, fake.refreshes)
+    assert.equals(1, fake.runs)
+  end)
+
+  it("returns other refresh failures as they are and keeps the store", function()
+    local m, fake, _, st = setup(AUTH)
+    st:save(m.key, { access_token = "AT-x-000001", refresh_token = "RT-fine-000001", expires_at = NOW - 1 })
+    fake.refresh_error = errors.new("network", "connection refused", { reason = "refused", retryable = true })
+    local tok, err = m:get()
+    assert.is_nil(tok)
+    assert.equals("network", err.kind)
+    assert.equals("RT-fine-000001", st:load(m.key).refresh_token)
+    fake.refresh_error = nil
+    assert(m:get())
+  end)
+
+  it("re-reads the store under the lock and uses a token another process saved meanwhile", function()
+    local inner = store.memory()
+    local m, fake = setup(AUTH, { store = {
+      load = function(_, k) return inner:load(k) end,
+      save = function(_, k, r) return inner:save(k, r) end,
+      lock = function(_, k, t)
+        -- while we waited for the lock, someone else refreshed and saved
+        inner:save(k, { access_token = "AT-from-peer-01", refresh_token = "RT-from-peer-01", expires_at = NOW + 3600 })
+        return inner:lock(k, t)
+      end,
+    } })
+    inner:save(m.key, { access_token = "AT-stale-00001", refresh_token = "RT-stale-00001", expires_at = NOW + 5 })
+    assert.equals("AT-from-peer-01", assert(m:get()).access_token)
+    assert.equals(0, fake.refreshes)
+  end)
+
+  it("does not hand out a new token it could not save, and retries the save first", function()
+    local inner = store.memory()
+    local fail_saves = 1
+    local m, fake = setup(AUTH, { store = {
+      load = function(_, k) return inner:load(k) end,
+      save = function(_, k, r)
+        if fail_saves > 0 then
+          fail_saves = fail_saves - 1
+          return errors.fail("store", "disk full")
+        end
+        return inner:save(k, r)
+      end,
+      lock = function(_, k, t) return inner:lock(k, t) end,
+    } })
+    inner:save(m.key, { access_token = "AT-old-000001", refresh_token = "RT-old-000001", expires_at = NOW - 1 })
+    local tok, err = m:get()
+    assert.is_nil(tok)
+    assert.equals("store", err.kind)
+    assert.matches("obtained a new token but could not save it: disk full", err.message, 1, true)
+    h.assert_no_secrets(tostring(err), secrets(fake))
+    local again = assert(m:get())
+    assert.equals("AT-secret-refresh-0-xyzzy", again.access_token)
+    assert.equals(1, fake.refreshes)
+    assert.equals("RT-secret-0-plugh", inner:load(m.key).refresh_token)
+  end)
+
+  it("reports a damaged token file instead of refreshing over it", function()
+    local dir = h.tmpdir()
+    local path = h.write_file(dir .. "/tokens.json", '{"format":"oauthmail-tokens","version":1,"accou', "600")
+    local m, fake = setup(CC, { store = store.file { path = path } })
+    local tok, err = m:get()
+    assert.is_nil(tok)
+    assert.equals("store", err.kind)
+    assert.matches(path .. " is not valid JSON", err.message, 1, true)
+    assert.equals(0, fake.runs)
+    assert.equals('{"format":"oauthmail-tokens","version":1,"accou', h.read_file(path))
+  end)
+
+  it("names the token file when its folder is missing", function()
+    local dir = h.tmpdir() .. "/gone"
+    local m, fake = setup(CC, { store = store.file { path = dir .. "/tokens.json", create_dir = false } })
+    local tok, err = m:get()
+    assert.is_nil(tok)
+    assert.matches("token file " .. dir .. "/tokens.json does not exist", err.message, 1, true)
+    assert.equals(0, fake.runs)
+  end)
+
+  describe("single flight in one process", function()
+    local function run_all(cos)
+      -- a minimal round-robin scheduler: resumes everything until all are done
+      local results, waits = {}, 0
+      for _ = 1, 10000 do
+        local alive = 0
+        for i, co in ipairs(cos) do
+          if coroutine.status(co) == "suspended" then
+            local ok, a, b = coroutine.resume(co)
+            assert(ok, a)
+            if coroutine.status(co) == "dead" then results[i] = { a, b } else
+              alive = alive + 1
+              if a == tokens.WAIT then waits = waits + 1 end
+            end
+          end
+        end
+        if alive == 0 then break end
+      end
+      return results, waits
+    end
+
+    it("sends one request for 50 coroutines even when the request itself yields", function()
+      local m, fake, clock, st = setup(AUTH)
+      st:save(m.key, { access_token = "AT-expiring-01", refresh_token = "RT-current-001", expires_at = NOW + 3600 })
+      clock.now = NOW + 3400
+      fake.yield = true
+      local cos = {}
+      for i = 1, 50 do cos[i] = coroutine.create(function() return m:get() end) end
+      local results, waits = run_all(cos)
+      assert.equals(1, fake.refreshes)
+      assert.is_true(waits >= 49)
+      for i = 1, 50 do
+        assert.truthy(results[i][1], tostring(results[i][2]))
+        assert.equals("AT-secret-refresh-0-xyzzy", results[i][1].access_token)
+      end
+    end)
+
+    it("tells a caller outside any coroutine that a refresh is in flight", function()
+      local m, fake, clock, st = setup(AUTH)
+      st:save(m.key, { access_token = "AT-expiring-01", refresh_token = "RT-current-001", expires_at = NOW + 10 })
+      fake.yield = true
+      local co = coroutine.create(function() return m:get() end)
+      assert.equals("in-request", select(2, coroutine.resume(co)))
+      local tok, err = m:get()
+      assert.is_nil(tok)
+      assert.equals("busy", err.reason)
+      assert.matches("already in progress", err.message, 1, true)
+      local _, t2 = coroutine.resume(co)
+      assert.equals("AT-secret-refresh-0-xyzzy", t2.access_token)
+      assert.equals(t2.access_token, assert(m:get()).access_token)
+      assert.equals(1, fake.refreshes)
+      clock.now = clock.now + 1
+    end)
+
+    it("recovers when a refresh raised half-way", function()
+      local m, fake, _, st = setup(CC)
+      st:save(m.key, { access_token = "AT-expiring-01", refresh_token = "RT-current-001", expires_at = NOW + 10 })
+      fake.raise = true
+      assert.has_error(function() m:get() end, nil)
+      fake.raise = false
+      -- the raise left the in-flight marker and the store's lock behind; both are cleared
+      assert.equals("AT-secret-refresh-1-xyzzy", assert(m:get()).access_token)
+    end)
+  end)
+
+  it("raises on bad options", function()
+    assert.has_error(function() tokens.new() end)
+    assert.has_error(function() tokens.new { flow = "x" } end)
+    assert.has_error(function() tokens.new { flow = CC, margin = -1 } end)
+    assert.has_error(function() tokens.new { flow = CC, interactive = "yes" } end)
+    assert.has_error(function() tokens.new { flow = CC, oauth2 = {} } end)
+    assert.has_error(function() tokens.new { flow = CC, store = { kind = "nope" } } end)
+  end)
+end)
