@@ -94,10 +94,41 @@ static int request_gc(lua_State *L) {
   return 0;
 }
 
+/* Append trace data; chunks of one body are joined into one event. */
+static void trace_add(request *r, enum ev_type t, const char *data, size_t n) {
+  struct event *ev;
+  size_t keep;
+  if (r->nev > 0 && (t == EV_DATA_OUT || t == EV_DATA_IN) && r->evs[r->nev - 1].type == t) {
+    ev = &r->evs[r->nev - 1];
+  } else {
+    if (r->nev >= TRACE_EVENTS_MAX) {
+      r->trace_dropped++;
+      return;
+    }
+    if (r->nev == r->capev) {
+      size_t cap = r->capev ? r->capev * 2 : 32;
+      struct event *evs = (struct event *)realloc(r->evs, cap * sizeof *evs);
+      if (!evs) return;
+      r->evs = evs;
+      r->capev = cap;
+    }
+    ev = &r->evs[r->nev++];
+    memset(ev, 0, sizeof *ev);
+    ev->type = t;
+  }
+  keep = n;
+  if (ev->text.n + keep > TRACE_EVENT_MAX) keep = TRACE_EVENT_MAX - ev->text.n;
+  if (r->trace_bytes + keep > TRACE_TOTAL_MAX) keep = TRACE_TOTAL_MAX - r->trace_bytes;
+  if (keep && buf_add(&ev->text, data, keep)) r->trace_bytes += keep;
+  else keep = 0;
+  ev->omitted += n - keep;
+}
+
 static size_t on_body(char *data, size_t size, size_t nmemb, void *ud) {
   request *r = (request *)ud;
   size_t n = size * nmemb;
   /* Stop at the first byte past the limit: never buffer an oversized body. */
+  if (r->tracing) trace_add(r, EV_DATA_IN, data, n);
   if (r->body.n + n > r->max_body) {
     r->too_large = 1;
     return 0;
@@ -130,43 +161,16 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *ud) {
 
 static int on_debug(CURL *h, curl_infotype type, char *data, size_t n, void *ud) {
   request *r = (request *)ud;
-  enum ev_type t;
-  struct event *ev;
-  size_t keep;
   (void)h;
   switch (type) {
-    case CURLINFO_TEXT: t = EV_INFO; break;
-    case CURLINFO_HEADER_OUT: t = EV_HEADER_OUT; break;
-    case CURLINFO_DATA_OUT: t = EV_DATA_OUT; break;
-    case CURLINFO_HEADER_IN: t = EV_HEADER_IN; break;
-    case CURLINFO_DATA_IN: t = EV_DATA_IN; break;
-    default: return 0;  /* raw TLS records tell a reader nothing */
+    case CURLINFO_TEXT: trace_add(r, EV_INFO, data, n); break;
+    case CURLINFO_HEADER_OUT: trace_add(r, EV_HEADER_OUT, data, n); break;
+    case CURLINFO_DATA_OUT: trace_add(r, EV_DATA_OUT, data, n); break;
+    case CURLINFO_HEADER_IN: trace_add(r, EV_HEADER_IN, data, n); break;
+    /* The response body is traced from on_body, after chunked decoding;
+     * raw TLS records tell a reader nothing. */
+    default: break;
   }
-  /* Body chunks of one message are joined into one event. */
-  if (r->nev > 0 && (t == EV_DATA_OUT || t == EV_DATA_IN) && r->evs[r->nev - 1].type == t) {
-    ev = &r->evs[r->nev - 1];
-  } else {
-    if (r->nev >= TRACE_EVENTS_MAX) {
-      r->trace_dropped++;
-      return 0;
-    }
-    if (r->nev == r->capev) {
-      size_t cap = r->capev ? r->capev * 2 : 32;
-      struct event *evs = (struct event *)realloc(r->evs, cap * sizeof *evs);
-      if (!evs) return 0;
-      r->evs = evs;
-      r->capev = cap;
-    }
-    ev = &r->evs[r->nev++];
-    memset(ev, 0, sizeof *ev);
-    ev->type = t;
-  }
-  keep = n;
-  if (ev->text.n + keep > TRACE_EVENT_MAX) keep = TRACE_EVENT_MAX - ev->text.n;
-  if (r->trace_bytes + keep > TRACE_TOTAL_MAX) keep = TRACE_TOTAL_MAX - r->trace_bytes;
-  if (keep && buf_add(&ev->text, data, keep)) r->trace_bytes += keep;
-  else keep = 0;
-  ev->omitted += n - keep;
   return 0;
 }
 

@@ -1,0 +1,199 @@
+-- oauthmail.http — HTTPS requests for token, device, discovery, revocation
+-- and Graph endpoints. The transfer itself is core.http (libcurl); this file
+-- owns the policy: argument checks, form encoding, which URLs may go out in
+-- clear text, and the redacted trace.
+local core = require "oauthmail.core"
+local errors = require "oauthmail.errors"
+local redact = require "oauthmail.redact"
+
+local C = core.http
+local M = {}
+
+M.curl_version = C.curl_version
+
+-- Percent-encode everything but RFC 3986 unreserved characters.
+function M.url_encode(s)
+  return (tostring(s):gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", c:byte()) end))
+end
+
+-- application/x-www-form-urlencoded (RFC 6749 appendix B): space is "+",
+-- everything outside ALPHA / DIGIT / "*-._" is percent-encoded.
+local function form_component(s)
+  return (s:gsub("[^%w%*%-%._ ]", function(c) return string.format("%%%02X", c:byte()) end):gsub(" ", "+"))
+end
+
+-- http.form_encode{k=v,...} -> "a=1&b=2" with keys sorted, so the same
+-- table always gives the same bytes.
+function M.form_encode(t)
+  if type(t) ~= "table" then error("http.form_encode: expected a table", 2) end
+  local keys = {}
+  for k, v in pairs(t) do
+    if type(k) ~= "string" then error("http.form_encode: keys must be strings", 2) end
+    local tv = type(v)
+    if tv ~= "string" and tv ~= "number" and tv ~= "boolean" then
+      error("http.form_encode: value of '" .. k .. "' must be a string, number or boolean", 2)
+    end
+    keys[#keys + 1] = k
+  end
+  table.sort(keys)
+  local parts = {}
+  for i, k in ipairs(keys) do parts[i] = form_component(k) .. "=" .. form_component(tostring(t[k])) end
+  return table.concat(parts, "&")
+end
+
+-- http.form_decode("a=1&b=x+y") -> {a="1", b="x y"} (last value wins)
+function M.form_decode(s)
+  local t = {}
+  for pair in tostring(s):gmatch("[^&]+") do
+    local k, v = pair:match("^([^=]*)=?(.*)$")
+    local function dec(x)
+      return (x:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+    end
+    t[dec(k)] = dec(v)
+  end
+  return t
+end
+
+local LOOPBACK = { localhost = true, ["127.0.0.1"] = true, ["[::1]"] = true }
+
+local function check_url(url, allow_http)
+  local scheme, host = url:match("^(%a[%w+.-]*)://([^/?#]*)")
+  if not scheme then
+    return errors.fail("config", "invalid URL (expected https://host/path)", { reason = "url" })
+  end
+  scheme = scheme:lower()
+  host = (host:gsub("^.*@", ""):gsub(":%d*$", "")):lower()
+  if scheme == "https" then return true end
+  if scheme == "http" then
+    if LOOPBACK[host] or allow_http then return true end
+    return errors.fail("config", "refusing plain http:// to " .. host .. ": tokens and secrets must travel over " ..
+      "TLS (use https://, or allow_http=true for a trusted test endpoint)", { reason = "insecure" })
+  end
+  return errors.fail("config", "unsupported URL scheme '" .. scheme .. "' (expected https)", { reason = "url" })
+end
+
+local function find_header(headers, name)
+  for k, v in pairs(headers) do
+    if type(k) == "string" and k:lower() == name then return v end
+  end
+end
+
+local OPT_TYPES = {
+  method = "string", url = "string", headers = "table", body = "string", form = "table",
+  timeout = "number", connect_timeout = "number", ca_file = "string", ca_path = "string",
+  verify = "boolean", client_cert = "string", client_key = "string", client_key_passphrase = "string",
+  follow_redirects = "boolean", max_body = "number", trace = "function", allow_http = "boolean",
+}
+
+-- Turn the raw events collected in C into redacted trace events, in order.
+local function emit_trace(trace, events, request_ct)
+  local response_ct
+  local function emit(dir, text)
+    return trace { proto = "http", dir = dir, text = text }
+  end
+  local function note(text, omitted)
+    if omitted and omitted > 0 then return text .. " [... " .. string.format("%d", omitted) .. " more bytes]" end
+    return text
+  end
+  local calls = {}
+  for _, ev in ipairs(events) do
+    local t = ev.type
+    if t == "info" then
+      for line in ev.text:gmatch("[^\r\n]+") do calls[#calls + 1] = { "info", redact.text(line) } end
+    elseif t == "header_out" then
+      local first = true
+      for line in ev.text:gmatch("[^\r\n]+") do
+        if first then
+          local m, target, rest = line:match("^(%S+) (%S+)(.*)$")
+          line = m and (m .. " " .. redact.url(target) .. rest) or line
+          first = false
+        else
+          line = redact.header_line(line)
+        end
+        calls[#calls + 1] = { "send", line }
+      end
+    elseif t == "data_out" then
+      calls[#calls + 1] = { "send", note(redact.body(request_ct, ev.text), ev.omitted) }
+    elseif t == "header_in" then
+      local line = ev.text:gsub("[\r\n]+$", "")
+      if line:match("^HTTP/") then
+        response_ct = nil
+      else
+        local name, value = line:match("^([^:]+):%s*(.-)%s*$")
+        if name and name:lower() == "content-type" then response_ct = value end
+        line = redact.header_line(line)
+      end
+      if line ~= "" then calls[#calls + 1] = { "recv", line } end
+    elseif t == "data_in" then
+      calls[#calls + 1] = { "recv", note(redact.body(response_ct, ev.text), ev.omitted) }
+    end
+  end
+  if events.dropped then calls[#calls + 1] = { "info", events.dropped .. " trace events dropped (limit reached)" } end
+  for _, c in ipairs(calls) do
+    local ok, err = pcall(emit, c[1], c[2])
+    if not ok then
+      return errors.fail("config", "the trace function failed: " .. redact.text(tostring(err)), { reason = "trace" })
+    end
+  end
+  return true
+end
+
+-- http.request{...} -> {status=, headers=, body=, url=} | nil, err
+-- HTTP error statuses are responses, not errors: the OAuth layer reads them.
+function M.request(opts)
+  if type(opts) ~= "table" then error("http.request: expected an options table", 2) end
+  for k, v in pairs(opts) do
+    local want = OPT_TYPES[k]
+    if k == "trace" then
+      local mt = type(v) == "table" and getmetatable(v)
+      if type(v) ~= "function" and not (mt and mt.__call) then
+        error("http.request: option 'trace' must be a function (or a callable table)", 2)
+      end
+    elseif k == "proxy" then
+      if type(v) ~= "string" and v ~= false then error("http.request: option 'proxy' must be a URL string or false", 2) end
+    elseif not want then
+      error("http.request: unknown option '" .. tostring(k) .. "'", 2)
+    elseif type(v) ~= want then
+      error("http.request: option '" .. k .. "' must be a " .. want .. ", got " .. type(v), 2)
+    end
+  end
+  if not opts.url then error("http.request: option 'url' is required", 2) end
+  if opts.body and opts.form then error("http.request: give either body or form, not both", 2) end
+  local method = (opts.method or ((opts.body or opts.form) and "POST" or "GET")):upper()
+  if not method:match("^%u+$") then error("http.request: invalid method", 2) end
+
+  local ok, err = check_url(opts.url, opts.allow_http)
+  if not ok then return nil, err end
+
+  local headers, body = {}, opts.body
+  for k, v in pairs(opts.headers or {}) do
+    if type(k) ~= "string" or type(v) ~= "string" then error("http.request: header names and values must be strings", 2) end
+    if k:find("[%c:%s]") or k == "" then error("http.request: invalid header name", 2) end
+    if v:find("[\r\n%z]") then error("http.request: header '" .. k .. "' contains CR, LF or NUL", 2) end
+    headers[k] = v
+  end
+  if opts.form then
+    body = M.form_encode(opts.form)
+    if not find_header(headers, "content-type") then headers["Content-Type"] = "application/x-www-form-urlencoded" end
+  end
+
+  local resp, events
+  resp, err, events = C.request {
+    method = method, url = opts.url, headers = headers, body = body,
+    timeout = opts.timeout, connect_timeout = opts.connect_timeout, max_body = opts.max_body,
+    ca_file = opts.ca_file, ca_path = opts.ca_path, verify = opts.verify,
+    client_cert = opts.client_cert, client_key = opts.client_key,
+    client_key_passphrase = opts.client_key_passphrase,
+    proxy = opts.proxy, follow_redirects = opts.follow_redirects,
+    trace = opts.trace ~= nil,
+  }
+  if resp then events = err end
+  if opts.trace and events then
+    local tok, terr = emit_trace(opts.trace, events, find_header(headers, "content-type"))
+    if not tok then return nil, terr end
+  end
+  if not resp then return nil, err end
+  return resp
+end
+
+return M

@@ -1,0 +1,134 @@
+-- oauthmail.redact — take secrets out of protocol text before anyone sees
+-- it: HTTP headers, form-encoded and JSON bodies, URLs. Used by the HTTP
+-- trace, and reusable by any other trace (SMTP, errors, logs).
+-- Redaction keeps the shape (field names, auth scheme) so a trace still
+-- explains what happened; only values are replaced by MASK.
+local M = {}
+
+M.MASK = "<redacted>"
+
+-- Field names (form keys, JSON keys, URL query/fragment keys) whose values
+-- are secrets. Lower-case; callers may add their own.
+M.FIELDS = {
+  client_secret = true, client_assertion = true, code = true, code_verifier = true,
+  refresh_token = true, access_token = true, id_token = true, password = true,
+  device_code = true, assertion = true, token = true, subject_token = true,
+  actor_token = true, id_token_hint = true, logout_token = true, passphrase = true,
+  authorization = true, client_key = true, private_key = true,
+}
+
+-- Headers whose whole value is a credential.
+local SECRET_HEADERS = {
+  cookie = true, ["set-cookie"] = true, ["x-api-key"] = true, ["api-key"] = true,
+  ["ocp-apim-subscription-key"] = true,
+}
+-- Headers that carry "scheme credentials": keep the scheme.
+local AUTH_HEADERS = { authorization = true, ["proxy-authorization"] = true }
+-- Headers that carry URLs (a redirect may carry ?code= or #access_token=).
+local URL_HEADERS = { location = true, ["content-location"] = true, refresh = true }
+
+local function unescape(s)
+  s = s:gsub("+", " ")
+  return (s:gsub("%%(%x%x)", function(x) return string.char(tonumber(x, 16)) end))
+end
+
+local function is_secret_name(name)
+  return M.FIELDS[name:lower()] == true
+end
+
+-- redact.header(name, value) -> value with credentials replaced
+function M.header(name, value)
+  local n = tostring(name):lower()
+  if AUTH_HEADERS[n] then
+    local scheme = value:match("^%s*([%w!#$%%&'*+.^_`|~-]+)%s+%S")
+    return scheme and (scheme .. " " .. M.MASK) or M.MASK
+  end
+  if SECRET_HEADERS[n] then return M.MASK end
+  if URL_HEADERS[n] then return M.url(value) end
+  return value
+end
+
+-- redact.header_line("Name: value") -> the same line, redacted
+function M.header_line(line)
+  local name, sep, value = line:match("^([^:%s]+)(:%s*)(.-)%s*$")
+  if not name then return line end
+  return name .. sep .. M.header(name, value)
+end
+
+-- redact.form("a=1&client_secret=x") -> "a=1&client_secret=<redacted>"
+function M.form(s)
+  if type(s) ~= "string" then return s end
+  return (s:gsub("([^&=;?#%s\"']+)=([^&;%s\"]*)", function(k, v)
+    if v ~= "" and is_secret_name(unescape(k)) then return k .. "=" .. M.MASK end
+    return nil
+  end))
+end
+
+-- redact.url(u): secrets in the query and the fragment (implicit-flow
+-- replies put tokens there), and a password in the user-info part. Works on
+-- partial URLs ("/cb?code=..") too.
+function M.url(u)
+  if type(u) ~= "string" then return u end
+  u = u:gsub("^(%a[%w+.-]*://[^/@:]*:)[^/@]*@", "%1" .. M.MASK .. "@")
+  local base, query, frag = u:match("^([^?#]*)(%??[^#]*)(#?.*)$")
+  return base .. M.form(query) .. M.form(frag)
+end
+
+-- Index of the quote that closes the JSON string opened at `q`, or nil.
+local function string_end(s, q)
+  local i = q + 1
+  while true do
+    local j = s:find('["\\]', i)
+    if not j then return nil end
+    if s:sub(j, j) == '"' then return j end
+    i = j + 2
+  end
+end
+
+local function json_unescape(k)
+  if not k:find("\\", 1, true) then return k end
+  return (k:gsub("\\u00(%x%x)", function(x) return string.char(tonumber(x, 16)) end):gsub("\\(.)", "%1"))
+end
+
+-- redact.json(s): values of secret keys, at any depth. A scanner rather than
+-- a parser, so truncated or malformed JSON (a trace cut at its bound, a
+-- broken provider reply) is still redacted; an unterminated secret value is
+-- masked to the end of the text.
+function M.json(s)
+  if type(s) ~= "string" then return s end
+  local out, pos = {}, 1
+  while true do
+    local q = s:find('"', pos, true)
+    if not q then break end
+    local e = string_end(s, q)
+    if not e then break end
+    local after = s:match("^%s*:%s*()", e + 1)
+    if after and s:sub(after, after) == '"' and is_secret_name(json_unescape(s:sub(q + 1, e - 1))) then
+      local ve = string_end(s, after)
+      out[#out + 1] = s:sub(pos, after) .. M.MASK .. '"'
+      if not ve then pos = #s + 1 break end
+      pos = ve + 1
+    else
+      out[#out + 1] = s:sub(pos, e)
+      pos = e + 1
+    end
+  end
+  out[#out + 1] = s:sub(pos)
+  return table.concat(out)
+end
+
+-- redact.body(content_type, s): JSON and form redaction both run whatever
+-- the declared type: a mislabelled token response, or a JSON reply that
+-- quotes a form, must not leak.
+function M.body(content_type, s)
+  local _ = content_type
+  if type(s) ~= "string" then return s end
+  return M.form(M.json(s))
+end
+
+-- redact.text(s): free text of unknown origin (log lines, error bodies).
+function M.text(s)
+  return M.body(nil, s)
+end
+
+return M
