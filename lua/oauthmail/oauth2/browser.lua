@@ -40,9 +40,11 @@ local function loopback_target(cfg)
   local uri = cfg.redirect_uri
   if uri == nil then return 0, cfg.redirect_path or "/" end
   if type(uri) ~= "string" then error("oauth2.authorization_code: redirect_uri must be a string", 4) end
-  local host, port, path = uri:match("^http://([%w%.%[%]:]-):?(%d*)(/[^?#]*)$")
-  if not host then host, port = uri:match("^http://([%w%.%[%]]-):?(%d*)$") path = "/" end
-  if host ~= "127.0.0.1" and host ~= "localhost" then
+  local authority, path = uri:match("^http://([^/?#]+)(/?[^?#]*)$")
+  local host, port
+  if authority then host, port = authority:match("^([^:]+):?(%d*)$") end
+  if path == "" then path = "/" end
+  if not host or (host ~= "127.0.0.1" and host ~= "localhost") then
     return errors.fail("config", "the loopback redirect_uri must be http://127.0.0.1[:port]/path (RFC 8252 7.3); got "
       .. uri .. " — use manual = true for any other redirect URI")
   end

@@ -25,7 +25,7 @@ function M.discover(issuer, opts)
   local resp, err = http.request {
     method = "GET", url = url, headers = { ["Accept"] = "application/json" },
     timeout = opts.timeout or 30, ca_file = opts.ca_file, verify = opts.verify, proxy = opts.proxy,
-    follow_redirects = false, max_body = 1024 * 1024, trace = opts.trace,
+    follow_redirects = false, max_body = 1024 * 1024, trace = endpoint.trace_fn(opts),
   }
   if not resp then return nil, err end
   if resp.status ~= 200 then

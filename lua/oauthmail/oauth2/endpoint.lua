@@ -13,10 +13,10 @@ local M = {}
 
 local function http() return require "oauthmail.http" end
 
--- application/x-www-form-urlencoded (RFC 6749 appendix B): unreserved bytes as
--- is, space as '+', everything else percent-encoded.
+-- application/x-www-form-urlencoded (RFC 6749 appendix B, the HTML form
+-- serializer): ALPHA / DIGIT / "*-._" as is, space as '+', the rest percent-encoded.
 function M.urlencode(s)
-  return (tostring(s):gsub("[^%w%-%._~ ]", function(c)
+  return (tostring(s):gsub("[^%w%*%-%._ ]", function(c)
     return string.format("%%%02X", c:byte())
   end):gsub(" ", "+"))
 end
@@ -75,10 +75,17 @@ function M.redact_body(body)
 end
 
 function M.trace(cfg, ev)
-  if type(cfg.trace) == "function" then
+  if cfg.trace then
     ev.kind = ev.kind or "oauth2"
     cfg.trace(ev)
   end
+end
+
+-- http.request wants a plain function; a trace may be any callable.
+function M.trace_fn(cfg)
+  local t = cfg.trace
+  if t == nil or type(t) == "function" then return t end
+  return function(ev) return t(ev) end
 end
 
 -- Retry-After (RFC 9110 10.2.3): delay-seconds or an HTTP-date.
@@ -242,7 +249,7 @@ function M.call(cfg, url, params, opts)
       method = "POST", url = url, headers = headers, body = M.form(list),
       timeout = cfg.timeout or 30, ca_file = cfg.ca_file, verify = cfg.verify,
       client_cert = cfg.tls_client_cert, client_key = cfg.tls_client_key, proxy = cfg.proxy,
-      follow_redirects = false, max_body = 1024 * 1024, trace = cfg.trace,
+      follow_redirects = false, max_body = 1024 * 1024, trace = M.trace_fn(cfg),
     }
     local wait
     if not resp then

@@ -1,0 +1,705 @@
+-- spec/oauth2_spec.lua — every OAuth2 flow against the real oidc-provider
+-- (spec/peers/oidc.mjs) on loopback over HTTPS: client credentials (basic,
+-- post, private_key_jwt PS256/RS256), authorization code + PKCE with the
+-- loopback redirect and the manual paste mode, device code, refresh with
+-- rotation, revocation, discovery; and the failure paths, several of them
+-- through canned answers the harness injects (429/503/slow_down/malformed).
+local h = require "spec.support.helpers"
+local oidc = require "spec.support.oidc"
+local crypto = require "oauthmail.crypto"
+local errors = require "oauthmail.errors"
+local oauth2 = require "oauthmail.oauth2"
+local endpoint = require "oauthmail.oauth2.endpoint"
+local cjson = require "cjson"
+
+local RESOURCE = "urn:oauthmail:test:mail"
+
+local function query_of(url) return endpoint.parse_query(url:match("%?(.*)$") or "") end
+
+local function near_now(expires_at, lifetime)
+  local now = os.time()
+  return expires_at >= now + lifetime - 60 and expires_at <= now + lifetime + 5
+end
+
+-- The requests that received injected answers, decoded.
+local function recorded(srv, path)
+  local out = {}
+  for _, r in ipairs(srv.stats().injected_requests) do
+    if r.path == path then
+      out[#out + 1] = { headers = r.headers, form = endpoint.parse_query(r.body), body = r.body }
+    end
+  end
+  return out
+end
+
+local function sleeper()
+  local waits = {}
+  local s = setmetatable({ waits = waits }, { __call = function(self, secs)
+    waits[#waits + 1] = secs
+    if self.hook then self.hook(#waits, secs) end
+  end })
+  return s
+end
+
+describe("oauth2 against oidc-provider", function()
+  local srv
+
+  setup(function()
+    srv = oidc.start()
+  end)
+
+  teardown(function()
+    if srv then srv.stop() end
+    h.stop_all()
+  end)
+
+  describe("client_credentials", function()
+    it("authenticates with client_secret_basic, form-urlencoding id and secret first", function()
+      local trace = h.trace_collector()
+      local tok, err = oauth2.client_credentials(srv.cfg("cc-basic", { trace = trace }))
+      assert.is_nil(err)
+      assert.equal("Bearer", tok.token_type)
+      assert.equal("mail.send", tok.scope)
+      assert.is_true(near_now(tok.expires_at, 3600))
+      local _, claims = crypto.jwt_decode(tok.access_token)
+      assert.equal(RESOURCE, claims.aud)
+      assert.equal("cc-basic", claims.client_id)
+      assert.truthy(trace.text():find("token", 1, true))
+      h.assert_no_secrets(trace.text(), { srv.secrets.basic, tok.access_token })
+    end)
+
+    it("authenticates with client_secret_post", function()
+      local trace = h.trace_collector()
+      local tok, err = oauth2.client_credentials(srv.cfg("cc-post", { trace = trace }))
+      assert.is_nil(err)
+      local _, claims = crypto.jwt_decode(tok.access_token)
+      assert.equal("cc-post", claims.client_id)
+      h.assert_no_secrets(trace.text(), { srv.secrets.post, tok.access_token })
+    end)
+
+    for _, alg in ipairs { "PS256", "RS256" } do
+      it("authenticates with private_key_jwt signed " .. alg, function()
+        local trace = h.trace_collector()
+        local cfg = srv.cfg("cc-jwt", { trace = trace })
+        cfg.client_certificate.alg = alg
+        local tok, err = oauth2.client_credentials(cfg)
+        assert.is_nil(err)
+        local _, claims = crypto.jwt_decode(tok.access_token)
+        assert.equal("cc-jwt", claims.client_id)
+        h.assert_no_secrets(trace.text(), { tok.access_token })
+      end)
+    end
+
+    it("builds the RFC 7523 client assertion: aud, iss, sub, unique jti, short exp, x5t and x5t#S256", function()
+      local trace = h.trace_collector()
+      local tok = { access_token = "injected-access-token-0001", expires_in = 120, token_type = "Bearer" }
+      srv.inject("/cc-token", { { body = tok }, { body = tok } })
+      local cfg = srv.cfg("cc-jwt", { token_endpoint = srv.issuer .. "/cc-token", trace = trace })
+      assert(oauth2.client_credentials(cfg))
+      assert(oauth2.client_credentials(cfg))
+      local reqs = recorded(srv, "/cc-token")
+      assert.equal(2, #reqs)
+      local cert = h.read_file(srv.keys.jwt.cert)
+      local jtis = {}
+      for _, r in ipairs(reqs) do
+        assert.equal("client_credentials", r.form.grant_type)
+        assert.equal("urn:ietf:params:oauth:client-assertion-type:jwt-bearer", r.form.client_assertion_type)
+        local header, claims = crypto.jwt_decode(r.form.client_assertion)
+        assert.equal("PS256", header.alg)
+        assert.equal(crypto.x5t_s256(cert), header["x5t#S256"])
+        assert.equal(crypto.x5t(cert), header.x5t)
+        assert.equal(srv.issuer .. "/cc-token", claims.aud)
+        assert.equal("cc-jwt", claims.iss)
+        assert.equal("cc-jwt", claims.sub)
+        assert.is_true(claims.exp - claims.iat <= 600 and claims.exp > claims.iat)
+        assert.is_true(claims.nbf <= claims.iat + 1)
+        assert.is_nil(jtis[claims.jti])
+        jtis[claims.jti] = true
+        h.assert_no_secrets(trace.text(), { r.form.client_assertion })
+      end
+      h.assert_no_secrets(trace.text(), { tok.access_token })
+    end)
+
+    it("reports a wrong secret as invalid_client, not retryable, without the secret", function()
+      local trace = h.trace_collector()
+      local before = srv.stats().token_requests
+      local tok, err = oauth2.client_credentials(srv.cfg("cc-basic", { client_secret = "wrong-secret-123", trace = trace }))
+      assert.is_nil(tok)
+      assert.is_true(errors.is(err))
+      assert.equal("oauth", err.kind)
+      assert.equal("invalid_client", err.oauth_error)
+      assert.equal(401, err.status)
+      assert.is_false(err.retryable)
+      assert.equal(before + 1, srv.stats().token_requests) -- not retried
+      h.assert_no_secrets(trace.text() .. tostring(err), { "wrong-secret-123", srv.secrets.basic })
+    end)
+
+    it("reports an assertion signed with the wrong key as invalid_client", function()
+      local cfg = srv.cfg("cc-jwt")
+      cfg.client_certificate = { cert = srv.keys.wrong.cert, key = srv.keys.wrong.key }
+      local tok, err = oauth2.client_credentials(cfg)
+      assert.is_nil(tok)
+      assert.equal("invalid_client", err.oauth_error)
+      assert.is_false(err.retryable)
+    end)
+
+    it("returns a config error for an unreadable client key", function()
+      local cfg = srv.cfg("cc-jwt")
+      cfg.client_certificate = { key = "/nonexistent/key.pem" }
+      local tok, err = oauth2.client_credentials(cfg)
+      assert.is_nil(tok)
+      assert.equal("config", err.kind)
+    end)
+
+    it("fills the endpoints from discovery when only issuer is given", function()
+      local cfg = srv.cfg("cc-post")
+      cfg.token_endpoint = nil
+      local tok, err = oauth2.client_credentials(cfg)
+      assert.is_nil(err)
+      assert.truthy(tok.access_token)
+    end)
+
+    it("raises on bad arguments", function()
+      assert.has_error(function() oauth2.client_credentials("cc-basic") end)
+      assert.has_error(function() oauth2.client_credentials({ client_id = 42 }) end)
+      assert.has_error(function() oauth2.client_credentials({ client_id = "x", scope = 7 }) end)
+    end)
+  end)
+
+  describe("authorization_code", function()
+    it("runs PKCE S256 with a loopback redirect and exchanges the code", function()
+      local trace = h.trace_collector()
+      local before = srv.stats().token_requests
+      local seen
+      local tok, err = oauth2.authorization_code(srv.cfg("native", {
+        trace = trace, wait_timeout = 30,
+        open_url = function(url) seen = url srv.browse(url) end,
+      }))
+      assert.is_nil(err)
+      local q = query_of(seen)
+      assert.equal("code", q.response_type)
+      assert.equal("native", q.client_id)
+      assert.equal("S256", q.code_challenge_method)
+      assert.truthy(q.redirect_uri:match("^http://127%.0%.0%.1:%d+/$"))
+      assert.equal("openid offline_access", q.scope)
+      assert.is_true(#q.state >= 16)
+      assert.is_true(#q.nonce >= 16)
+      assert.truthy(tok.refresh_token)
+      local _, idc = crypto.jwt_decode(tok.id_token)
+      assert.equal(q.nonce, idc.nonce)
+      assert.equal("testuser", idc.sub)
+      assert.equal(before + 1, srv.stats().token_requests)
+      local browsed = srv.wait_browse()
+      assert.equal(200, browsed.delivered)
+      assert.truthy(browsed.page:find("Signed in", 1, true))
+      local code = query_of(browsed.location).code
+      h.assert_no_secrets(trace.text(), { code, tok.access_token, tok.refresh_token, tok.id_token })
+    end)
+
+    it("sends the verifier that matches the challenge, the code and the redirect_uri", function()
+      local trace = h.trace_collector()
+      local seen
+      srv.inject("/token", { { body = { access_token = "injected-access-token-0002", token_type = "Bearer" } } })
+      local tok, err = oauth2.authorization_code(srv.cfg("web", {
+        trace = trace, wait_timeout = 30, redirect_uri = "http://127.0.0.1/",
+        open_url = function(url) seen = url srv.browse(url) end,
+      }))
+      assert.is_nil(err)
+      assert.is_true(near_now(tok.expires_at, 3600)) -- no expires_in: one hour assumed
+      local req = recorded(srv, "/token")
+      req = req[#req]
+      local q = query_of(seen)
+      assert.equal("authorization_code", req.form.grant_type)
+      assert.equal(q.redirect_uri, req.form.redirect_uri)
+      assert.equal(q.code_challenge, crypto.b64url_encode(crypto.sha256(req.form.code_verifier)))
+      assert.equal(srv.secrets.web, req.form.client_secret)
+      local code = query_of(srv.wait_browse().location).code
+      assert.equal(code, req.form.code)
+      h.assert_no_secrets(trace.text(), { code, req.form.code_verifier, srv.secrets.web, tok.access_token })
+    end)
+
+    it("launches browser_command detached and listens on a configured path", function()
+      local cmd = "node " .. h.quote(h.peers .. "/oidc.mjs") .. " --open " .. h.quote(srv.issuer) .. " " .. h.quote(srv.ca)
+      local prompt
+      local tok, err = oauth2.authorization_code(srv.cfg("native", {
+        browser_command = cmd, redirect_path = "/callback", wait_timeout = 30,
+        on_prompt = function(_, url) prompt = url end,
+      }))
+      assert.is_nil(err)
+      assert.truthy(tok.access_token)
+      assert.truthy(query_of(prompt).redirect_uri:match("^http://127%.0%.0%.1:%d+/callback$"))
+    end)
+
+    it("takes the pasted redirect URL in manual mode", function()
+      local trace = h.trace_collector()
+      local url, pasted
+      local tok, err = oauth2.authorization_code(srv.cfg("native", {
+        manual = true, trace = trace,
+        on_prompt = function(_, u) url = u end,
+        read_line = function()
+          pasted = srv.browse(url, "approve", false).location
+          return "  " .. pasted .. "\n"
+        end,
+      }))
+      assert.is_nil(err)
+      assert.equal("http://127.0.0.1/", query_of(url).redirect_uri)
+      assert.truthy(tok.refresh_token)
+      h.assert_no_secrets(trace.text(), { query_of(pasted).code, tok.access_token, tok.refresh_token })
+    end)
+
+    it("refuses a redirect whose state does not match, before any token request (loopback)", function()
+      local before = srv.stats().token_requests
+      local tok, err = oauth2.authorization_code(srv.cfg("native", {
+        wait_timeout = 30,
+        open_url = function(url) srv.browse((url:gsub("([?&]state=)[^&]+", "%1forged-state-value"))) end,
+      }))
+      assert.is_nil(tok)
+      assert.equal("oauth", err.kind)
+      assert.equal("state_mismatch", err.reason)
+      local browsed = srv.wait_browse()
+      assert.equal(400, browsed.delivered)
+      assert.truthy(browsed.page:find("Sign-in failed", 1, true))
+      assert.equal(before, srv.stats().token_requests)
+    end)
+
+    it("refuses a pasted URL whose state does not match (manual)", function()
+      local before = srv.stats().token_requests
+      local url
+      local tok, err = oauth2.authorization_code(srv.cfg("native", {
+        manual = true,
+        on_prompt = function(_, u) url = u end,
+        read_line = function()
+          return (srv.browse(url, "approve", false).location:gsub("([?&]state=)[^&]+", "%1other"))
+        end,
+      }))
+      assert.is_nil(tok)
+      assert.equal("state_mismatch", err.reason)
+      assert.equal(before, srv.stats().token_requests)
+    end)
+
+    it("reports access_denied from the redirect without a token request", function()
+      local before = srv.stats().token_requests
+      local tok, err = oauth2.authorization_code(srv.cfg("native", {
+        wait_timeout = 30, open_url = function(url) srv.browse(url, "deny") end,
+      }))
+      assert.is_nil(tok)
+      assert.equal("access_denied", err.oauth_error)
+      assert.equal("End-User aborted interaction", err.message)
+      assert.truthy(err.hint)
+      assert.equal(before, srv.stats().token_requests)
+    end)
+
+    it("fails with invalid_grant when a code is used twice", function()
+      local first
+      local cfg = srv.cfg("native", { manual = true })
+      local url
+      cfg.on_prompt = function(_, u) url = u end
+      cfg.read_line = function() first = srv.browse(url, "approve", false).location return first end
+      assert(oauth2.authorization_code(cfg))
+      -- A second sign-in fed the first (already redeemed) code under its own state.
+      cfg.read_line = function()
+        return (first:gsub("([?&]state=)[^&]+", "%1" .. query_of(url).state))
+      end
+      local tok, err = oauth2.authorization_code(cfg)
+      assert.is_nil(tok)
+      assert.equal("invalid_grant", err.oauth_error)
+      assert.is_false(err.retryable)
+    end)
+
+    it("fails with invalid_grant when the verifier does not match the challenge", function()
+      local other = crypto.b64url_encode(crypto.sha256("some-other-verifier-not-ours-0123456789abcdef"))
+      local tok, err = oauth2.authorization_code(srv.cfg("native", {
+        wait_timeout = 30,
+        open_url = function(url) srv.browse((url:gsub("([?&]code_challenge=)[^&]+", "%1" .. other))) end,
+      }))
+      assert.is_nil(tok)
+      assert.equal("invalid_grant", err.oauth_error)
+    end)
+
+    it("gives up after wait_timeout when no redirect comes", function()
+      local t0 = h.now()
+      local tok, err = oauth2.authorization_code(srv.cfg("native", { wait_timeout = 1, open_url = function() end }))
+      assert.is_nil(tok)
+      assert.equal("timeout", err.reason)
+      assert.is_true(h.now() - t0 < 20)
+    end)
+
+    it("refuses a non-loopback redirect_uri outside manual mode", function()
+      local tok, err = oauth2.authorization_code(srv.cfg("native", { redirect_uri = "https://app.example/cb" }))
+      assert.is_nil(tok)
+      assert.equal("config", err.kind)
+    end)
+  end)
+
+  describe("device_code", function()
+    local function device_cfg(extra)
+      local s = sleeper()
+      local info
+      local cfg = srv.cfg("device", extra)
+      cfg.sleep = s
+      cfg.on_device_code = function(i) info = i end
+      return cfg, s, function() return info end
+    end
+
+    it("shows the code, polls while pending and returns the token once approved", function()
+      local trace = h.trace_collector()
+      local cfg, s, info = device_cfg({ trace = trace })
+      s.hook = function(n) if n == 2 then assert.is_true(srv.device(info().user_code).approved) end end
+      local tok, err = oauth2.device_code(cfg)
+      assert.is_nil(err)
+      assert.same({ 5, 5 }, s.waits) -- default interval; first poll was pending
+      assert.equal(srv.issuer .. "/device", info().verification_uri)
+      assert.truthy(info().verification_uri_complete:find(info().user_code, 1, true))
+      assert.equal(600, info().expires_in)
+      assert.truthy(tok.refresh_token)
+      h.assert_no_secrets(trace.text(), { tok.access_token, tok.refresh_token })
+    end)
+
+    it("adds 5 s to the interval on slow_down", function()
+      local cfg, s, info = device_cfg()
+      srv.inject("/token", { { status = 400, body = { error = "slow_down" } } })
+      s.hook = function(n) if n == 2 then srv.device(info().user_code) end end
+      local tok, err = oauth2.device_code(cfg)
+      assert.is_nil(err)
+      assert.truthy(tok.access_token)
+      assert.same({ 5, 10 }, s.waits)
+    end)
+
+    it("stops with a clear error when the user denies", function()
+      local cfg, s, info = device_cfg()
+      s.hook = function(n) if n == 1 then srv.device(info().user_code, "deny") end end
+      local tok, err = oauth2.device_code(cfg)
+      assert.is_nil(tok)
+      assert.equal("access_denied", err.oauth_error)
+      assert.truthy(err.message:find("denied", 1, true))
+      assert.equal(1, #s.waits)
+    end)
+
+    it("stops on expired_token", function()
+      local cfg = device_cfg()
+      srv.inject("/token", { { status = 400, body = { error = "expired_token" } } })
+      local tok, err = oauth2.device_code(cfg)
+      assert.is_nil(tok)
+      assert.equal("expired_token", err.oauth_error)
+      assert.truthy(err.message:find("expired", 1, true))
+    end)
+
+    it("stops at the deadline the server gave (expires_in)", function()
+      local cfg = device_cfg()
+      cfg.sleep = function(s) h.sleep(s) end
+      srv.inject("/device/auth", { { body = { device_code = "fake-device-code-1", user_code = "ABCD-EFGH",
+        verification_uri = srv.issuer .. "/device", expires_in = 2, interval = 1 } } })
+      local pending = { status = 400, body = { error = "authorization_pending" } }
+      srv.inject("/token", { pending, pending, pending })
+      local t0 = h.now()
+      local tok, err = oauth2.device_code(cfg)
+      srv.inject("/token", {}, true)
+      assert.is_nil(tok)
+      assert.equal("timeout", err.reason)
+      assert.equal("expired_token", err.oauth_error)
+      assert.is_true(h.now() - t0 < 20)
+    end)
+  end)
+
+  describe("refresh and revocation", function()
+    local function sign_in()
+      local url
+      local cfg = srv.cfg("native", { manual = true })
+      cfg.on_prompt = function(_, u) url = u end
+      cfg.read_line = function() return srv.browse(url, "approve", false).location end
+      return assert(oauth2.authorization_code(cfg)), cfg
+    end
+
+    it("rotates the refresh token; the old one is then refused", function()
+      local trace = h.trace_collector()
+      local tok, cfg = sign_in()
+      cfg.trace = trace
+      local new, err = oauth2.refresh(cfg, tok.refresh_token)
+      assert.is_nil(err)
+      assert.truthy(new.refresh_token)
+      assert.not_equal(tok.refresh_token, new.refresh_token)
+      assert.not_equal(tok.access_token, new.access_token)
+      local again, err2 = oauth2.refresh(cfg, tok.refresh_token)
+      assert.is_nil(again)
+      assert.equal("invalid_grant", err2.oauth_error)
+      assert.is_false(err2.retryable)
+      h.assert_no_secrets(trace.text() .. tostring(err2), { tok.refresh_token, new.refresh_token, new.access_token })
+    end)
+
+    it("always sends scope and keeps the old refresh token when none comes back", function()
+      srv.inject("/token", { { body = { access_token = "injected-access-token-0003", expires_in = 60 } } })
+      local new, err = oauth2.refresh(srv.cfg("native"), "old-refresh-token-xyz")
+      assert.is_nil(err)
+      assert.equal("old-refresh-token-xyz", new.refresh_token)
+      assert.is_true(near_now(new.expires_at, 60))
+      local req = recorded(srv, "/token")
+      req = req[#req]
+      assert.equal("refresh_token", req.form.grant_type)
+      assert.equal("old-refresh-token-xyz", req.form.refresh_token)
+      assert.equal("openid offline_access", req.form.scope)
+      assert.equal("native", req.form.client_id)
+    end)
+
+    it("revokes a refresh token (RFC 7009); it then fails with invalid_grant", function()
+      local trace = h.trace_collector()
+      local tok, cfg = sign_in()
+      cfg.trace = trace
+      assert.is_true(oauth2.revoke(cfg, tok.refresh_token, "refresh_token"))
+      local again, err = oauth2.refresh(cfg, tok.refresh_token)
+      assert.is_nil(again)
+      assert.equal("invalid_grant", err.oauth_error)
+      h.assert_no_secrets(trace.text(), { tok.refresh_token })
+    end)
+
+    it("raises on a bad token_type_hint", function()
+      assert.has_error(function() oauth2.revoke(srv.cfg("native"), "tok", "id_token") end)
+    end)
+  end)
+
+  describe("discovery", function()
+    it("reads the issuer's metadata once per process", function()
+      local doc, err = oauth2.discover(srv.issuer, { ca_file = srv.ca })
+      assert.is_nil(err)
+      assert.equal(srv.issuer .. "/token", doc.token_endpoint)
+      assert.equal(srv.issuer .. "/device/auth", doc.device_authorization_endpoint)
+      assert.equal(doc, oauth2.discover(srv.issuer .. "/", { ca_file = srv.ca }))
+    end)
+
+    it("refuses a document that names another issuer", function()
+      srv.inject("/other/.well-known/openid-configuration", { { body = { issuer = srv.issuer, token_endpoint = "x" } } })
+      local doc, err = oauth2.discover(srv.issuer .. "/other", { ca_file = srv.ca })
+      assert.is_nil(doc)
+      assert.equal("issuer_mismatch", err.reason)
+    end)
+  end)
+
+  describe("password grant (legacy)", function()
+    it("is refused unless allow_password_grant is set, with no request made", function()
+      local before = srv.stats().token_requests
+      local tok, err = oauth2.password(srv.cfg("cc-basic", { username = "testuser", password = "test-password" }))
+      assert.is_nil(tok)
+      assert.equal("config", err.kind)
+      assert.truthy(err.hint)
+      assert.equal(before, srv.stats().token_requests)
+    end)
+
+    it("sends grant_type=password with username, password, scope and client auth when allowed", function()
+      local trace = h.trace_collector()
+      srv.inject("/token", { { body = { access_token = "injected-access-token-0004", expires_in = 300 } } })
+      local tok, err = oauth2.run(srv.cfg("cc-basic", {
+        grant = "password", allow_password_grant = true, username = "testuser", password = "pass word&=1",
+        trace = trace,
+      }))
+      assert.is_nil(err)
+      assert.equal("injected-access-token-0004", tok.access_token)
+      local req = recorded(srv, "/token")
+      req = req[#req]
+      assert.equal("password", req.form.grant_type)
+      assert.equal("testuser", req.form.username)
+      assert.equal("pass word&=1", req.form.password)
+      assert.equal("mail.send", req.form.scope)
+      local basic = crypto.b64decode(req.headers.authorization:match("^Basic (.+)$"))
+      assert.equal("cc-basic:" .. endpoint.urlencode(srv.secrets.basic), basic)
+      h.assert_no_secrets(trace.text(), { "pass word&=1", srv.secrets.basic, tok.access_token })
+    end)
+  end)
+
+  describe("errors and retries", function()
+    it("decodes a Microsoft-style error answer", function()
+      srv.inject("/token", { { status = 401, body = {
+        error = "invalid_client",
+        error_description = "AADSTS7000215: Invalid client secret provided. Trace ID: t-1",
+        error_codes = { 7000215 }, trace_id = "trace-123", correlation_id = "corr-456",
+      } } })
+      local tok, err = oauth2.client_credentials(srv.cfg("cc-post"))
+      assert.is_nil(tok)
+      assert.equal("AADSTS7000215", err.provider_code)
+      assert.equal("trace-123", err.trace_id)
+      assert.equal("corr-456", err.correlation_id)
+      assert.equal(401, err.status)
+      assert.is_false(err.retryable)
+      assert.truthy(tostring(err):find("AADSTS7000215", 1, true))
+    end)
+
+    it("takes the provider code from error_codes when the description lacks it", function()
+      srv.inject("/token", { { status = 400, body = { error = "invalid_grant", error_description = "expired", error_codes = { 70008 } } } })
+      local _, err = oauth2.client_credentials(srv.cfg("cc-post"))
+      assert.equal("AADSTS70008", err.provider_code)
+    end)
+
+    it("honours Retry-After on 429, then succeeds", function()
+      local s = sleeper()
+      local trace = h.trace_collector()
+      srv.inject("/token", { { status = 429, headers = { ["Retry-After"] = "2" }, body = { error = "too_many_requests" } } })
+      local tok, err = oauth2.client_credentials(srv.cfg("cc-basic", { sleep = s, trace = trace }))
+      assert.is_nil(err)
+      assert.truthy(tok.access_token)
+      assert.same({ 2 }, s.waits)
+      h.assert_no_secrets(trace.text(), { srv.secrets.basic, tok.access_token })
+    end)
+
+    it("retries a 503 (Retry-After as an HTTP date), then succeeds", function()
+      local s = sleeper()
+      local date = os.date("!%a, %d %b %Y %H:%M:%S GMT", os.time() + 3)
+      srv.inject("/token", { { status = 503, headers = { ["Retry-After"] = date }, body = "<html>busy</html>" } })
+      local tok, err = oauth2.client_credentials(srv.cfg("cc-post", { sleep = s }))
+      assert.is_nil(err)
+      assert.truthy(tok.access_token)
+      assert.equal(1, #s.waits)
+      assert.is_true(s.waits[1] >= 1 and s.waits[1] <= 4)
+    end)
+
+    it("stops after the configured attempts", function()
+      local s = sleeper()
+      local busy = { status = 503, body = { error = "temporarily_unavailable" } }
+      local before = #recorded(srv, "/token")
+      srv.inject("/token", { busy, busy, busy })
+      local tok, err = oauth2.client_credentials(srv.cfg("cc-post", { sleep = s, retry = { attempts = 2 } }))
+      assert.is_nil(tok)
+      assert.equal(503, err.status)
+      assert.is_true(err.retryable)
+      assert.equal(1, #s.waits)
+      assert.equal(before + 2, #recorded(srv, "/token"))
+      -- consume the third canned answer so later tests meet the real provider
+      local _, e3 = oauth2.client_credentials(srv.cfg("cc-post", { retry = { attempts = 1 } }))
+      assert.equal(503, e3.status)
+    end)
+
+    it("does not wait beyond max_wait", function()
+      local s = sleeper()
+      srv.inject("/token", { { status = 429, headers = { ["Retry-After"] = "120" }, body = { error = "slow" } } })
+      local tok, err = oauth2.client_credentials(srv.cfg("cc-post", { sleep = s, retry = { attempts = 3, max_wait = 30 } }))
+      assert.is_nil(tok)
+      assert.equal(429, err.status)
+      assert.equal(120, err.retry_after)
+      assert.same({}, s.waits)
+    end)
+
+    it("reports a body that is not JSON, quoted, redacted and cut short", function()
+      local junk = "<html>oops access_token=abcdefghijklmnopqrstuvwxyz0123456789 " .. string.rep("x ", 300) .. "</html>"
+      srv.inject("/token", { { status = 200, body = junk } })
+      local tok, err = oauth2.client_credentials(srv.cfg("cc-post"))
+      assert.is_nil(tok)
+      assert.equal("malformed", err.reason)
+      assert.truthy(err.message:find("not JSON", 1, true))
+      assert.truthy(err.message:find("<html>oops", 1, true))
+      assert.is_true(#err.message < 400)
+      h.assert_no_secrets(err.message, { "abcdefghijklmnopqrstuvwxyz0123456789" })
+    end)
+
+    it("reports a 200 answer without access_token", function()
+      srv.inject("/token", { { status = 200, body = { token_type = "Bearer" } } })
+      local tok, err = oauth2.client_credentials(srv.cfg("cc-post"))
+      assert.is_nil(tok)
+      assert.equal("oauth", err.kind)
+      assert.equal("malformed", err.reason)
+    end)
+
+    it("times out on a server that never answers, and treats it as retryable", function()
+      local conn = require "oauthmail.conn"
+      local l = assert(conn.listen { host = "127.0.0.1", port = 0 })
+      local s = sleeper()
+      local t0 = h.now()
+      local tok, err = oauth2.client_credentials(srv.cfg("cc-post", {
+        token_endpoint = "https://127.0.0.1:" .. l:port() .. "/token", timeout = 1,
+        sleep = s, retry = { attempts = 2 },
+      }))
+      l:close()
+      assert.is_nil(tok)
+      assert.equal("network", err.kind)
+      assert.is_true(err.retryable)
+      assert.equal(1, #s.waits)
+      assert.is_true(h.now() - t0 < 30)
+    end)
+  end)
+
+  describe("run and interactive", function()
+    it("dispatches on cfg.grant", function()
+      local tok, err = oauth2.run(srv.cfg("cc-basic", { grant = "client_credentials" }))
+      assert.is_nil(err)
+      assert.truthy(tok.access_token)
+      local bad, berr = oauth2.run(srv.cfg("cc-basic", { grant = "implicit" }))
+      assert.is_nil(bad)
+      assert.equal("config", berr.kind)
+    end)
+
+    it("knows which grants need a person", function()
+      assert.is_true(oauth2.interactive("authorization_code"))
+      assert.is_true(oauth2.interactive("device_code"))
+      assert.is_false(oauth2.interactive("client_credentials"))
+      assert.is_false(oauth2.interactive("jwt_bearer"))
+    end)
+  end)
+
+  describe("jwt_bearer (Google service account)", function()
+    local function service_account()
+      local dir = h.tmpdir()
+      local keys = oidc.make_client_cert(dir, "sa")
+      local path = h.write_file(dir .. "/sa.json", cjson.encode {
+        type = "service_account", client_email = "mailer@project.iam.gserviceaccount.com",
+        private_key_id = "sa-key-id-1", private_key = h.read_file(keys.key),
+        token_uri = srv.issuer .. "/google-token",
+      })
+      return path, keys
+    end
+
+    it("sends an RS256 assertion with the claims Google expects, verifiable with the public key", function()
+      local trace = h.trace_collector()
+      local path, keys = service_account()
+      srv.inject("/google-token", { { body = { access_token = "ya29.injected-google-token", expires_in = 3599, token_type = "Bearer" } } })
+      local tok, err = oauth2.run { grant = "jwt_bearer", service_account_file = path, ca_file = srv.ca,
+        scope = { "https://mail.google.com/" }, subject = "user@example.test", trace = trace }
+      assert.is_nil(err)
+      assert.equal("ya29.injected-google-token", tok.access_token)
+      local req = recorded(srv, "/google-token")[1]
+      assert.equal("urn:ietf:params:oauth:grant-type:jwt-bearer", req.form.grant_type)
+      local assertion = req.form.assertion
+      local header, claims = crypto.jwt_decode(assertion)
+      assert.equal("RS256", header.alg)
+      assert.equal("sa-key-id-1", header.kid)
+      assert.equal("mailer@project.iam.gserviceaccount.com", claims.iss)
+      assert.equal("https://mail.google.com/", claims.scope)
+      assert.equal(srv.issuer .. "/google-token", claims.aud)
+      assert.equal("user@example.test", claims.sub)
+      assert.is_true(claims.exp - claims.iat <= 3600 and claims.exp > claims.iat)
+      -- verify the signature with openssl, independently of our crypto
+      local dir = h.tmpdir()
+      local input, sig = assertion:match("^([^.]+%.[^.]+)%.([^.]+)$")
+      h.write_file(dir .. "/input", input)
+      h.write_file(dir .. "/sig", crypto.b64url_decode(sig))
+      local ok, out = h.exec("openssl dgst -sha256 -verify " .. keys.pub .. " -signature " .. dir .. "/sig " .. dir .. "/input")
+      assert.is_true(ok, out)
+      h.assert_no_secrets(trace.text(), { assertion, tok.access_token })
+    end)
+
+    it("passes an invalid_grant answer through as an oauth error", function()
+      local path = service_account()
+      srv.inject("/google-token", { { status = 400, body = { error = "invalid_grant", error_description = "Invalid JWT Signature." } } })
+      local tok, err = oauth2.jwt_bearer { service_account_file = path, ca_file = srv.ca, scope = "https://mail.google.com/" }
+      assert.is_nil(tok)
+      assert.equal("invalid_grant", err.oauth_error)
+      assert.equal("Invalid JWT Signature.", err.message)
+    end)
+
+    it("returns a config error for a missing or malformed key file", function()
+      local _, e1 = oauth2.jwt_bearer { service_account_file = "/nonexistent.json" }
+      assert.equal("config", e1.kind)
+      local bad = h.write_file(h.tmpdir() .. "/bad.json", "{\"client_email\": 1}")
+      local _, e2 = oauth2.jwt_bearer { service_account_file = bad }
+      assert.equal("config", e2.kind)
+    end)
+  end)
+end)
+
+describe("oauth2 helpers", function()
+  it("parses Retry-After in seconds and as an HTTP date", function()
+    assert.equal(7, endpoint.retry_after("7"))
+    assert.equal(30, endpoint.retry_after("Sun, 06 Nov 1994 08:49:37 GMT", 784111747))
+    assert.equal(0, endpoint.retry_after("Sun, 06 Nov 1994 08:49:37 GMT", 784111800))
+    assert.is_nil(endpoint.retry_after("soon"))
+  end)
+
+  it("form-urlencodes per RFC 6749 appendix B", function()
+    assert.equal("a+b%3Ac%2Bd%25e%2F%26%3D%7E._-*", endpoint.urlencode("a b:c+d%e/&=~._-*"))
+  end)
+end)
