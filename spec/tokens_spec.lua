@@ -44,7 +44,7 @@ local function fake_oauth2(clock, opts)
   return f
 end
 
-local function setup(flow, opts)
+local function manager_for(flow, opts)
   opts = opts or {}
   local clock = { now = NOW }
   local fake = fake_oauth2(clock, opts)
@@ -84,7 +84,7 @@ describe("tokens (scripted flows)", function()
   end)
 
   it("runs a non-interactive flow when the store is empty, saves, then serves from memory", function()
-    local m, fake, _, st, trace = setup(CC)
+    local m, fake, _, st, trace = manager_for(CC)
     local tok = assert(m:get())
     assert.equals("AT-secret-run-0-xyzzy", tok.access_token)
     assert.is_nil(tok.obtained_at)
@@ -100,13 +100,13 @@ describe("tokens (scripted flows)", function()
     local st = store.memory()
     local m0 = tokens.new { flow = CC, store = st, oauth2 = fake_oauth2({ now = NOW }) }
     st:save(m0.key, { access_token = "AT-stored-0001", refresh_token = "RT-stored-0001", expires_at = NOW + 301 })
-    local m, fake = setup(CC, { store = st })
+    local m, fake = manager_for(CC, { store = st })
     assert.equals("AT-stored-0001", assert(m:get()).access_token)
     assert.equals(0, fake.runs + fake.refreshes)
   end)
 
   it("refreshes a token that expires within the margin and stores the rotated refresh token", function()
-    local m, fake, clock, st, trace = setup(AUTH)
+    local m, fake, clock, st, trace = manager_for(AUTH)
     st:save(m.key, { access_token = "AT-old-000001", refresh_token = "RT-old-000001", expires_at = NOW + 3600 })
     assert.equals("AT-old-000001", assert(m:get()).access_token)
     clock.now = NOW + 3600 - 599   -- Microsoft: 600 s margin
@@ -120,16 +120,16 @@ describe("tokens (scripted flows)", function()
   end)
 
   it("uses 600 s as the default margin for Microsoft and 300 s otherwise", function()
-    local ms = setup(AUTH)
-    local other = setup(CC)
+    local ms = manager_for(AUTH)
+    local other = manager_for(CC)
     assert.equals(600, ms.margin)
     assert.equals(300, other.margin)
-    local custom = setup(CC, { margin = 42 })
+    local custom = manager_for(CC, { margin = 42 })
     assert.equals(42, custom.margin)
   end)
 
   it("refreshes an invalidated token early, even though the clock says it is fine", function()
-    local m, fake = setup(AUTH)
+    local m, fake = manager_for(AUTH)
     local st = m.store
     st:save(m.key, { access_token = "AT-refused-0001", refresh_token = "RT-good-000001", expires_at = NOW + 3600 })
     local tok = assert(m:get())
@@ -142,7 +142,7 @@ describe("tokens (scripted flows)", function()
   end)
 
   it("keeps the old refresh token when the server does not rotate it", function()
-    local m, fake, clock = setup(AUTH)
+    local m, fake, clock = manager_for(AUTH)
     fake.no_rotation = true
     m.store:save(m.key, { access_token = "AT-a-000001", refresh_token = "RT-keep-000001", expires_at = NOW + 100 })
     clock.now = NOW
@@ -151,7 +151,7 @@ describe("tokens (scripted flows)", function()
   end)
 
   it("serves a short-lived token until half its lifetime instead of refreshing on every call", function()
-    local m, fake, clock = setup(CC, { lifetime = 120 })
+    local m, fake, clock = manager_for(CC, { lifetime = 120 })
     assert(m:get())
     clock.now = NOW + 50
     assert(m:get())
@@ -163,7 +163,7 @@ describe("tokens (scripted flows)", function()
 
   describe("interactive flows", function()
     it("never starts one unasked, and says exactly how to give consent", function()
-      local m, fake = setup(AUTH, { profile = "contoso" })
+      local m, fake = manager_for(AUTH, { profile = "contoso" })
       local tok, err = m:get()
       assert.is_nil(tok)
       assert.equals("oauth", err.kind)
@@ -174,16 +174,16 @@ describe("tokens (scripted flows)", function()
     end)
 
     it("names a placeholder profile when none is known", function()
-      local m = setup(AUTH)
+      local m = manager_for(AUTH)
       local _, err = m:get()
       assert.matches('run "oauthmail login --profile <profile>"', err.message, 1, true)
     end)
 
     it("runs when interactive allows it, or through login()", function()
-      local m, fake = setup(AUTH, { interactive = true })
+      local m, fake = manager_for(AUTH, { interactive = true })
       assert.equals("AT-secret-run-0-xyzzy", assert(m:get()).access_token)
       assert.equals(1, fake.runs)
-      local m2, fake2 = setup(AUTH, { interactive = function(grant) return grant == "device_code" end })
+      local m2, fake2 = manager_for(AUTH, { interactive = function(grant) return grant == "device_code" end })
       assert.is_nil(m2:get())
       assert.equals(0, fake2.runs)
       local tok = assert(m2:login())
@@ -193,7 +193,7 @@ describe("tokens (scripted flows)", function()
     end)
 
     it("reports an expired refresh token (AADSTS700082) with the way back", function()
-      local m, fake, _, st, trace = setup(AUTH, { profile = "contoso" })
+      local m, fake, _, st, trace = manager_for(AUTH, { profile = "contoso" })
       st:save(m.key, { access_token = "AT-dead-000001", refresh_token = "RT-dead-000001", expires_at = NOW - 10 })
       fake.refresh_error = errors.new("oauth", "the token endpoint refused the refresh token: invalid_grant "
         .. "(AADSTS700082: The refresh token has expired due to inactivity)",
@@ -210,7 +210,7 @@ describe("tokens (scripted flows)", function()
   end)
 
   it("replaces a dead refresh token by re-running a flow that needs nobody", function()
-    local m, fake, _, st = setup(CC)
+    local m, fake, _, st = manager_for(CC)
     st:save(m.key, { access_token = "AT-x-000001", refresh_token = "RT-revoked-0001", expires_at = NOW - 1 })
     fake.refresh_error = errors.new("oauth", "invalid_grant", { oauth_error = "invalid_grant" })
     assert.equals("AT-secret-run-1-xyzzy", assert(m:get()).access_token)
@@ -219,7 +219,7 @@ describe("tokens (scripted flows)", function()
   end)
 
   it("returns other refresh failures as they are and keeps the store", function()
-    local m, fake, _, st = setup(AUTH)
+    local m, fake, _, st = manager_for(AUTH)
     st:save(m.key, { access_token = "AT-x-000001", refresh_token = "RT-fine-000001", expires_at = NOW - 1 })
     fake.refresh_error = errors.new("network", "connection refused", { reason = "refused", retryable = true })
     local tok, err = m:get()
@@ -232,7 +232,7 @@ describe("tokens (scripted flows)", function()
 
   it("re-reads the store under the lock and uses a token another process saved meanwhile", function()
     local inner = store.memory()
-    local m, fake = setup(AUTH, { store = {
+    local m, fake = manager_for(AUTH, { store = {
       load = function(_, k) return inner:load(k) end,
       save = function(_, k, r) return inner:save(k, r) end,
       lock = function(_, k, t)
@@ -249,7 +249,7 @@ describe("tokens (scripted flows)", function()
   it("does not hand out a new token it could not save, and retries the save first", function()
     local inner = store.memory()
     local fail_saves = 1
-    local m, fake = setup(AUTH, { store = {
+    local m, fake = manager_for(AUTH, { store = {
       load = function(_, k) return inner:load(k) end,
       save = function(_, k, r)
         if fail_saves > 0 then
@@ -275,7 +275,7 @@ describe("tokens (scripted flows)", function()
   it("reports a damaged token file instead of refreshing over it", function()
     local dir = h.tmpdir()
     local path = h.write_file(dir .. "/tokens.json", '{"format":"oauthmail-tokens","version":1,"accou', "600")
-    local m, fake = setup(CC, { store = store.file { path = path } })
+    local m, fake = manager_for(CC, { store = store.file { path = path } })
     local tok, err = m:get()
     assert.is_nil(tok)
     assert.equals("store", err.kind)
@@ -286,7 +286,7 @@ describe("tokens (scripted flows)", function()
 
   it("names the token file when its folder is missing", function()
     local dir = h.tmpdir() .. "/gone"
-    local m, fake = setup(CC, { store = store.file { path = dir .. "/tokens.json", create_dir = false } })
+    local m, fake = manager_for(CC, { store = store.file { path = dir .. "/tokens.json", create_dir = false } })
     local tok, err = m:get()
     assert.is_nil(tok)
     assert.matches("token file " .. dir .. "/tokens.json does not exist", err.message, 1, true)
@@ -315,7 +315,7 @@ describe("tokens (scripted flows)", function()
     end
 
     it("sends one request for 50 coroutines even when the request itself yields", function()
-      local m, fake, clock, st = setup(AUTH)
+      local m, fake, clock, st = manager_for(AUTH)
       st:save(m.key, { access_token = "AT-expiring-01", refresh_token = "RT-current-001", expires_at = NOW + 3600 })
       clock.now = NOW + 3400
       fake.yield = true
@@ -331,7 +331,7 @@ describe("tokens (scripted flows)", function()
     end)
 
     it("tells a caller outside any coroutine that a refresh is in flight", function()
-      local m, fake, clock, st = setup(AUTH)
+      local m, fake, clock, st = manager_for(AUTH)
       st:save(m.key, { access_token = "AT-expiring-01", refresh_token = "RT-current-001", expires_at = NOW + 10 })
       fake.yield = true
       local co = coroutine.create(function() return m:get() end)
@@ -348,7 +348,7 @@ describe("tokens (scripted flows)", function()
     end)
 
     it("recovers when a refresh raised half-way", function()
-      local m, fake, _, st = setup(CC)
+      local m, fake, _, st = manager_for(CC)
       st:save(m.key, { access_token = "AT-expiring-01", refresh_token = "RT-current-001", expires_at = NOW + 10 })
       fake.raise = true
       assert.has_error(function() m:get() end, nil)
@@ -365,5 +365,147 @@ describe("tokens (scripted flows)", function()
     assert.has_error(function() tokens.new { flow = CC, interactive = "yes" } end)
     assert.has_error(function() tokens.new { flow = CC, oauth2 = {} } end)
     assert.has_error(function() tokens.new { flow = CC, store = { kind = "nope" } } end)
+  end)
+end)
+
+-- ---------------------------------------------------------------------------
+-- Against real servers.
+
+local has_http = pcall(require, "oauthmail.http")
+local HEX = string.rep("00112233445566778899aabbccddeeff", 2)
+
+-- The counting token endpoint (spec/peers/token_counter.mjs) over HTTPS.
+local function start_counter(opts)
+  local certs = require "spec.support.certs"
+  local cjson = require "cjson"
+  local c = certs.get()
+  local dir = h.tmpdir()
+  local initial = "cnt-rt-initial-" .. tostring(os.time()) .. "-abcdef"
+  h.write_file(dir .. "/counter.json", cjson.encode {
+    cert = c.server.cert, key = c.server.key, delay_ms = opts and opts.delay_ms or 0, initial_refresh_token = initial,
+  })
+  local proc = h.spawn("node " .. h.quote(h.peers .. "/token_counter.mjs") .. " " .. h.quote(dir .. "/counter.json"),
+    { cwd = h.peers, ready = "COUNTER READY (%d+)", timeout = 20 })
+  local srv = { proc = proc, port = tonumber(proc.match[1]), ca = c.ca, initial = initial }
+  srv.endpoint = "https://127.0.0.1:" .. srv.port .. "/token"
+  function srv.stats()
+    local conn = require "oauthmail.conn"
+    local cn = assert(conn.connect { host = "127.0.0.1", port = srv.port, tls = "implicit", ca_file = srv.ca, timeout = 10 })
+    assert(cn:send("GET /test/stats HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"))
+    local chunks = {}
+    for _ = 1, 100 do
+      local s = cn:receive_some(65536)
+      if not s then break end
+      chunks[#chunks + 1] = s
+    end
+    cn:close()
+    return cjson.decode(table.concat(chunks):match("\r\n\r\n(.*)$"))
+  end
+  return srv
+end
+
+-- A token file whose token is about to expire, sealed with the workers' key.
+local function seed_store(srv, expires_in)
+  local dir = h.tmpdir()
+  local path = dir .. "/tokens.json"
+  local st = store.file { path = path, encryption = { key_command = "echo " .. HEX } }
+  local flow = { grant = "client_credentials", token_endpoint = srv.endpoint, client_id = "worker-client", scope = "mail.send" }
+  assert(st:save(tokens.account_key(flow), {
+    access_token = "cnt-at-seed-0123456789", token_type = "Bearer", refresh_token = srv.initial,
+    expires_at = os.time() + (expires_in or 60), obtained_at = os.time() - 3000,
+  }))
+  return path, st, tokens.account_key(flow)
+end
+
+-- Start `count` workers at once (a start file releases them together) and
+-- collect each one's output and exit status. Bounded by `timeout`.
+local function run_workers(srv, path, count, env)
+  local dir = h.tmpdir()
+  local go = dir .. "/go"
+  local vars = {
+    OM_STORE = path, OM_WORKER_KEY = HEX, OM_ENDPOINT = srv.endpoint, OM_CA = srv.ca, OM_GO_FILE = go,
+    OM_CLIENT = has_http and "oauth2" or "mini",
+  }
+  for k, v in pairs(env or {}) do vars[k] = v end
+  local prefix = ""
+  for k, v in pairs(vars) do prefix = prefix .. k .. "=" .. h.quote(v) .. " " end
+  local script = {}
+  for i = 1, count do
+    script[#script + 1] = string.format("(env %s timeout -s KILL 60 %s %s >%s 2>&1; echo $? >%s) &", prefix,
+      h.lua_bin, h.quote(h.root .. "/spec/support/token_worker.lua"), h.quote(dir .. "/out." .. i), h.quote(dir .. "/rc." .. i))
+  end
+  script[#script + 1] = "sleep 0.3; touch " .. h.quote(go) .. "; wait"
+  h.exec(table.concat(script, "\n"))
+  local results = {}
+  for i = 1, count do
+    results[i] = { out = h.read_file(dir .. "/out." .. i) or "", rc = tonumber(h.read_file(dir .. "/rc." .. i) or "") }
+  end
+  return results
+end
+
+describe("tokens against a counting token endpoint", function()
+  local srv
+  setup(function() srv = start_counter { delay_ms = 300 } end)
+  teardown(function() if srv then srv.proc.stop() end end)
+
+  it("8 processes needing a refresh at once send exactly one request and print the same token", function()
+    local path, st, key = seed_store(srv)
+    local before = srv.stats().token_requests
+    local results = run_workers(srv, path, 8)
+    assert.equals(before + 1, srv.stats().token_requests)
+    local saved = st:load(key)
+    assert.matches("^cnt%-at%-", saved.access_token)
+    assert.not_equals(srv.initial, saved.refresh_token)
+    for i, r in ipairs(results) do
+      assert.equals(0, r.rc, "worker " .. i .. ": " .. r.out)
+      assert.equals("TOKEN " .. saved.access_token .. "\n", r.out)
+    end
+  end)
+
+  it("50 coroutines in one process send exactly one request and all get its token", function()
+    local path, st, key = seed_store(srv)
+    local before = srv.stats().token_requests
+    local results = run_workers(srv, path, 1, { OM_COROUTINES = "50" })
+    assert.equals(before + 1, srv.stats().token_requests)
+    assert.equals(0, results[1].rc, results[1].out)
+    local saved = st:load(key)
+    local lines = {}
+    for line in results[1].out:gmatch("[^\n]+") do lines[#lines + 1] = line end
+    assert.equals(50, #lines)
+    for _, line in ipairs(lines) do assert.equals("TOKEN " .. saved.access_token, line) end
+  end)
+
+  describe("crash safety", function()
+    for _, case in ipairs {
+      { fault = "after_token", rc = 77 }, { fault = "before_save", rc = 77 },
+      { fault = "during_save", rc = 86 }, { fault = "after_save", rc = 77 },
+    } do
+      it("a process killed " .. case.fault:gsub("_", " ") .. " leaves a store that opens and serves the next get", function()
+        local path, st, key = seed_store(srv)
+        local before = st:load(key)
+        local s0 = srv.stats()
+        local crashed = run_workers(srv, path, 1, { OAUTHMAIL_FAULT = case.fault })
+        assert.equals(case.rc, crashed[1].rc, crashed[1].out)
+        assert.not_matches("TOKEN", crashed[1].out)
+        assert.equals(s0.token_requests + 1, srv.stats().token_requests)   -- the token response did arrive
+        -- the file still opens and still holds a refresh token
+        local rec, err = store.file { path = path, encryption = { key_command = "echo " .. HEX } }:load(key)
+        assert.is_nil(err)
+        assert.is_string(rec.refresh_token)
+        if case.fault == "after_save" then
+          assert.not_equals(before.access_token, rec.access_token)
+        else
+          assert.same(before, rec)
+        end
+        local after = run_workers(srv, path, 1)
+        assert.equals(0, after[1].rc, after[1].out)
+        local final = st:load(key)
+        assert.equals("TOKEN " .. final.access_token .. "\n", after[1].out)
+        local s2 = srv.stats()
+        assert.equals(0, s2.rejected)
+        -- after a completed save the next process needs no request at all
+        assert.equals(s0.token_requests + (case.fault == "after_save" and 1 or 2), s2.token_requests)
+      end)
+    end
   end)
 end)
