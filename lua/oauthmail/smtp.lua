@@ -178,22 +178,22 @@ function Session:_start()
   if self.tls ~= "starttls" then return caps end
   -- Never carry on in plain text: no STARTTLS, no session.
   if not caps.STARTTLS then
-    return nil, errors.new("tls", "the server does not offer STARTTLS; refusing to continue without TLS",
-      { reason = "starttls_not_offered", retryable = false })
+    return self:_broken(errors.new("tls", "the server does not offer STARTTLS; refusing to continue without TLS",
+      { reason = "starttls_not_offered", retryable = false }))
   end
   self.eng:starttls()
   r, err = self:_ask()
   if not r then return nil, err end
   if r.code ~= 220 then
-    return nil, reply_error("tls", "STARTTLS refused", r, { reason = "starttls_refused" })
+    return self:_broken(reply_error("tls", "STARTTLS refused", r, { reason = "starttls_refused" }))
   end
   if r.injected then
-    return nil, errors.new("tls", "the server sent data after its STARTTLS reply and before TLS; refusing to continue",
-      { reason = "injection", retryable = false })
+    return self:_broken(errors.new("tls", "the server sent data after its STARTTLS reply and before TLS; refusing to continue",
+      { reason = "injection", retryable = false }))
   end
   local ok
   ok, err = self.conn:starttls(tls_options(self.opts))
-  if not ok then return nil, as_error(err) end
+  if not ok then return self:_broken(err) end
   self.eng:reset()
   return self:_ehlo()
 end
@@ -481,7 +481,11 @@ function Session:_transaction(msg, to, params, next_chunk)
       end
     end
   else
-    if pipelined then self.eng:data() end
+    if pipelined then
+      self.eng:data()
+      ok, err = self:_flush()
+      if not ok then return nil, err end
+    end
     mr, accepted, rejected = self:_envelope_replies(to, pipelined)
     if not mr then return nil, accepted end
     local dr
@@ -497,6 +501,8 @@ function Session:_transaction(msg, to, params, next_chunk)
       if mr.code >= 300 or #accepted == 0 then
         -- RFC 2920 3.1: a server that said 354 anyway gets an empty message
         self.eng:body_end()
+        ok, err = self:_flush()
+        if not ok then return nil, err end
       else
         local n
         n, err = self:_data_body(next_chunk)

@@ -1,0 +1,537 @@
+-- oauthmail.smtp: the session over a scripted fake transport (exact bytes,
+-- exact grouping of writes), then against real servers on loopback.
+local smtp = require "oauthmail.smtp"
+local h = require "spec.support.helpers"
+local peers = require "spec.support.smtp_peers"
+
+local TOKEN = "ya29.A0ARrdaM-fake-but-secret-token_xyz0123456789"
+local USER = "alice@example.org"
+
+local function b64(s) return h.secret_forms(s)[2] end
+local function xoauth2(user, token) return b64("user=" .. user .. "\1auth=Bearer " .. token .. "\1\1") end
+
+local GREET = { "S", "220 mx.test ESMTP\r\n" }
+local EHLO = { "C", "EHLO localhost\r\n" }
+local CAPS_FULL = { "S", "250-mx.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-SIZE 100000\r\n" ..
+  "250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 AUTH XOAUTH2 OAUTHBEARER PLAIN LOGIN\r\n" }
+local CAPS_PLAIN = { "S", "250-mx.test\r\n250 AUTH XOAUTH2 PLAIN LOGIN\r\n" }
+
+-- a session over a fake transport, already past the greeting
+local function fake_session(script, extra)
+  local full = { GREET, EHLO }
+  for _, s in ipairs(script) do full[#full + 1] = s end
+  local t = peers.fake(full)
+  local o = { transport = t, tls = "none", allow_plaintext_auth = true }
+  for k, v in pairs(extra or {}) do o[k] = v end
+  local s, err = smtp.open(o)
+  return s, t, err
+end
+
+describe("smtp session (fake transport)", function()
+  describe("opening", function()
+    it("upgrades with STARTTLS and forgets what it learned in the clear", function()
+      local t = peers.fake {
+        GREET, EHLO,
+        { "S", "250-mx.test\r\n250-AUTH PLAIN\r\n250-SIZE 10\r\n250 STARTTLS\r\n" },
+        { "C", "STARTTLS\r\n" }, { "S", "220 2.0.0 ready\r\n" }, { "TLS" },
+        EHLO, { "S", "250-mx.test\r\n250-PIPELINING\r\n250 AUTH XOAUTH2\r\n" },
+      }
+      local s = assert(smtp.open { transport = t, tls = "starttls", host = "mx.test" })
+      assert.is_true(t.tls)
+      assert.same({ PIPELINING = true, AUTH = { XOAUTH2 = true } }, s.capabilities)
+      assert.is_true(t.done())
+    end)
+
+    it("refuses to go on when STARTTLS is not offered, and sends nothing more", function()
+      local t = peers.fake { GREET, EHLO, CAPS_PLAIN }
+      local s, err = smtp.open { transport = t, tls = "starttls" }
+      assert.is_nil(s)
+      assert.equal("tls", err.kind)
+      assert.equal("starttls_not_offered", err.reason)
+      assert.is_false(err.retryable)
+      assert.is_true(t.closed)
+      assert.equal("EHLO localhost\r\n", t.transcript())
+    end)
+
+    it("refuses to go on when STARTTLS is refused", function()
+      local t = peers.fake {
+        GREET, EHLO, { "S", "250-mx.test\r\n250 STARTTLS\r\n" },
+        { "C", "STARTTLS\r\n" }, { "S", "454 4.7.0 TLS not available due to temporary reason\r\n" },
+      }
+      local s, err = smtp.open { transport = t, tls = "starttls" }
+      assert.is_nil(s)
+      assert.equal("tls", err.kind)
+      assert.equal(454, err.code)
+      assert.equal("4.7.0", err.enhanced)
+      assert.is_true(t.closed)
+    end)
+
+    it("refuses plain-text bytes that came along with the STARTTLS reply", function()
+      local t = peers.fake {
+        GREET, EHLO, { "S", "250-mx.test\r\n250 STARTTLS\r\n" },
+        { "C", "STARTTLS\r\n" }, { "S", "220 go\r\n250-evil\r\n250 AUTH PLAIN\r\n" },
+      }
+      local s, err = smtp.open { transport = t, tls = "starttls" }
+      assert.is_nil(s)
+      assert.equal("injection", err.reason)
+    end)
+
+    it("falls back to HELO for a server without ESMTP", function()
+      local s, t = fake_session {
+        { "S", "502 5.5.1 command not implemented\r\n" },
+        { "C", "HELO localhost\r\n" }, { "S", "250 mx.test\r\n" },
+      }
+      assert.truthy(s)
+      assert.same({}, s.capabilities)
+      assert.is_true(t.done())
+    end)
+
+    it("reports a greeting that refuses the session", function()
+      local t = peers.fake { { "S", "554 5.7.1 go away\r\n" }, { "C", "QUIT\r\n" } }
+      local s, err = smtp.open { transport = t, tls = "none" }
+      assert.is_nil(s)
+      assert.equal("smtp", err.kind)
+      assert.equal(554, err.code)
+      assert.is_false(err.retryable)
+    end)
+
+    it("raises for bad option types", function()
+      assert.has_error(function() smtp.open { host = 1 } end)
+      assert.has_error(function() smtp.open { host = "x", tls = "maybe" } end)
+      assert.has_error(function() smtp.open { host = "x", port = "25" } end)
+    end)
+  end)
+
+  describe("auth", function()
+    it("sends XOAUTH2 as an initial response and traces it redacted", function()
+      local trace = h.trace_collector()
+      local s, t = fake_session({
+        CAPS_FULL,
+        { "C", "AUTH XOAUTH2 " .. xoauth2(USER, TOKEN) .. "\r\n" }, { "S", "235 2.7.0 Accepted\r\n" },
+      }, { trace = trace })
+      assert.is_true(s:auth { mechanism = "xoauth2", user = USER, token = TOKEN })
+      assert.is_true(t.done())
+      local text = trace.text()
+      assert.truthy(text:find("auth=Bearer <redacted>", 1, true), text)
+      assert.truthy(text:find(USER, 1, true))
+      h.assert_no_secrets(text, { TOKEN, "user=" .. USER .. "\1auth=Bearer " .. TOKEN .. "\1\1" })
+    end)
+
+    it("sends XOAUTH2 in two steps when asked", function()
+      local s, t = fake_session {
+        CAPS_FULL,
+        { "C", "AUTH XOAUTH2\r\n" }, { "S", "334 \r\n" },
+        { "C", xoauth2(USER, TOKEN) .. "\r\n" }, { "S", "235 2.7.0 Authentication successful\r\n" },
+      }
+      assert.is_true(s:auth { user = USER, token = TOKEN, two_step = true })
+      assert.is_true(t.done())
+    end)
+
+    it("goes two-step by itself for a long token (a 1 KB AUTH line limit)", function()
+      local long = ("eyJ0eXAiOiJKV1Qi" .. string.rep("x", 60)):rep(30)
+      local s, t = fake_session {
+        CAPS_FULL,
+        { "C", "AUTH XOAUTH2\r\n" }, { "S", "334 \r\n" },
+        { "C", xoauth2(USER, long) .. "\r\n" }, { "S", "235 2.7.0 ok\r\n" },
+      }
+      assert.is_true(s:auth { user = USER, token = long })
+      assert.is_true(t.done())
+    end)
+
+    it("returns the decoded error challenge with the final reply", function()
+      local trace = h.trace_collector()
+      local json = '{"status":"401","schemes":"Bearer","scope":"https://outlook.office365.com/.default"}'
+      local s, t = fake_session({
+        CAPS_FULL,
+        { "C", "AUTH OAUTHBEARER " .. b64("n,a=" .. USER .. ",\1host=mx.test\1port=587\1auth=Bearer " .. TOKEN .. "\1\1") .. "\r\n" },
+        { "S", "334 " .. b64(json) .. "\r\n" },
+        { "C", "AQ==\r\n" },
+        { "S", "535 5.7.3 Authentication unsuccessful\r\n" },
+      }, { trace = trace, host = "mx.test", port = 587 })
+      local ok, err = s:auth { mechanism = "oauthbearer", user = USER, token = TOKEN }
+      assert.is_nil(ok)
+      assert.equal("auth", err.kind)
+      assert.equal(535, err.code)
+      assert.equal("5.7.3", err.enhanced)
+      assert.equal("Authentication unsuccessful", err.text)
+      assert.same({ status = "401", schemes = "Bearer", scope = "https://outlook.office365.com/.default", json = json },
+        err.challenge)
+      assert.is_false(err.retryable)
+      assert.is_true(t.done())
+      local text = trace.text()
+      assert.truthy(text:find("error challenge: " .. json, 1, true), text)
+      h.assert_no_secrets(text, { TOKEN })
+      h.assert_no_secrets(tostring(err), { TOKEN })
+    end)
+
+    it("refuses to authenticate without TLS unless allowed, before sending anything", function()
+      local s, t = fake_session({ CAPS_FULL }, { allow_plaintext_auth = false })
+      local ok, err = s:auth { user = USER, token = TOKEN }
+      assert.is_nil(ok)
+      assert.equal("config", err.kind)
+      assert.equal("plaintext_auth", err.reason)
+      assert.equal("EHLO localhost\r\n", t.transcript())
+    end)
+
+    it("says which mechanisms the server offers when the asked one is missing", function()
+      local s = fake_session { { "S", "250-mx.test\r\n250 AUTH PLAIN LOGIN\r\n" } }
+      local ok, err = s:auth { mechanism = "oauthbearer", user = USER, token = TOKEN }
+      assert.is_nil(ok)
+      assert.equal("auth", err.kind)
+      assert.truthy(err.message:find("LOGIN PLAIN", 1, true))
+    end)
+
+    it("does LOGIN and PLAIN only when asked", function()
+      local s, t = fake_session {
+        CAPS_FULL,
+        { "C", "AUTH LOGIN\r\n" }, { "S", "334 VXNlcm5hbWU6\r\n" },
+        { "C", b64(USER) .. "\r\n" }, { "S", "334 UGFzc3dvcmQ6\r\n" },
+        { "C", b64("correct horse") .. "\r\n" }, { "S", "235 ok\r\n" },
+      }
+      assert.is_true(s:auth { mechanism = "login", user = USER, password = "correct horse" })
+      assert.is_true(t.done())
+      assert.has_error(function() s:auth { mechanism = "plain", user = USER, token = TOKEN } end)
+    end)
+  end)
+
+  describe("send", function()
+    it("pipelines the envelope in one write and the body with its terminator in one more", function()
+      local s, t = fake_session {
+        CAPS_PLAIN and { "S", "250-mx.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n" },
+        { "C", "MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<nobody@example.org>\r\nDATA\r\n" },
+        { "S", "250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 no such user\r\n354 go ahead\r\n" },
+        { "C", "Subject: hi\r\n\r\n..dot\r\n.\r\n" },
+        { "S", "250 2.0.0 queued as 1234\r\n" },
+      }
+      local before = #t.writes
+      local r = assert(s:send { from = "a@example.org", to = { "b@example.org", "nobody@example.org" },
+        data = "Subject: hi\n\n.dot" })
+      assert.equal(2, #t.writes - before)
+      assert.equal(250, r.code)
+      assert.equal("2.0.0", r.enhanced)
+      assert.equal("queued as 1234", r.text)
+      assert.same({ "b@example.org" }, r.accepted)
+      assert.equal(550, r.rejected["nobody@example.org"].code)
+      assert.equal("5.1.1", r.rejected["nobody@example.org"].enhanced)
+      assert.is_true(t.done())
+    end)
+
+    it("waits for each reply when the server does not pipeline", function()
+      local s, t = fake_session {
+        { "S", "250 mx.test\r\n" },
+        { "C", "MAIL FROM:<a@example.org>\r\n" }, { "S", "250 ok\r\n" },
+        { "C", "RCPT TO:<b@example.org>\r\n" }, { "S", "250 ok\r\n" },
+        { "C", "DATA\r\n" }, { "S", "354 go\r\n" },
+        { "C", "hello\r\n.\r\n" }, { "S", "250 sent\r\n" },
+      }
+      assert.truthy(s:send { from = "a@example.org", to = "b@example.org", data = "hello" })
+      assert.is_true(t.done())
+    end)
+
+    it("makes every recipient refused an error with the rejected map, and stays usable", function()
+      local s, t = fake_session {
+        { "S", "250-mx.test\r\n250 PIPELINING\r\n" },
+        { "C", "MAIL FROM:<a@example.org>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n" },
+        { "S", "250 ok\r\n450 4.2.1 mailbox busy\r\n554 5.5.1 no valid recipients\r\n" },
+        { "C", "RSET\r\n" }, { "S", "250 flushed\r\n" },
+        { "C", "MAIL FROM:<a@example.org>\r\nRCPT TO:<y@example.org>\r\nDATA\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n354 go\r\n" },
+        { "C", "x\r\n.\r\n" }, { "S", "250 sent\r\n" },
+      }
+      local r, err = s:send { from = "a@example.org", to = { "x@example.org" }, data = "x" }
+      assert.is_nil(r)
+      assert.equal("smtp", err.kind)
+      assert.equal(450, err.code)
+      assert.is_true(err.retryable)
+      assert.equal(450, err.rejected["x@example.org"].code)
+      assert.truthy(s:send { from = "a@example.org", to = { "y@example.org" }, data = "x" })
+      assert.is_true(t.done())
+    end)
+
+    it("sends an empty message to a server that said 354 with no recipient", function()
+      local s, t = fake_session {
+        { "S", "250-mx.test\r\n250 PIPELINING\r\n" },
+        { "C", "MAIL FROM:<a@example.org>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n" },
+        { "S", "250 ok\r\n550 5.1.1 unknown\r\n354 go\r\n" },
+        { "C", ".\r\n" }, { "S", "554 5.5.1 no recipients\r\n" },
+        { "C", "RSET\r\n" }, { "S", "250 flushed\r\n" },
+      }
+      local r, err = s:send { from = "a@example.org", to = { "x@example.org" }, data = "secret body" }
+      assert.is_nil(r)
+      assert.equal(550, err.code)
+      assert.is_true(t.done())
+    end)
+
+    it("refuses CRLF and unbalanced <> in addresses before anything is sent", function()
+      local s, t = fake_session { { "S", "250-mx.test\r\n250 PIPELINING\r\n" } }
+      local n = #t.writes
+      for _, bad in ipairs {
+        { from = "a@example.org\r\nRCPT TO:<evil@example.org>", to = "b@example.org" },
+        { from = "a@example.org", to = { "b@example.org", "c@example.org>\r\nDATA" } },
+        { from = "a@example.org", to = { "<b@example.org" } },
+        { from = "jürgen@example.org", to = "b@example.org" },
+      } do
+        bad.data = "x"
+        local r, err = s:send(bad)
+        assert.is_nil(r)
+        assert.equal("config", err.kind)
+      end
+      assert.equal(n, #t.writes)
+    end)
+
+    it("declares SIZE and BODY=8BITMIME and refuses a message over the limit", function()
+      local s, t = fake_session {
+        { "S", "250-mx.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 20\r\n" },
+        { "C", "MAIL FROM:<a@example.org> SIZE=6 BODY=8BITMIME\r\nRCPT TO:<b@example.org>\r\nDATA\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n354 go\r\n" },
+        { "C", "h\195\169llo\r\n.\r\n" }, { "S", "250 sent\r\n" },
+      }
+      assert.truthy(s:send { from = "a@example.org", to = "b@example.org", data = "h\195\169llo" })
+      local r, err = s:send { from = "a@example.org", to = "b@example.org", data = string.rep("x", 21) }
+      assert.is_nil(r)
+      assert.equal("too_large", err.reason)
+      assert.is_true(t.done())
+    end)
+
+    it("uses BDAT when asked and offered: envelope and chunk in one write", function()
+      local s, t = fake_session {
+        CAPS_FULL,
+        { "C", "MAIL FROM:<a@example.org> SIZE=5\r\nRCPT TO:<b@example.org>\r\nBDAT 8 LAST\r\nhi\r\nyo\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n250 2.0.0 sent\r\n" },
+      }
+      local n = #t.writes
+      local r = assert(s:send { from = "a@example.org", to = "b@example.org", data = "hi\nyo", chunking = true })
+      assert.equal("2.0.0", r.enhanced)
+      assert.equal(1, #t.writes - n)
+      assert.is_true(t.done())
+    end)
+
+    it("streams a reader function and a file, the terminator with the last chunk", function()
+      local s, t = fake_session {
+        { "S", "250-mx.test\r\n250 PIPELINING\r\n" },
+        { "C", "MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n354 go\r\n" },
+        { "C", "line1\r" }, { "C", "\n..line2\r\n" }, { "C", "..x\r\n.\r\n" }, { "S", "250 sent\r\n" },
+        { "C", "MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n354 go\r\n" },
+        { "C", "from a file\r\n.\r\n" }, { "S", "250 sent\r\n" },
+      }
+      local chunks = { "line1\r", "\n.line2\n", ".x" }
+      local i = 0
+      assert.truthy(s:send { from = "a@example.org", to = "b@example.org",
+        data = function() i = i + 1 return chunks[i] end })
+      local path = h.tmpdir() .. "/msg.eml"
+      h.write_file(path, "from a file\n")
+      local f = assert(io.open(path, "rb"))
+      assert.truthy(s:send { from = "a@example.org", to = "b@example.org", data = f })
+      f:close()
+      assert.is_true(t.done())
+    end)
+
+    it("drops the connection when the reader fails, so no truncated message is delivered", function()
+      local s, t = fake_session {
+        { "S", "250-mx.test\r\n250 PIPELINING\r\n" },
+        { "C", "MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n354 go\r\n" },
+        { "C", "part one\r\n" },
+      }
+      local calls = 0
+      local r, err = s:send { from = "a@example.org", to = "b@example.org", data = function()
+        calls = calls + 1
+        if calls == 1 then return "part one\n" end
+        return nil, "disk on fire"
+      end }
+      assert.is_nil(r)
+      assert.equal("reader", err.reason)
+      assert.truthy(err.message:find("disk on fire", 1, true))
+      assert.is_true(t.closed)
+      local r2, err2 = s:send { from = "a@example.org", to = "b@example.org", data = "x" }
+      assert.is_nil(r2)
+      assert.equal(err, err2)
+    end)
+
+    it("abandons the session on a malformed reply, with the text in the error", function()
+      local s = fake_session {
+        { "S", "250-mx.test\r\n250 PIPELINING\r\n" },
+        { "C", "MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n" },
+        { "S", "hello? this is not SMTP\r\n" },
+      }
+      local r, err = s:send { from = "a@example.org", to = "b@example.org", data = "x" }
+      assert.is_nil(r)
+      assert.equal("smtp", err.kind)
+      assert.equal("malformed", err.reason)
+      assert.truthy(err.message:find("this is not SMTP", 1, true))
+    end)
+
+    it("closes with QUIT once", function()
+      local s, t = fake_session { CAPS_FULL, { "C", "QUIT\r\n" }, { "S", "221 bye\r\n" } }
+      assert.is_true(s:close())
+      assert.is_true(s:close())
+      assert.is_true(t.done())
+      assert.is_true(t.closed)
+      assert.has_error(function() s:send { from = "a@b.c", to = "d@e.f", data = "" } end)
+    end)
+  end)
+
+  describe("send_many", function()
+    it("pipelines MAIL/RCPT/BDAT LAST across messages in one write", function()
+      local s, t = fake_session {
+        CAPS_FULL,
+        { "C", "MAIL FROM:<a@example.org> SIZE=2\r\nRCPT TO:<b@example.org>\r\nBDAT 4 LAST\r\nm1\r\n" ..
+          "MAIL FROM:<a@example.org> SIZE=2\r\nRCPT TO:<bad@example.org>\r\nBDAT 4 LAST\r\nm2\r\n" ..
+          "MAIL FROM:<a@example.org> SIZE=2\r\nRCPT TO:<c@example.org>\r\nBDAT 4 LAST\r\nm3\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n250 2.0.0 one\r\n" ..
+          "250 ok\r\n550 5.1.1 unknown\r\n554 5.5.1 no valid recipients\r\n" ..
+          "503 5.5.1 nested MAIL\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n" },
+        { "C", "RSET\r\n" }, { "S", "250 ok\r\n" },
+        { "C", "MAIL FROM:<a@example.org> SIZE=2\r\nRCPT TO:<c@example.org>\r\nBDAT 4 LAST\r\nm3\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n250 2.0.0 three\r\n" },
+      }
+      local list = {
+        { from = "a@example.org", to = "b@example.org", data = "m1" },
+        { from = "a@example.org", to = "bad@example.org", data = "m2" },
+        { from = "a@example.org", to = "c@example.org", data = "m3" },
+        { from = "a@example.org\n", to = "c@example.org", data = "m4" },
+      }
+      local n = #t.writes
+      local res = assert(s:send_many(list))
+      assert.equal(3, #t.writes - n)
+      assert.equal("one", res[1].text)
+      assert.equal("smtp", res[2].kind)
+      assert.equal(550, res[2].rejected["bad@example.org"].code)
+      assert.equal("three", res[3].text)
+      assert.equal("config", res[4].kind)
+      assert.is_true(t.done())
+    end)
+
+    it("falls back to per-message pipelining without CHUNKING", function()
+      local s, t = fake_session {
+        { "S", "250-mx.test\r\n250 PIPELINING\r\n" },
+        { "C", "MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n354 go\r\n" }, { "C", "m1\r\n.\r\n" }, { "S", "250 one\r\n" },
+        { "C", "MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n354 go\r\n" }, { "C", "m2\r\n.\r\n" }, { "S", "250 two\r\n" },
+      }
+      local res = assert(s:send_many {
+        { from = "a@example.org", to = "b@example.org", data = "m1" },
+        { from = "a@example.org", to = "b@example.org", data = "m2" },
+      })
+      assert.equal("one", res[1].text)
+      assert.equal("two", res[2].text)
+      assert.is_true(t.done())
+    end)
+  end)
+end)
+
+-- ------------------------------------------------------------------ real peers
+
+describe("smtp session against smtp-server (node)", function()
+  local certs = require("spec.support.certs")
+  local starttls_peer, implicit_peer
+  setup(function()
+    starttls_peer = peers.node_smtp { token = TOKEN, reject = { "nobody@example.org" }, password = "correct horse" }
+    implicit_peer = peers.node_smtp { token = TOKEN, tls = "implicit" }
+  end)
+  teardown(function()
+    if starttls_peer then starttls_peer.stop() end
+    if implicit_peer then implicit_peer.stop() end
+  end)
+
+  local function open(peer, extra)
+    local o = { host = "localhost", port = peer.port, ca_file = certs.get().ca, timeout = 10,
+      tls = peer == implicit_peer and "implicit" or "starttls" }
+    for k, v in pairs(extra or {}) do o[k] = v end
+    return smtp.open(o)
+  end
+
+  it("authenticates over STARTTLS with a valid token and delivers, tracing no secret", function()
+    local trace = h.trace_collector()
+    local s = assert(open(starttls_peer, { trace = trace }))
+    assert.truthy(s.capabilities.PIPELINING)
+    assert.truthy(s.capabilities.AUTH.XOAUTH2)
+    assert.is_nil(s.capabilities.STARTTLS)
+    assert.is_true(s:auth { user = USER, token = TOKEN })
+    local r = assert(s:send { from = USER, to = { "bob@example.org", "nobody@example.org" },
+      data = "Subject: over starttls\r\n\r\n.leading dot\r\nbody\r\n" })
+    assert.equal(250, r.code)
+    assert.same({ "bob@example.org" }, r.accepted)
+    assert.equal(550, r.rejected["nobody@example.org"].code)
+    assert.equal("5.1.1", r.rejected["nobody@example.org"].enhanced)
+    s:close()
+    local msgs = starttls_peer.messages()
+    local last = msgs[#msgs]
+    assert.same({ "bob@example.org" }, last.to)
+    assert.equal(USER, last.user)
+    assert.equal("Subject: over starttls\r\n\r\n.leading dot\r\nbody\r\n", last.data)
+    local text = trace.text()
+    assert.truthy(text:find("STARTTLS", 1, true))
+    h.assert_no_secrets(text, { TOKEN })
+  end)
+
+  it("authenticates over implicit TLS, two-step", function()
+    local s = assert(open(implicit_peer))
+    assert.is_true(s:auth { user = USER, token = TOKEN, two_step = true })
+    assert.truthy(s:send { from = USER, to = "bob@example.org", data = "implicit\r\n" })
+    s:close()
+  end)
+
+  it("gets the real error challenge and 535 for a wrong token", function()
+    local trace = h.trace_collector()
+    local s = assert(open(starttls_peer, { trace = trace }))
+    local wrong = "ya29.wrong-token-" .. string.rep("q", 40)
+    local ok, err = s:auth { user = USER, token = wrong }
+    assert.is_nil(ok)
+    assert.equal("auth", err.kind)
+    assert.equal(535, err.code)
+    assert.equal("401", err.challenge.status)
+    assert.equal("https://mail.example.org/smtp.send", err.challenge.scope)
+    assert.truthy(err.text:find("not accepted", 1, true), err.text)
+    s:close()
+    h.assert_no_secrets(trace.text(), { wrong, TOKEN })
+  end)
+
+  it("refuses a server that hides STARTTLS", function()
+    local peer = peers.node_smtp { token = TOKEN, hide_starttls = true }
+    local s, err = open(peer)
+    peer.stop()
+    assert.is_nil(s)
+    assert.equal("tls", err.kind)
+    assert.equal("starttls_not_offered", err.reason)
+  end)
+
+  it("refuses a server whose certificate is not trusted", function()
+    local s, err = smtp.open { host = "localhost", port = starttls_peer.port, tls = "starttls", timeout = 10 }
+    assert.is_nil(s)
+    assert.equal("tls", err.kind)
+  end)
+
+  it("sends 1,000 messages over one session, then a batch", function()
+    local s = assert(open(starttls_peer))
+    assert.is_true(s:auth { user = USER, token = TOKEN })
+    local before = #starttls_peer.messages()
+    for i = 1, 1000 do
+      local r, err = s:send { from = USER, to = "bulk@example.org", data = "Subject: " .. i .. "\r\n\r\nmessage " .. i .. "\r\n" }
+      assert(r, err)
+    end
+    local list = {}
+    for i = 1, 200 do list[i] = { from = USER, to = "batch@example.org", data = "batch " .. i .. "\r\n" } end
+    local res = assert(s:send_many(list))
+    for i = 1, 200 do assert.equal(250, res[i].code) end
+    s:close()
+    local msgs = starttls_peer.messages()
+    assert.equal(1200, #msgs - before)
+    assert.equal("Subject: 1000\r\n\r\nmessage 1000\r\n", msgs[before + 1000].data)
+    assert.equal("batch 200\r\n", msgs[before + 1200].data)
+  end)
+
+  it("uses PLAIN when asked, for servers without OAuth", function()
+    local s = assert(open(starttls_peer))
+    assert.is_true(s:auth { mechanism = "plain", user = USER, password = "correct horse" })
+    s:close()
+    s = assert(open(starttls_peer))
+    local ok, err = s:auth { mechanism = "login", user = USER, password = "wrong horse" }
+    assert.is_nil(ok)
+    assert.equal(535, err.code)
+    s:close()
+  end)
+end)
