@@ -180,6 +180,8 @@ static void fail_verify(lua_State *L, request *r) {
   long vr = 0;
   const char *why;
   curl_easy_getinfo(r->curl, CURLINFO_SSL_VERIFYRESULT, &vr);
+  /* curl checks the name itself and then reports X509_V_ERR_UNSPECIFIED. */
+  if (strstr(r->errbuf, "subject name") || strstr(r->errbuf, "does not match")) vr = X509_V_ERR_HOSTNAME_MISMATCH;
   switch (vr) {
     case X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT:
       why = "certificate not trusted: the server sent a self-signed certificate (set ca_file to trust it explicitly)";
@@ -201,8 +203,8 @@ static void fail_verify(lua_State *L, request *r) {
       why = "host name mismatch: the certificate is not valid for this host name";
       break;
     case X509_V_OK:
-      why = (strstr(r->errbuf, "subject name") || strstr(r->errbuf, "does not match"))
-              ? "host name mismatch: the certificate is not valid for this host name" : r->errbuf;
+    case X509_V_ERR_UNSPECIFIED:
+      why = r->errbuf[0] ? r->errbuf : "the certificate was rejected";
       break;
     default:
       why = X509_verify_cert_error_string(vr);
