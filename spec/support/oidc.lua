@@ -32,7 +32,9 @@ function M.make_client_cert(dir, name)
   return { key = key, cert = cert, pub = pub }
 end
 
--- One HTTP/1.0 exchange with the provider's test routes; returns status, decoded JSON body.
+-- One HTTP/1.0 exchange with a test peer's control routes (the provider's
+-- /test/*, fault_http's /_scenario); returns status, decoded JSON body.
+-- srv needs .port and .ca.
 local function request(srv, method, path, body)
   local conn = require "oauthmail.conn"
   local c = assert(conn.connect { host = "127.0.0.1", port = srv.port, tls = "implicit", ca_file = srv.ca, timeout = 20 })
@@ -54,6 +56,42 @@ local function request(srv, method, path, body)
   local text = raw:match("\r\n\r\n(.*)$") or ""
   local ok, doc = pcall(cjson.decode, text)
   return status, ok and doc or text
+end
+
+M.request = request
+
+-- Start spec/peers/fault_http.mjs over HTTPS with the test CA.
+-- Returns {url, port, ca, stop(), queue(path, responses), requests(path)}.
+function M.start_fault()
+  local c = certs.get()
+  local stub = { ca = c.ca }
+  stub.proc = h.spawn("node fault_http.mjs --cert " .. h.quote(c.server.cert) .. " --key " .. h.quote(c.server.key), {
+    cwd = h.peers, ready = "fault_http listening on port (%d+)", timeout = 30,
+  })
+  stub.port = tonumber(stub.proc.match[1])
+  stub.url = "https://127.0.0.1:" .. stub.port
+  function stub.stop() stub.proc.stop() end
+  function stub.queue(path, responses)
+    local status = request(stub, "POST", "/_scenario", { path = path, responses = responses })
+    assert(status == 200, "fault_http refused the scenario")
+  end
+  function stub.reset()
+    request(stub, "DELETE", "/_scenario")
+    request(stub, "DELETE", "/_requests")
+  end
+  -- The requests the stub received for path, with the form body decoded.
+  function stub.requests(path)
+    local endpoint = require "oauthmail.oauth2.endpoint"
+    local _, list = request(stub, "GET", "/_requests")
+    local out = {}
+    for _, r in ipairs(list) do
+      if r.path == path then
+        out[#out + 1] = { headers = r.headers, body = r.body, form = endpoint.parse_query(r.body or "") }
+      end
+    end
+    return out
+  end
+  return stub
 end
 
 -- Start the provider with one client per flow. Returns a server table.
