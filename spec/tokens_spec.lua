@@ -509,3 +509,92 @@ describe("tokens against a counting token endpoint", function()
     end
   end)
 end)
+
+describe("tokens against the real oidc-provider (refresh-token rotation)", function()
+  local oidc = require "spec.support.oidc"
+  local srv, path, offset, trace, manager, seen
+  local function clock() return os.time() + offset end
+  local function new_manager()
+    local cfg = srv.cfg("device", {
+      grant = "device_code", trace = trace,
+      sleep = function() end,   -- the code is approved before the first poll
+      on_device_code = function(info) assert.is_true(srv.device(info.user_code).approved) end,
+    })
+    return tokens.new {
+      flow = cfg, profile = "oidc-test", clock = clock, trace = trace,
+      store = store.file { path = path, encryption = { passphrase = "rotation test passphrase", scrypt = { N = 1024 } } },
+    }
+  end
+  local function requests() return srv.stats().token_requests end
+  local function remember(tok)
+    for _, k in ipairs { "access_token", "refresh_token", "id_token" } do
+      if tok[k] then seen[#seen + 1] = tok[k] end
+    end
+    return tok
+  end
+  local function stored() return remember(assert(manager.store:load(manager.key))) end
+
+  setup(function()
+    if not has_http then return end
+    srv = oidc.start()
+    path = h.tmpdir() .. "/state/tokens.json"
+    offset, seen = 0, { srv.secrets.basic, srv.secrets.post, srv.secrets.web }
+    trace = h.trace_collector()
+    manager = new_manager()
+  end)
+  teardown(function() if srv then srv.stop() end end)
+
+  local function it_real(name, fn)
+    if has_http then it(name, fn) else pending(name .. " (needs oauthmail.http)") end
+  end
+
+  it_real("signs in once through the device flow and refuses to do it unasked", function()
+    local tok, err = manager:get()
+    assert.is_nil(tok)
+    assert.matches('run "oauthmail login --profile oidc-test" or call manager:login()', err.message, 1, true)
+    local n = requests()
+    tok = remember(assert(manager:login()))
+    assert.truthy(tok.refresh_token)
+    assert.equals(tok.refresh_token, stored().refresh_token)
+    assert.equals(n + 1, requests())   -- one successful poll
+    assert.same(tok, assert(manager:get()))
+    assert.same(tok, assert(new_manager():get()))   -- another process: from the file, no request
+    assert.equals(n + 1, requests())
+  end)
+
+  it_real("refreshes a token that expires within the margin and stores the rotated refresh token", function()
+    local old = stored()
+    offset = old.expires_at - os.time() - 200   -- 200 s left, margin 300
+    local n = requests()
+    local tok = remember(assert(manager:get()))
+    assert.equals(n + 1, requests())
+    assert.not_equals(old.access_token, tok.access_token)
+    local rec = stored()
+    assert.equals(tok.access_token, rec.access_token)
+    assert.not_equals(old.refresh_token, rec.refresh_token)
+    -- served from memory now, and another process takes it from the file
+    assert.equals(tok.access_token, assert(manager:get()).access_token)
+    assert.equals(tok.access_token, assert(new_manager():get()).access_token)
+    assert.equals(n + 1, requests())
+  end)
+
+  it_real("refreshes an invalidated token early, with the stored (rotated) refresh token", function()
+    offset = 0
+    local current = assert(manager:get())
+    local before = stored()
+    local n = requests()
+    manager:invalidate(current)
+    local tok = remember(assert(manager:get()))
+    -- oidc-provider refuses a rotated-away refresh token, so this proves the
+    -- stored one was the newest
+    assert.equals(n + 1, requests())
+    assert.not_equals(current.access_token, tok.access_token)
+    assert.not_equals(before.refresh_token, stored().refresh_token)
+  end)
+
+  it_real("never shows a token, refresh token or secret in traces or errors", function()
+    assert.is_true(#trace.events > 5)
+    h.assert_no_secrets(trace.text(), seen)
+    h.assert_no_secrets(h.read_file(path), seen)
+  end)
+end)
