@@ -3,9 +3,13 @@
 // PLAIN/LOGIN against one password, STARTTLS or implicit TLS with the test
 // PKI, per-recipient refusals, and every accepted message appended to a
 // JSON-lines spool the spec reads back.
+// With cfg.introspect it also serves an RFC 7662 token introspection
+// endpoint (for Dovecot's passdb oauth2) and, with tls "none" and no auth,
+// acts as the relay sink behind Dovecot's submission service.
 // Usage: node smtp.mjs config.json   (prints "listening on PORT")
 import { SMTPServer } from 'smtp-server';
 import fs from 'node:fs';
+import http from 'node:http';
 
 const cfg = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
 const reject = new Set(Array.isArray(cfg.reject) ? cfg.reject : []);
@@ -16,7 +20,8 @@ const server = new SMTPServer({
   cert: fs.readFileSync(cfg.cert),
   hideSTARTTLS: cfg.tls === 'none' || cfg.hide_starttls,
   allowInsecureAuth: cfg.tls === 'none',
-  authMethods: cfg.auth,
+  authMethods: Array.isArray(cfg.auth) ? cfg.auth : [],
+  authOptional: !!cfg.auth_optional,
   size: cfg.size || 0,
   logger: false,
   disableReverseLookup: true,
@@ -54,11 +59,35 @@ const server = new SMTPServer({
         data: data.length <= 65536 ? data : undefined,
         user: session.user,
       }) + '\n');
-      callback(null, '2.0.0 queued as m' + Date.now());
+      callback(null, 'queued as m' + Date.now());
     });
   },
 });
 server.on('error', err => console.error('server error:', err.message));
-server.listen(cfg.port || 0, '127.0.0.1', () => {
-  console.log('listening on ' + server.server.address().port);
-});
+function startSmtp() {
+  server.listen(cfg.port || 0, '127.0.0.1', () => {
+    console.log('listening on ' + server.server.address().port);
+  });
+}
+
+if (cfg.introspect) {
+  // POST token=... -> {"active":true,"username":...} only for the one good token
+  const web = http.createServer((req, res) => {
+    let body = '';
+    req.on('data', c => { body += c; });
+    req.on('end', () => {
+      const token = new URLSearchParams(body).get('token') ||
+        (req.headers.authorization || '').replace(/^Bearer /i, '');
+      const ok = token === cfg.token;
+      fs.appendFileSync(cfg.spool + '.introspect', (ok ? 'active' : 'inactive') + '\n');
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify(ok ? { active: true, username: cfg.user, scope: 'smtp' } : { active: false }));
+    });
+  });
+  web.listen(0, '127.0.0.1', () => {
+    console.log('introspection on ' + web.address().port);
+    startSmtp();
+  });
+} else {
+  startSmtp();
+}

@@ -35,14 +35,14 @@ function M.fake(script)
       error("fake server: unexpected bytes from the client at step " .. t.pos .. ":\n" .. show(pending), 0)
     end
   end
-  function t:send(s)
+  function t.send(_, s)
     assert(not t.closed, "send on a closed fake transport")
     t.writes[#t.writes + 1] = s
     pending = pending .. s
     advance()
     return true
   end
-  function t:receive_some()
+  function t.receive_some()
     local step = script[t.pos]
     if not step then return nil, errors.new("network", "connection closed by the fake server", { reason = "closed" }) end
     if step[1] == "S" then
@@ -52,14 +52,14 @@ function M.fake(script)
     return nil, errors.new("network", "timed out: the fake server waits for " .. show(step[2] or step[1]),
       { reason = "timeout" })
   end
-  function t:starttls()
+  function t.starttls()
     local step = script[t.pos]
     if not step or step[1] ~= "TLS" then error("fake server: unexpected STARTTLS handshake at step " .. t.pos, 0) end
     t.pos = t.pos + 1
     t.tls = true
     return true
   end
-  function t:close() t.closed = true end
+  function t.close() t.closed = true end
   function t.done() return t.pos > #script end
   function t.transcript() return table.concat(t.writes) end
   return t
@@ -76,13 +76,16 @@ function M.node_smtp(opts)
     auth = opts.auth or { "XOAUTH2", "PLAIN", "LOGIN" }, reject = opts.reject or {},
     hide_starttls = opts.hide_starttls or false, size = opts.size or 0,
     max_auth_line = opts.max_auth_line or 0, spool = dir .. "/spool.jsonl",
-    password = opts.password,
+    password = opts.password, introspect = opts.introspect or false,
+    auth_optional = opts.auth_optional or false,
   }
   local json = require "cjson"
   h.write_file(dir .. "/config.json", json.encode(cfg))
   local proc = h.spawn("node " .. h.quote(h.peers .. "/smtp.mjs") .. " " .. h.quote(dir .. "/config.json"),
-    { ready = "listening on (%d+)", cwd = h.peers, timeout = 20 })
-  proc.port = tonumber(proc.match[1])
+    { ready = opts.introspect and "introspection on (%d+).-listening on (%d+)" or "listening on (%d+)",
+      cwd = h.peers, timeout = 20 })
+  proc.port = tonumber(proc.match[#proc.match])
+  proc.introspect_port = opts.introspect and tonumber(proc.match[1])
   proc.ca = certs.ca
   proc.spool = cfg.spool
   -- messages the server accepted, as {from=, to={}, data=}
@@ -90,6 +93,47 @@ function M.node_smtp(opts)
     local out = {}
     for line in (h.read_file(cfg.spool) or ""):gmatch("[^\n]+") do out[#out + 1] = json.decode(line) end
     return out
+  end
+  return proc
+end
+
+function M.have_dovecot()
+  return (h.exec("test -x /usr/sbin/dovecot && test -d /usr/lib/dovecot/modules"))
+end
+
+-- Dovecot's submission service with passdb oauth2 (XOAUTH2 and OAUTHBEARER),
+-- its token introspection endpoint and its relay sink (both smtp.mjs).
+-- Returns {port= (STARTTLS), tls_port= (implicit), sink=, ca=, stop()}.
+function M.dovecot(opts)
+  local certs = require("spec.support.certs").get()
+  local sink = M.node_smtp { tls = "none", token = opts.token, user = opts.user, auth = {},
+    introspect = true, auth_optional = true }
+  local dir = h.tmpdir()
+  -- the mail processes run as the dovecot user: their home must be reachable
+  local _, out = h.exec("mktemp -d /tmp/oauthmail-dovecot-home.XXXXXX")
+  local home = out:match("[^\n]+")
+  h.exec("chmod 755 " .. h.quote(home) .. " && chown dovecot:dovecot " .. h.quote(home) ..
+    " && mkdir -p " .. h.quote(dir .. "/run") .. " " .. h.quote(dir .. "/state"))
+  local subst = {
+    DIR = dir, HOME = home, CERT = certs.server.cert, KEY = certs.server.key, SINK_PORT = sink.port,
+    PORT = h.free_port(), TLS_PORT = h.free_port(), INTROSPECT_PORT = sink.introspect_port,
+  }
+  local function render(name, out)
+    local text = assert(h.read_file(h.root .. "/spec/support/" .. name))
+    text = text:gsub("@([%u_]+)@", function(k) return tostring(assert(subst[k], k)) end)
+    h.write_file(out, text)
+  end
+  render("dovecot.conf.in", dir .. "/dovecot.conf")
+  render("dovecot-oauth2.conf.ext.in", dir .. "/dovecot-oauth2.conf.ext")
+  local proc = h.spawn("/usr/sbin/dovecot -F -c " .. h.quote(dir .. "/dovecot.conf"),
+    { ready = "(starting up)", timeout = 20 })
+  h.wait_port(subst.PORT)
+  proc.port, proc.tls_port, proc.sink, proc.ca = subst.PORT, subst.TLS_PORT, sink, certs.ca
+  local stop = proc.stop
+  function proc.stop()
+    stop()
+    sink.stop()
+    h.exec("rm -rf " .. h.quote(home))
   end
   return proc
 end
