@@ -33,9 +33,9 @@ SRCS := $(wildcard csrc/*.c)
 OBJS := $(SRCS:csrc/%.c=$(BUILD)/obj/%.o)
 HDRS := $(wildcard csrc/*.h)
 CORE := $(BUILD)/oauthmail/core.so
-LUAS := $(wildcard lua/oauthmail/*.lua)
+LUAS := $(shell cd lua && find oauthmail -name '*.lua' | sort)
 
-.PHONY: all install check test lint asan clean demo
+.PHONY: all install check ci setup test lint asan clean demo rockspec
 all: $(CORE)
 
 $(BUILD)/obj/%.o: csrc/%.c $(HDRS) Makefile
@@ -49,7 +49,9 @@ $(CORE): $(OBJS)
 install: $(CORE)
 	install -d $(DESTDIR)$(PREFIX)/lib/lua/$(LUA_ABI)/oauthmail $(DESTDIR)$(PREFIX)/share/lua/$(LUA_ABI)/oauthmail
 	install -m 0755 $(CORE) $(DESTDIR)$(PREFIX)/lib/lua/$(LUA_ABI)/oauthmail/core.so
-	install -m 0644 $(LUAS) $(DESTDIR)$(PREFIX)/share/lua/$(LUA_ABI)/oauthmail/
+	for f in $(LUAS); do \
+	  install -D -m 0644 lua/$$f $(DESTDIR)$(PREFIX)/share/lua/$(LUA_ABI)/$$f || exit 1; \
+	done
 
 # One Lua version's suite: make test LUA_VERSION=5.3 [SPEC=spec/conn_spec.lua]
 SPEC ?= spec
@@ -60,7 +62,7 @@ test: $(CORE)
 	$(TEST_ENV) $(SAN_ENV) $(LUA_BIN) bin/busted-run $(BUSTED_ARGS) $(SPEC)
 
 lint:
-	luacheck lua spec bin/busted-run examples bench
+	luacheck lua spec bin/busted-run bin/module-check $(wildcard examples/*.lua bench/*.lua)
 
 # The lua binary is not instrumented, so the sanitizer runtimes are preloaded;
 # spec/support/helpers.lua removes them again for the peers it starts.
@@ -72,6 +74,16 @@ asan:
 # Everything CI runs, after bin/setup has installed the packages.
 check:
 	bin/check-all
+
+# The README's test command: install what is missing, then every check.
+ci: setup
+	bin/check-all
+
+setup:
+	bin/setup
+
+rockspec:
+	lua5.4 bin/gen-rockspec
 
 clean:
 	rm -rf build
