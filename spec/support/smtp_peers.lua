@@ -110,8 +110,8 @@ function M.dovecot(opts)
     introspect = true, auth_optional = true }
   local dir = h.tmpdir()
   -- the mail processes run as the dovecot user: their home must be reachable
-  local _, out = h.exec("mktemp -d /tmp/oauthmail-dovecot-home.XXXXXX")
-  local home = out:match("[^\n]+")
+  local _, made = h.exec("mktemp -d /tmp/oauthmail-dovecot-home.XXXXXX")
+  local home = made:match("[^\n]+")
   h.exec("chmod 755 " .. h.quote(home) .. " && chown dovecot:dovecot " .. h.quote(home) ..
     " && mkdir -p " .. h.quote(dir .. "/run") .. " " .. h.quote(dir .. "/state"))
   local subst = {
