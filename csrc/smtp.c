@@ -559,6 +559,8 @@ static handler_fn handler_for(smtp_state s) {
 static int reply_fail(lua_State *L, engine_t *e, const char *reason, const char *what,
                       const char *line, size_t n) {
   char red[200];
+  size_t avail = (size_t)(e->in.p + e->in.len - line);
+  if (n > avail) n = avail;  /* never show more than what was received */
   redact(line, n, red, sizeof red);
   trace_f(L, e, "info", "%s: '%s'", what, red);
   om_fail(L, "smtp", reason, "%s from the server: '%s'", what, red);
@@ -585,14 +587,15 @@ static int eng_reply(lua_State *L) {
     int c;
     nl = avail ? memchr(line, '\n', scan) : NULL;
     if (!nl) {
-      if (avail > e->max_line + 1) return reply_fail(L, e, "too_long", "reply line too long", line, 120);
+      if (avail > e->max_line + 1)
+        return reply_fail(L, e, "too_long", "reply line too long", line, avail < 120 ? avail : 120);
       if (pos - e->rpos + avail > e->max_reply)
-        return reply_fail(L, e, "too_long", "reply too long", e->in.p + e->rpos, avail < 120 ? avail : 120);
+        return reply_fail(L, e, "too_long", "reply too long", e->in.p + e->rpos, 120);
       return 0;
     }
     ll = (size_t)(nl - line);
     if (ll && line[ll - 1] == '\r') ll--;
-    if (ll > e->max_line) return reply_fail(L, e, "too_long", "reply line too long", line, 120);
+    if (ll > e->max_line) return reply_fail(L, e, "too_long", "reply line too long", line, ll < 120 ? ll : 120);
     if (ll < 3 || line[0] < '2' || line[0] > '5' || line[1] < '0' || line[1] > '9' ||
         line[2] < '0' || line[2] > '9' || (ll > 3 && line[3] != ' ' && line[3] != '-'))
       return reply_fail(L, e, "malformed", "malformed reply", line, ll);

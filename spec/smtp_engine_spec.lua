@@ -90,6 +90,12 @@ describe("smtp engine", function()
       assert.is_nil(eng:reply())
     end)
 
+    it("labels a reply that answers no command", function()
+      local r = replies(engine(), "421 4.4.2 closing\r\n")[1]
+      assert.equal("IDLE", r.command)
+      assert.equal(421, r.code)
+    end)
+
     it("does not take an enhanced code of another class, and accepts a bare code", function()
       local eng = engine()
       eng:noop() eng:noop()
@@ -432,6 +438,27 @@ describe("smtp engine", function()
       eng:noop()
       assert.has_error(function() eng:auth("xoauth2", { user = "u", token = "t" }) end)
     end)
+  end)
+
+  it("survives arbitrary bytes from the server (a small fuzz, fixed seed)", function()
+    math.randomseed(5321)
+    local alphabet = { "2", "5", "0", "-", " ", "\r", "\n", "a", "3", "4", ".", "\0", "\255" }
+    for _ = 1, 300 do
+      local eng = engine { max_line = 32, max_reply = 256 }
+      for _ = 1, 5 do eng:noop() end
+      eng:output()
+      local parts = {}
+      for k = 1, math.random(1, 400) do parts[k] = alphabet[math.random(#alphabet)] end
+      eng:feed(table.concat(parts))
+      for _ = 1, 50 do
+        local r, err = eng:reply()
+        if not r then
+          if err then assert.truthy(err.reason == "malformed" or err.reason == "too_long", err.reason) end
+          break
+        end
+        assert.truthy(r.code >= 200 and r.code < 600)
+      end
+    end
   end)
 
   it("closes idempotently and refuses use after close", function()

@@ -363,6 +363,17 @@ describe("smtp session (fake transport)", function()
       assert.truthy(err.message:find("this is not SMTP", 1, true))
     end)
 
+    it("reports a 421 shutdown as retryable", function()
+      local s = fake_session {
+        { "S", "250 mx.test\r\n421 4.4.2 idle too long\r\n" }, { "C", "NOOP\r\n" },
+      }
+      local ok, err = s:noop()
+      assert.is_nil(ok)
+      assert.equal("smtp", err.kind)
+      assert.equal(421, err.code)
+      assert.is_true(err.retryable)
+    end)
+
     it("closes with QUIT once", function()
       local s, t = fake_session { CAPS_FULL, { "C", "QUIT\r\n" }, { "S", "221 bye\r\n" } }
       assert.is_true(s:close())
@@ -402,6 +413,23 @@ describe("smtp session (fake transport)", function()
       assert.equal("three", res[3].text)
       assert.equal("config", res[4].kind)
       assert.is_true(t.done())
+    end)
+
+    it("marks every unconfirmed message failed when the connection drops mid-batch", function()
+      local s, t = fake_session {
+        CAPS_FULL,
+        { "C", "MAIL FROM:<a@example.org> SIZE=2\r\nRCPT TO:<b@example.org>\r\nBDAT 4 LAST\r\nm1\r\n" ..
+          "MAIL FROM:<a@example.org> SIZE=2\r\nRCPT TO:<b@example.org>\r\nBDAT 4 LAST\r\nm2\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n250 2.0.0 one\r\n250 ok\r\n" },
+      }
+      local res = s:send_many {
+        { from = "a@example.org", to = "b@example.org", data = "m1" },
+        { from = "a@example.org", to = "b@example.org", data = "m2" },
+      }
+      assert.equal(250, res[1].code)
+      assert.equal("network", res[2].kind)
+      assert.is_true(res[2].retryable)
+      assert.is_true(t.closed)
     end)
 
     it("falls back to per-message pipelining without CHUNKING", function()

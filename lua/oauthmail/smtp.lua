@@ -71,6 +71,11 @@ function Session:_reply()
   while true do
     local r, err = self.eng:reply()
     self:_trace()
+    if r and r.command == "IDLE" then
+      -- a reply nobody asked for: a 421 shutdown, or a server out of step
+      if r.code == 421 then return self:_broken(reply_error("smtp", "server closed the session", r)) end
+      return self:_broken(reply_error("smtp", "unexpected reply", r, { reason = "malformed", retryable = false }))
+    end
     if r then return r end
     if err then return self:_broken(err) end
     local data, rerr = self.conn:receive_some(RECV_MAX)
@@ -581,6 +586,18 @@ function Session:send_many(list, o)
   if type(list) ~= "table" then error("session:send_many: expected a list of messages", 2) end
   local window = (o and o.window) or 64
   local results = {}
+  local done, derr = self:_send_many(list, window, results)
+  if not done then
+    -- the session broke: what was not confirmed did not go
+    for i = 1, #list do
+      if results[i] == nil then results[i] = self.broken or derr end
+    end
+  end
+  return results
+end
+
+function Session:_send_many(list, window, results)
+  local ok, err
   local caps = self.capabilities
   local batch = caps.PIPELINING ~= nil and caps.CHUNKING ~= nil
   local i = 1
@@ -608,11 +625,9 @@ function Session:send_many(list, o)
         if not ok then return nil, err end
         pending = {}
       end
-      results[i], err = self:send(msg)
-      if not results[i] then
-        results[i] = err
-        if self.broken then return nil, err end
-      end
+      local r, serr = self:send(msg)
+      results[i] = r or serr
+      if self.broken then return nil, serr end
     end
     if #pending >= window then
       ok, err = run(pending)
@@ -625,7 +640,7 @@ function Session:send_many(list, o)
     ok, err = run(pending)
     if not ok then return nil, err end
   end
-  return results
+  return true
 end
 
 -- ---------------------------------------------------------------- misc
