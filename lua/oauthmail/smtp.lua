@@ -444,6 +444,8 @@ function Session:send(msg)
       return self:_broken(errors.new("config", "reading the message failed: " .. tostring(ret[2].reader_error),
         { reason = "reader", retryable = false }))
     end
+    -- a raising reader (or a bug) left the dialogue at an unknown point
+    self:_broken(errors.new("config", "sending stopped by an error: " .. tostring(ret[2]), { reason = "reader" }))
     error(ret[2], 0)
   end
   return ret[2], ret[3]
