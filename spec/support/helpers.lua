@@ -17,10 +17,15 @@ end
 -- Run a shell command; returns ok (exit 0), output (stdout+stderr), exit code.
 -- Under the sanitizer run the suite's environment preloads ASan; ordinary
 -- tools (pkill, openssl, node) must not inherit that: some hang under it.
+-- A command that runs the suite's Lua loads the (maybe instrumented) core
+-- module, so it keeps the preload.
 local UNSAN = "unset LD_PRELOAD ASAN_OPTIONS UBSAN_OPTIONS; "
+local function runs_lua(cmd)
+  return cmd:find(M.lua_bin .. " ", 1, true) ~= nil
+end
 
 function M.exec(cmd)
-  local f = assert(io.popen(UNSAN .. "(" .. cmd .. ") 2>&1; echo \"__rc=$?\""))
+  local f = assert(io.popen((runs_lua(cmd) and "" or UNSAN) .. "(" .. cmd .. ") 2>&1; echo \"__rc=$?\""))
   local out = f:read("*a")
   f:close()
   local rc = tonumber(out:match("__rc=(%d+)%s*$"))
@@ -80,8 +85,7 @@ function M.spawn(cmd, opts)
   local log = opts.log or (M.tmpdir() .. "/peer.log")
   local env = ""
   for k, v in pairs(opts.env or {}) do env = env .. " " .. k .. "=" .. M.quote(v) end
-  -- A child Lua loads the (maybe instrumented) core module, so it keeps the sanitizer preload.
-  local keep_san = cmd:sub(1, #M.lua_bin + 1) == M.lua_bin .. " "
+  local keep_san = runs_lua(cmd)
   local line = string.format("%s%senv%s timeout -s KILL %d %s >%s 2>&1 </dev/null & echo $!",
     keep_san and "" or UNSAN, opts.cwd and ("cd " .. M.quote(opts.cwd) .. " && ") or "", env,
     opts.lifetime or 900, cmd, M.quote(log))
