@@ -1,0 +1,173 @@
+-- oauthmail.decoder — "why is this 535?": the cause and the fix for the SMTP
+-- replies and Microsoft Entra (AADSTS) codes a sender meets, kept as data.
+-- decoder.explain(err [, ctx]) fills err.hint (and err.cause, err.fix);
+-- ctx = {tenant=, client_id=, login=} lets a hint name the exact URL to open.
+local M = {}
+
+-- SMTP replies, matched by reply code + enhanced code; `text` (a Lua pattern,
+-- lower case) picks a more precise entry when the server's words tell more.
+-- `retryable` overrides what the reply class suggests.
+M.SMTP = {
+  { code = 535, enhanced = "5.7.139",
+    cause = "SMTP AUTH is switched off for the tenant or for this mailbox, or security defaults "
+      .. "(or a Conditional Access policy) block SMTP client authentication.",
+    fix = "An Exchange admin enables authenticated SMTP for the mailbox (Set-CASMailbox <mailbox> "
+      .. "-SmtpClientAuthenticationDisabled $false) or the organization (Set-TransportConfig "
+      .. "-SmtpClientAuthenticationDisabled $false); with security defaults on, SMTP AUTH stays blocked: "
+      .. "turn them off in favour of Conditional Access, or send through Microsoft Graph instead." },
+  { code = 535, enhanced = "5.7.3",
+    cause = "The server did not accept the token for this mailbox: SMTP AUTH is disabled for the mailbox, "
+      .. "the token lacks the SMTP permission (wrong scope or audience), the token belongs to a different "
+      .. "user than the one in AUTH, or (app-only) the application was never granted access to the mailbox.",
+    fix = "Check that the token's scope is https://outlook.office.com/SMTP.Send (delegated) or "
+      .. "https://outlook.office365.com/.default (app-only) and that 'user' is the mailbox; for app-only "
+      .. "access register the app's service principal in Exchange (New-ServicePrincipal) and grant it the "
+      .. "mailbox (Add-MailboxPermission -AccessRights FullAccess); and enable SMTP AUTH for the mailbox." },
+  { code = 535,
+    cause = "The server refused the credentials (an invalid, expired or wrongly scoped token, or a user "
+      .. "name that does not match the token).",
+    fix = "Get a fresh token for the right scope and check that 'user' is the mailbox the token was issued for." },
+  { code = 501, enhanced = "5.5.127",
+    cause = "The access token was about to expire when it was presented; Exchange refuses tokens close to "
+      .. "their end of life.",
+    fix = "Refresh earlier: raise the profile's margin (the microsoft preset uses 600 seconds)." },
+  { code = 550, enhanced = "5.7.60",
+    cause = "The authenticated mailbox may not send as the From address (SendAs denied).",
+    fix = "Send from the authenticated mailbox itself, or have an admin grant Send As on the other address "
+      .. "(Add-RecipientPermission <from> -Trustee <mailbox> -AccessRights SendAs)." },
+  { code = 554, enhanced = "5.2.252", text = "quota",
+    cause = "The mailbox has used up its sending quota.", retryable = false,
+    fix = "Wait until the quota's window passes (24 hours for the recipient limit) or spread the sending "
+      .. "over more mailboxes; lower the profile's limits so the governor holds messages back first." },
+  { code = 554, enhanced = "5.2.252",
+    cause = "The mailbox was refused the right to submit this message: Exchange reports a SendAs denial "
+      .. "(the From address is not the mailbox and no Send As right exists) or a submission quota.",
+    fix = "Use the authenticated mailbox as From or grant Send As; if the reply names a quota, wait for "
+      .. "its window and lower the profile's limits." },
+  { enhanced = "5.2.2",
+    cause = "The sending quota (or the mailbox size quota) is exceeded.", retryable = false,
+    fix = "Wait for the quota window to pass (Microsoft 365: 10,000 recipients per 24 hours) and lower the "
+      .. "profile's limits.recipients_per_day so the governor stops before the server does." },
+  { code = 421, enhanced = "4.7.66",
+    cause = "The server refuses TLS 1.0 and 1.1 connections.", retryable = false,
+    fix = "Use TLS 1.2 or newer (the default here); check smtp.min_tls and any TLS-intercepting proxy." },
+  { code = 432, enhanced = "4.3.2",
+    cause = "Too many simultaneous connections to this mailbox (Exchange allows 3 per mailbox).",
+    fix = "Send over fewer connections: the mailer lowers its concurrency and waits; set "
+      .. "limits.connections lower if other programs use the same mailbox." },
+  { code = 451, enhanced = "4.7.500",
+    cause = "The server is busy or throttles this client.",
+    fix = "Retry later with back-off (done automatically within policy.attempts and policy.max_time)." },
+  { code = 421,
+    cause = "The server closed the session (maintenance, an idle limit, or throttling).",
+    fix = "The mailer reconnects and sends the message again; if it persists, lower the sending rate." },
+  { code = 530, enhanced = "5.7.57",
+    cause = "The server wants authentication before MAIL FROM.",
+    fix = "Check that the profile authenticates (a token is configured) before sending." },
+}
+
+-- The status in an XOAUTH2 / OAUTHBEARER error challenge (RFC 7628 3.2.2).
+M.CHALLENGE = {
+  ["401"] = { cause = "The server rejected the bearer token: expired, revoked, issued for another audience "
+      .. "or scope, or for a different user than the one named in AUTH.",
+    fix = "Get a fresh token with the scope the challenge names and check 'user'." },
+  ["400"] = { cause = "The server could not use the token request: a malformed XOAUTH2 string or a user "
+      .. "name it does not know.",
+    fix = "Check 'user' (the full mailbox address) and the token format." },
+  ["403"] = { cause = "The token is valid but lacks the permission (scope) to send mail.",
+    fix = "Request the scope the challenge names and have the permission consented." },
+}
+
+-- Microsoft Entra ID sign-in errors (AADSTS numbers).
+M.AADSTS = {
+  ["700082"] = { cause = "The refresh token expired because it was not used for too long.",
+    fix = "Sign in again (oauthmail login --profile <profile>); send at least once within the inactivity "
+      .. "window to keep it alive." },
+  ["50076"] = { cause = "Multi-factor authentication is required (a policy change or an unusual location).",
+    fix = "Sign in interactively (device_code or authorization_code flow) so the user completes MFA; "
+      .. "unattended senders should use client_credentials instead." },
+  ["50079"] = { cause = "The user must register for multi-factor authentication.",
+    fix = "Have the user sign in once in a browser and complete the MFA registration, then run login again." },
+  ["65001"] = { cause = "Nobody consented to the permissions this application asks for.",
+    fix = "An admin grants consent: open {consent_url} , or approve the API permissions in the app "
+      .. "registration ('Grant admin consent')." },
+  ["7000215"] = { cause = "The client secret is wrong; often the secret's ID was used instead of its value.",
+    fix = "Copy the secret's Value (shown once, when it is created) from Certificates & secrets; make a new "
+      .. "one if it is lost." },
+  ["7000222"] = { cause = "The client secret has expired.",
+    fix = "Create a new client secret in the app registration and update the profile (or its secret store)." },
+  ["700016"] = { cause = "No application with this client_id exists in the tenant: a wrong client_id, the "
+      .. "wrong tenant, or a multi-tenant app not yet consented there.",
+    fix = "Check client_id and tenant (and the cloud); for a multi-tenant app have the tenant's admin consent "
+      .. "first ({consent_url})." },
+  ["90002"] = { cause = "The tenant does not exist in this cloud.",
+    fix = "Check the tenant id or domain, and the profile's cloud (global, usgov, china)." },
+  ["50126"] = { cause = "Wrong user name or password (password grant).",
+    fix = "Check the credentials; better, move to a flow without passwords (device_code or client_credentials)." },
+  ["53003"] = { cause = "A Conditional Access policy blocked the sign-in.",
+    fix = "Ask the tenant's admin which policy applies (sign-in logs show it) and exclude or satisfy it "
+      .. "(trusted location, compliant device, workload identity policy)." },
+  ["70011"] = { cause = "The requested scope is invalid for this flow.",
+    fix = "Delegated flows use 'https://outlook.office.com/SMTP.Send offline_access'; client_credentials uses "
+      .. "'https://outlook.office365.com/.default'. Remove any other scope." },
+  ["500011"] = { cause = "The resource the scope names is not present in the tenant (Exchange Online is "
+      .. "missing or the scope's host is misspelled).",
+    fix = "Check the scope host (outlook.office365.com, or the national cloud's host) and that the tenant "
+      .. "has Exchange Online." },
+  ["700027"] = { cause = "The client assertion (certificate sign-in) failed validation: the certificate "
+      .. "uploaded to the app does not match the key, it expired, or the assertion's claims are wrong.",
+    fix = "Upload the certificate that belongs to client_certificate.key to the app registration and check "
+      .. "its validity dates and the machine's clock." },
+}
+
+local function fill(template, ctx)
+  return (template:gsub("{(%w+_?%w*)}", function(k)
+    local v = ctx and ctx[k]
+    return v and tostring(v) or ("<" .. k .. ">")
+  end))
+end
+
+local function consent_url(ctx)
+  if not ctx or not ctx.client_id then return nil end
+  local login = ctx.login or "https://login.microsoftonline.com"
+  local tenant = ctx.tenant or "organizations"
+  return login .. "/" .. tenant .. "/adminconsent?client_id=" .. ctx.client_id
+end
+
+-- decoder.lookup(err) -> entry {cause=, fix=, retryable=} | nil
+function M.lookup(err)
+  if type(err) ~= "table" then return nil end
+  local pc = err.provider_code and tostring(err.provider_code):match("AADSTS(%d+)")
+  if not pc and type(err.message) == "string" then pc = err.message:match("AADSTS(%d+)") end
+  if pc and M.AADSTS[pc] then return M.AADSTS[pc], "AADSTS" .. pc end
+  local ch = err.challenge
+  local code, enh = tonumber(err.code), err.enhanced
+  local text = ((err.text or err.message or "") .. ""):lower()
+  for _, e in ipairs(M.SMTP) do
+    if (e.code == nil or e.code == code) and (e.enhanced == nil or e.enhanced == enh)
+      and (e.text == nil or text:find(e.text)) and (e.code or e.enhanced) and (code or enh) then
+      -- a challenge status says more than a bare 535
+      if not (ch and ch.status and e.enhanced == nil and M.CHALLENGE[tostring(ch.status)]) then
+        return e
+      end
+    end
+  end
+  if ch and ch.status and M.CHALLENGE[tostring(ch.status)] then return M.CHALLENGE[tostring(ch.status)] end
+  return nil
+end
+
+-- decoder.explain(err [, ctx]) -> err, with hint/cause/fix set when the code is known.
+function M.explain(err, ctx)
+  local e = M.lookup(err)
+  if not e then return err end
+  local c = {}
+  for k, v in pairs(ctx or {}) do c[k] = v end
+  c.consent_url = c.consent_url or consent_url(ctx) or "https://login.microsoftonline.com/<tenant>/adminconsent?client_id=<client_id>"
+  err.cause = e.cause
+  err.fix = fill(e.fix, c)
+  err.hint = err.cause .. " Fix: " .. err.fix
+  if e.retryable ~= nil then err.retryable = e.retryable end
+  return err
+end
+
+return M

@@ -1,0 +1,354 @@
+-- oauthmail — the API most users touch: oauthmail.new(profile) -> mailer,
+-- mailer:send(message) -> receipt, mailer:close(). The mailer keeps one
+-- authenticated SMTP session while its token has margin left, and applies the
+-- send policy (oauthmail.policy): re-authenticate once on 535, reconnect and
+-- send again on 421 / a dropped connection / a timeout before the final reply,
+-- back off on 4xx, stop on 5xx; a message counts as sent only after the
+-- server's 2xx to the end of its data. See docs/mailer.md.
+local errors = require "oauthmail.errors"
+local profile_mod = require "oauthmail.profile"
+local policy_mod = require "oauthmail.policy"
+local decoder = require "oauthmail.decoder"
+local smtp = require "oauthmail.smtp"
+local tokens = require "oauthmail.tokens"
+
+local M = { _VERSION = "oauthmail 0.1" }
+
+local Mailer = {}
+Mailer.__index = Mailer
+
+-- ------------------------------------------------------------ tracing
+
+local function flatten(ev)
+  local parts = {}
+  for k, v in pairs(ev) do
+    if type(v) ~= "table" and type(v) ~= "function" then parts[#parts + 1] = tostring(k) .. "=" .. tostring(v) end
+  end
+  table.sort(parts)
+  return table.concat(parts, " ")
+end
+
+-- A trace given as a path appends one line per event to that file.
+local function file_trace(path)
+  return function(ev)
+    local f = io.open(path, "a")
+    if not f then return end
+    local text
+    if ev.proto == "smtp" then
+      text = string.format("smtp %s %s", ev.dir or "?", ev.text or "")
+    else
+      text = flatten(ev)
+    end
+    f:write(os.date("!%Y-%m-%dT%H:%M:%SZ "), text, "\n")
+    f:close()
+  end
+end
+
+function Mailer:_trace(ev)
+  if self.trace then
+    ev.type = ev.type or "mailer"
+    ev.profile = self.name
+    self.trace(ev)
+  end
+end
+
+-- ------------------------------------------------------------ construction
+
+-- oauthmail.new(profile) -> mailer | nil, err
+-- profile: a table or the path of a Lua file returning one (docs/profiles.md).
+function M.new(profile)
+  if type(profile) ~= "table" and type(profile) ~= "string" then
+    error("oauthmail.new: expected a profile table or a file path, got " .. type(profile), 2)
+  end
+  local s, err = profile_mod.read(profile)
+  if not s then return nil, err end
+  local pol = s.policy
+  local clock = pol.clock or policy_mod.default_clock()
+  local self = setmetatable({
+    settings = s, name = s.name, user = s.user, hooks = s.hooks,
+    sent = 0, closed = false,
+  }, Mailer)
+  if type(s.trace) == "string" then self.trace = file_trace(s.trace) else self.trace = s.trace end
+  local policy_opts = {}
+  for k, v in pairs(pol) do if k ~= "governor" then policy_opts[k] = v end end
+  policy_opts.clock = clock
+  self.policy = policy_mod.new(policy_opts)
+  self.governor = pol.governor or policy_mod.governor(s.limits, {
+    clock = clock, sleep = self.policy.sleep, trace = self.trace and function(ev) self:_trace(ev) end,
+  })
+  local flow = {}
+  for k, v in pairs(s.oauth) do flow[k] = v end
+  if self.trace then flow.trace = function(ev) self:_trace(ev) end end
+  local ok, mgr = pcall(tokens.new, {
+    flow = flow, store = s.store, margin = s.margin, interactive = s.interactive,
+    profile = s.name, clock = function() return math.floor(clock()) end,
+    trace = self.trace and function(ev) self:_trace(ev) end,
+  })
+  if not ok then
+    return errors.fail("config", "store: " .. tostring(mgr):gsub("^[^:]*:%d+: ", ""), { reason = "profile", field = "store" })
+  end
+  self.tokens = mgr
+  self.clock = clock
+  return self
+end
+
+-- ------------------------------------------------------------ messages
+
+local function list_of(v)
+  if v == nil then return {} end
+  if type(v) == "string" then return { v } end
+  return v
+end
+
+local function raw_message_id(data)
+  local head = data:match("^(.-)\r?\n\r?\n") or data
+  return head:match("\n[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*(<[^>\r\n]*>)")
+    or head:match("^[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*(<[^>\r\n]*>)")
+end
+
+-- Bring any accepted message shape to {from, to, data() -> fresh source, message_id}.
+function Mailer:_prepare(msg)
+  if type(msg) ~= "table" then error("mailer:send: expected a message table", 3) end
+  local from
+  if type(msg.reader) == "function" and type(msg.envelope) == "table" then
+    -- a message composed by oauthmail.message: a new reader for every attempt
+    local env = msg.envelope
+    return { from = env.from, to = list_of(env.to), message_id = msg.message_id,
+      data = function() return msg:reader() end }
+  end
+  local raw = msg.raw or msg.data
+  if raw ~= nil then
+    if type(raw) ~= "string" then error("mailer:send: 'raw' must be the message text (a string)", 3) end
+    from = msg.from or self.settings.from
+    local to = {}
+    for _, field in ipairs { "to", "cc", "bcc" } do
+      local l = list_of(msg[field])
+      if type(l) ~= "table" then error("mailer:send: '" .. field .. "' must be an address or a list", 3) end
+      for _, a in ipairs(l) do to[#to + 1] = a end
+    end
+    if #to == 0 then error("mailer:send: no recipients (to, cc or bcc)", 3) end
+    return { from = from, to = to, message_id = raw_message_id(raw), data = function() return raw end }
+  end
+  local ok, message = pcall(require, "oauthmail.message")
+  if not ok then
+    return errors.fail("config", "composing a message needs oauthmail.message; pass raw= (the message text) instead",
+      { reason = "message" })
+  end
+  local t = {}
+  for k, v in pairs(msg) do t[k] = v end
+  t.from = t.from or self.settings.from
+  local m, err = message.compose(t)
+  if not m then return nil, err end
+  return self:_prepare(m)
+end
+
+-- ------------------------------------------------------------ sessions
+
+function Mailer:_drop_session(reason)
+  local s = self.session
+  if not s then return end
+  self.session = nil
+  self:_trace { event = "session_closed", reason = reason }
+  s:close()
+  self.governor:release()
+end
+
+function Mailer:_session_usable()
+  local s = self.session
+  if not s or s.broken or s.closed then return false end
+  if not self.policy.reuse then return false end
+  if self.session_sent >= self.policy.max_messages_per_session then return false end
+  local exp = self.session_token_expires
+  if exp and exp - self.clock() < self.settings.margin then return false end
+  return true
+end
+
+function Mailer:_explain(err)
+  if errors.is(err) or type(err) == "table" then decoder.explain(err, self.settings.ctx) end
+  return err
+end
+
+function Mailer:_token()
+  local tok, err = self.tokens:get()
+  if not tok then return nil, self:_explain(err) end
+  if tok.access_token ~= self.last_access_token then
+    self.last_access_token = tok.access_token
+    self:_trace { event = "token", expires_at = tok.expires_at }
+    if self.hooks.on_token then self.hooks.on_token(tok) end
+  end
+  return tok
+end
+
+function Mailer:_auth(s, tok)
+  local o = self.settings.smtp
+  return s:auth { mechanism = o.mechanism, user = self.user, token = tok.access_token, two_step = o.two_step }
+end
+
+function Mailer:_connect()
+  local o = {}
+  for k, v in pairs(self.settings.smtp) do o[k] = v end
+  o.mechanism, o.two_step = nil, nil
+  o.trace = self.trace and function(ev) self:_trace(ev) end
+  return smtp.open(o)
+end
+
+-- A session authenticated with a token that has margin left. On a refused
+-- authentication the token is invalidated, refreshed once, and tried once more.
+function Mailer:_open()
+  if self:_session_usable() then return self.session end
+  if self.session then self:_drop_session("renew") end
+  local tok, err = self:_token()
+  if not tok then return nil, err end
+  local ok
+  ok, err = self.governor:acquire()
+  if not ok then return nil, err end
+  local s
+  s, err = self:_connect()
+  if not s then
+    self.governor:release()
+    return nil, self:_explain(err)
+  end
+  ok, err = self:_auth(s, tok)
+  if not ok and self.policy.reauth and policy_mod.classify(err) == "reauth" then
+    self:_trace { event = "reauth", code = err.code, enhanced = err.enhanced }
+    self.tokens:invalidate(tok)
+    local tok2, terr = self:_token()
+    if not tok2 then
+      s:close()
+      self.governor:release()
+      return nil, terr
+    end
+    tok = tok2
+    if s.broken then
+      s:close()
+      s, err = self:_connect()
+      if not s then
+        self.governor:release()
+        return nil, self:_explain(err)
+      end
+    end
+    ok, err = self:_auth(s, tok)
+  end
+  if not ok then
+    s:close()
+    self.governor:release()
+    return nil, self:_explain(err)
+  end
+  self.session, self.session_sent = s, 0
+  self.session_token_expires = tok.expires_at
+  self:_trace { event = "session_open", host = self.settings.smtp.host }
+  return s
+end
+
+-- ------------------------------------------------------------ sending
+
+local function rejected_list(map)
+  local out = {}
+  for addr, r in pairs(map or {}) do
+    local e = { address = addr, code = r.code, enhanced = r.enhanced, text = r.text }
+    out[#out + 1] = decoder.explain(e)
+  end
+  table.sort(out, function(a, b) return a.address < b.address end)
+  return out
+end
+
+-- mailer:send(message) -> receipt | nil, err
+-- receipt = {message_id, accepted, rejected, attempts, transport="smtp", reply={code, enhanced, text}}
+function Mailer:send(msg)
+  if self.closed then error("mailer:send: the mailer is closed", 2) end
+  if self.hooks.before_send then
+    local r, why = self.hooks.before_send(msg)
+    if r == false then
+      return errors.fail("policy", "before_send refused the message" .. (why and (": " .. tostring(why)) or ""),
+        { reason = "before_send", retryable = false })
+    elseif type(r) == "table" then
+      msg = r
+    end
+  end
+  local m, perr = self:_prepare(msg)
+  if not m then return nil, perr end
+  if type(m.from) ~= "string" then error("mailer:send: no sender: set from in the message or the profile", 2) end
+  local ok, err = self.governor:admit(#m.to)
+  if not ok then return nil, err end
+  local pol = self.policy
+  local started = self.clock()
+  local attempt, last = 0, nil
+  while attempt < pol.attempts do
+    attempt = attempt + 1
+    local action
+    local s, oerr = self:_open()
+    if not s then
+      err = oerr
+    else
+      local receipt
+      receipt, err = s:send { from = m.from, to = m.to, data = m.data() }
+      if receipt then
+        self.session_sent = self.session_sent + 1
+        self.sent = self.sent + 1
+        self.governor:record(#m.to)
+        self:_trace { event = "sent", message_id = m.message_id, attempts = attempt, code = receipt.code }
+        return {
+          message_id = m.message_id, accepted = receipt.accepted, rejected = rejected_list(receipt.rejected),
+          attempts = attempt, transport = "smtp",
+          reply = { code = receipt.code, enhanced = receipt.enhanced, text = receipt.text },
+        }
+      end
+    end
+    self:_explain(err)
+    action = policy_mod.classify(err)
+    if self.hooks.classify then
+      local custom = self.hooks.classify(err, { attempt = attempt, stage = s and "send" or "open" })
+      if custom ~= nil then action = custom end
+    end
+    -- a 535 that survived the refresh inside _open is final
+    if action == "reauth" then action = "fail" end
+    last = err
+    self:_trace { event = "attempt_failed", attempt = attempt, action = action, kind = err.kind,
+      code = err.code, enhanced = err.enhanced }
+    if action == "fail" then break end
+    local wait = 0
+    if action == "reconnect" then
+      self:_drop_session("reconnect")
+      if attempt > 1 then wait = pol:backoff(attempt - 1) end
+    elseif action == "throttle" then
+      self:_drop_session("throttle")
+      self.governor:lower()
+      wait = pol:backoff(attempt)
+    else -- retry
+      if self.session and self.session.broken then self:_drop_session("broken") end
+      wait = pol:backoff(attempt)
+    end
+    if attempt >= pol.attempts then break end
+    if self.clock() - started + wait > pol.max_time then
+      self:_trace { event = "give_up", reason = "max_time" }
+      break
+    end
+    if wait > 0 then pol.sleep(wait) end
+  end
+  if self.session and self.session.broken then self:_drop_session("broken") end
+  last.attempts = attempt
+  if last.retryable == nil then last.retryable = false end
+  return nil, last
+end
+
+-- mailer:close(): QUIT the session (if any). Idempotent; send after close raises.
+function Mailer:close()
+  if self.closed then return true end
+  self.closed = true
+  self:_drop_session("close")
+  return true
+end
+Mailer.__close = Mailer.close
+Mailer.__gc = function(self) if not self.closed then pcall(Mailer.close, self) end end
+
+-- mailer:stats() -> {sent=, connections=, session_open=}
+function Mailer:stats()
+  return { sent = self.sent, connections = self.governor.connections, session_open = self.session ~= nil }
+end
+
+M.Mailer = Mailer
+M.errors = errors
+M.profile = profile_mod
+M.decoder = decoder
+
+return M

@@ -1,0 +1,208 @@
+-- oauthmail.policy — how sending behaves under errors and limits: what to do
+-- with each failure (re-authenticate, reconnect, back off, give up), how long
+-- to wait between attempts, and the governor that keeps a mailbox under its
+-- provider's rate, volume and connection limits. The clock, the sleep and the
+-- random source are injectable so tests can run a day in a millisecond.
+local core = require "oauthmail.core"
+local errors = require "oauthmail.errors"
+
+local M = {}
+
+M.DEFAULTS = {
+  reuse = true,                   -- keep an authenticated session for the next message
+  max_messages_per_session = 100, -- then QUIT and open a fresh one
+  attempts = 5,                   -- transactions tried per message, reconnects included
+  max_time = 120,                 -- seconds from the first attempt to the last wait
+  backoff_base = 1,               -- first wait after a 4xx, doubled each time
+  backoff_max = 30,
+  jitter = 0.5,                   -- each wait is shortened by up to this fraction, at random
+  reauth = true,                  -- on 535: invalidate the token, refresh once, re-authenticate once
+}
+
+-- Wall-clock seconds with sub-second resolution that never jump back.
+function M.default_clock()
+  local base = os.time() - core.monotime()
+  return function() return base + core.monotime() end
+end
+
+-- ------------------------------------------------------------ decisions
+
+-- policy.classify(err) -> action:
+--   "reauth"    the server refused the credentials
+--   "reconnect" the session is gone or unusable (421, network, timeout): new session, same message
+--   "throttle"  too many connections (432 4.3.2): fewer connections, wait, new session
+--   "retry"     a transient refusal (other 4xx): wait, same session
+--   "fail"      permanent (5xx, configuration, OAuth, TLS verification)
+function M.classify(err)
+  if type(err) ~= "table" then return "fail" end
+  local code = tonumber(err.code)
+  if err.retryable == false and err.kind ~= "auth" then return "fail" end
+  if err.kind == "auth" and (code == 535 or code == 334 or err.challenge) then return "reauth" end
+  if code == 432 and (err.enhanced == nil or err.enhanced == "4.3.2") then return "throttle" end
+  if code == 421 then return "reconnect" end
+  if err.kind == "network" then return "reconnect" end
+  if code and code >= 400 and code < 500 then return "retry" end
+  return "fail"
+end
+
+-- ------------------------------------------------------------ policy object
+
+local Policy = {}
+Policy.__index = Policy
+
+-- policy.new(opts) with the fields of DEFAULTS plus clock, sleep, random.
+function M.new(opts)
+  opts = opts or {}
+  local self = setmetatable({}, Policy)
+  for k, v in pairs(M.DEFAULTS) do self[k] = v end
+  for k, v in pairs(opts) do self[k] = v end
+  self.clock = opts.clock or M.default_clock()
+  self.sleep = opts.sleep or core.sleep
+  self.random = opts.random or math.random
+  if self.attempts < 1 then error("policy: attempts must be at least 1", 2) end
+  return self
+end
+
+-- policy:backoff(n) -> seconds to wait before attempt n+1 (n >= 1).
+function Policy:backoff(n)
+  local d = self.backoff_base * 2 ^ (n - 1)
+  if d > self.backoff_max then d = self.backoff_max end
+  return d * (1 - self.jitter * self.random())
+end
+
+-- ------------------------------------------------------------ governor
+
+local Governor = {}
+Governor.__index = Governor
+M.Governor = Governor
+
+-- policy.governor(limits, {clock=, sleep=}) -> governor
+-- limits: messages_per_minute, messages_per_day, recipients_per_day,
+-- recipients_per_message, connections, on_limit ("wait"|"fail"), max_wait.
+-- Share one governor between mailers of the same mailbox to count them together.
+function M.governor(limits, opts)
+  limits = limits or {}
+  opts = opts or {}
+  return setmetatable({
+    limits = limits,
+    connections = limits.connections,     -- lowered by 432 4.3.2
+    on_limit = limits.on_limit or "wait",
+    max_wait = limits.max_wait or 120,
+    clock = opts.clock or M.default_clock(),
+    sleep = opts.sleep or core.sleep,
+    minute = {},   -- send times within the last minute
+    day = {},      -- {t=, n=} per message within the last 24 hours
+    open = 0,      -- connections held now
+    trace = opts.trace,
+  }, Governor)
+end
+
+local function prune(list, horizon)
+  local i = 1
+  while list[i] and (list[i].t or list[i]) <= horizon do i = i + 1 end
+  if i > 1 then
+    local n = #list
+    for j = i, n do list[j - i + 1] = list[j] end
+    for j = n - i + 2, n do list[j] = nil end
+  end
+end
+
+local function limit_error(what, wait, fields)
+  local f = { reason = "rate_limit", retryable = true, retry_after = wait }
+  for k, v in pairs(fields or {}) do f[k] = v end
+  return errors.new("policy", what, f)
+end
+
+-- Seconds until a message with n recipients fits every window (0: now), or nil, err if it never can.
+function Governor:wait_for(n)
+  local L, now = self.limits, self.clock()
+  prune(self.minute, now - 60)
+  prune(self.day, now - 86400)
+  if L.recipients_per_message and n > L.recipients_per_message then
+    return nil, errors.new("policy", string.format("%d recipients in one message; the limit is %d",
+      n, L.recipients_per_message), { reason = "recipients_per_message", retryable = false })
+  end
+  if L.recipients_per_day and n > L.recipients_per_day then
+    return nil, errors.new("policy", string.format("%d recipients exceed the daily limit of %d",
+      n, L.recipients_per_day), { reason = "recipients_per_day", retryable = false })
+  end
+  local wait, why = 0, nil
+  if L.messages_per_minute and #self.minute >= L.messages_per_minute then
+    local w = self.minute[#self.minute - L.messages_per_minute + 1] + 60 - now
+    if w > wait then wait, why = w, "messages_per_minute" end
+  end
+  if L.messages_per_day and #self.day >= L.messages_per_day then
+    local w = self.day[#self.day - L.messages_per_day + 1].t + 86400 - now
+    if w > wait then wait, why = w, "messages_per_day" end
+  end
+  if L.recipients_per_day then
+    local total = 0
+    for _, e in ipairs(self.day) do total = total + e.n end
+    local i = 1
+    while total + n > L.recipients_per_day and self.day[i] do
+      total = total - self.day[i].n
+      local w = self.day[i].t + 86400 - now
+      if w > wait then wait, why = w, "recipients_per_day" end
+      i = i + 1
+    end
+  end
+  return wait, why
+end
+
+-- governor:admit(n) -> true | nil, err: wait (bounded by max_wait) or fail
+-- until a message with n recipients may go.
+function Governor:admit(n)
+  local waited = 0
+  while true do
+    local wait, why = self:wait_for(n)
+    if not wait then return nil, why end
+    if wait <= 0 then return true end
+    if self.on_limit == "fail" or waited + wait > self.max_wait then
+      return nil, limit_error(string.format("sending limit reached (%s = %d); the next message may go in %.0f s",
+        why, self.limits[why], wait), wait, { limit = why })
+    end
+    if self.trace then self.trace { type = "policy", event = "hold", limit = why, seconds = wait } end
+    self.sleep(wait)
+    waited = waited + wait
+  end
+end
+
+-- governor:record(n): a message with n recipients was sent.
+function Governor:record(n)
+  local now = self.clock()
+  self.minute[#self.minute + 1] = now
+  self.day[#self.day + 1] = { t = now, n = n }
+end
+
+-- governor:acquire() -> true | nil, err: take one of the mailbox's connections.
+-- A single mailer holds at most one; a governor shared by several mailers
+-- (coroutines) makes them wait for each other, polling, within max_wait.
+function Governor:acquire()
+  local waited = 0
+  while self.connections and self.open >= self.connections do
+    if self.on_limit == "fail" or waited >= self.max_wait then
+      return nil, limit_error(string.format("all %d connections to this mailbox are in use", self.connections), 1,
+        { limit = "connections" })
+    end
+    self.sleep(0.05)
+    waited = waited + 0.05
+  end
+  self.open = self.open + 1
+  return true
+end
+
+function Governor:release()
+  if self.open > 0 then self.open = self.open - 1 end
+end
+
+-- governor:lower(): the server said too many connections; allow one fewer
+-- (never fewer than one).
+function Governor:lower()
+  local cur = self.connections or math.max(self.open, 1)
+  local new = math.max(1, cur - 1)
+  self.connections = new
+  if self.trace then self.trace { type = "policy", event = "concurrency", connections = new } end
+  return new
+end
+
+return M
