@@ -399,8 +399,8 @@ static int http_request(lua_State *L) {
   verify = om_opt_bool(L, 1, "verify", 1);
   follow = om_opt_bool(L, 1, "follow_redirects", 0);
   r->tracing = om_opt_bool(L, 1, "trace", 0);
-  luaL_argcheck(L, timeout > 0, 1, "timeout must be positive");
-  luaL_argcheck(L, connect_timeout > 0, 1, "connect_timeout must be positive");
+  luaL_argcheck(L, timeout > 0 && timeout <= 1e6, 1, "timeout must be in (0, 1e6] seconds");
+  luaL_argcheck(L, connect_timeout > 0 && connect_timeout <= 1e6, 1, "connect_timeout must be in (0, 1e6] seconds");
   luaL_argcheck(L, max_body >= 0 && max_body < 4294967296.0, 1, "max_body out of range");
   r->max_body = (size_t)max_body;
   ty = om_getfield(L, 1, "body");
@@ -427,7 +427,11 @@ static int http_request(lua_State *L) {
   SETOPT(CURLOPT_URL, url);
   SETOPT(CURLOPT_NOSIGNAL, 1L);
   SETOPT(CURLOPT_ERRORBUFFER, r->errbuf);
+#if LIBCURL_VERSION_NUM >= 0x075500
   SETOPT(CURLOPT_PROTOCOLS_STR, "http,https");
+#else
+  SETOPT(CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
+#endif
   SETOPT(CURLOPT_TIMEOUT_MS, (long)(timeout * 1000));
   SETOPT(CURLOPT_CONNECTTIMEOUT_MS, (long)(connect_timeout * 1000));
   SETOPT(CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_2);
@@ -445,7 +449,12 @@ static int http_request(lua_State *L) {
     SETOPT(CURLOPT_FOLLOWLOCATION, 1L);
     SETOPT(CURLOPT_MAXREDIRS, 5L);
     /* Never follow an https URL down to plain http. */
+#if LIBCURL_VERSION_NUM >= 0x075500
     SETOPT(CURLOPT_REDIR_PROTOCOLS_STR, strncmp(url, "https:", 6) == 0 ? "https" : "http,https");
+#else
+    SETOPT(CURLOPT_REDIR_PROTOCOLS, strncmp(url, "https:", 6) == 0 ? (long)CURLPROTO_HTTPS
+                                                                   : (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
+#endif
   }
   if ((s = om_opt_string(L, 1, "ca_file", NULL))) SETOPT(CURLOPT_CAINFO, s);
   if ((s = om_opt_string(L, 1, "ca_path", NULL))) SETOPT(CURLOPT_CAPATH, s);
