@@ -90,4 +90,348 @@ describe("mailer against the oidc-provider and the sandbox", function()
     h.assert_no_secrets(text, secrets(seen))
     assert.has_error(function() mailer:send { raw = "x", to = "a@b.c" } end)
   end)
+
+  -- sleeps recorded instead of slept, so back-off costs no time
+  local function fake_sleep()
+    local slept = {}
+    return slept, function(sec) slept[#slept + 1] = sec end
+  end
+
+  it("refreshes the token once and re-authenticates after a 535", function()
+    sb.faults { { stage = "auth", code = 535, enhanced = "5.7.3", text = "Authentication unsuccessful [sandbox]" } }
+    local before = srv.stats().token_requests
+    local trace = h.trace_collector()
+    local seen, on_token = catcher()
+    local mailer = assert(oauthmail.new(profile { trace = trace, on_token = on_token }))
+    local r, err = mailer:send { raw = raw("after 535", "m535"), to = "ops@example.org" }
+    assert.is_nil(err)
+    assert.equals(1, r.attempts)
+    mailer:close()
+    assert.equals(2, srv.stats().token_requests - before)
+    assert.equals(2, #seen)
+    assert.are_not.equal(seen[1], seen[2])
+    assert.equals(1, count("<m535@contoso.test>"))
+    local text = trace.text()
+    assert.truthy(text:find("event=reauth", 1, true), text)
+    h.assert_no_secrets(text, secrets(seen))
+  end)
+
+  it("returns the 535 with its hint when the refreshed token is refused too", function()
+    sb.faults { { stage = "auth", code = 535, enhanced = "5.7.3", text = "Authentication unsuccessful", times = 2 } }
+    local before = srv.stats().token_requests
+    local mailer = assert(oauthmail.new(profile()))
+    local r, err = mailer:send { raw = raw("refused", "mfail"), to = "ops@example.org" }
+    assert.is_nil(r)
+    assert.equals("auth", err.kind)
+    assert.equals(535, err.code)
+    assert.equals("5.7.3", err.enhanced)
+    assert.truthy(err.hint:find("SMTP AUTH", 1, true), err.hint)
+    assert.truthy(tostring(err):find("hint:", 1, true))
+    assert.equals(1, err.attempts)
+    assert.equals(2, srv.stats().token_requests - before)   -- one refresh, not a loop
+    mailer:close()
+    assert.equals(0, count("<mfail@contoso.test>"))
+  end)
+
+  it("explains 535 5.7.139 (SMTP AUTH disabled) and a 334 error challenge", function()
+    sb.faults { { stage = "auth", code = 535, enhanced = "5.7.139",
+      text = "Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant", times = 2 } }
+    local mailer = assert(oauthmail.new(profile()))
+    local _, err = mailer:send { raw = raw("x", "m139"), to = "ops@example.org" }
+    assert.equals("5.7.139", err.enhanced)
+    assert.truthy(err.hint:find("SmtpClientAuthenticationDisabled", 1, true), err.hint)
+    mailer:close()
+    local challenge = { status = "401", schemes = "bearer", scope = "https://outlook.office.com/SMTP.Send" }
+    sb.faults { { stage = "auth", challenge = challenge }, { stage = "auth", challenge = challenge } }
+    mailer = assert(oauthmail.new(profile()))
+    _, err = mailer:send { raw = raw("x", "m334"), to = "ops@example.org" }
+    assert.equals("auth", err.kind)
+    assert.equals("401", err.challenge.status)
+    assert.truthy(err.hint:find("bearer token", 1, true), err.hint)
+    mailer:close()
+  end)
+
+  it("reconnects and sends again after a 421 to MAIL FROM", function()
+    sb.faults { { stage = "mail", code = 421, enhanced = "4.3.2", text = "Service not available, closing transmission channel" } }
+    local conns = sb.stats().connections
+    local mailer = assert(oauthmail.new(profile()))
+    local r, err = mailer:send { raw = raw("421", "m421"), to = "ops@example.org" }
+    assert.is_nil(err)
+    assert.equals(2, r.attempts)
+    mailer:close()
+    assert.equals(2, sb.stats().connections - conns)
+    assert.equals(1, count("<m421@contoso.test>"))
+  end)
+
+  it("sends the whole message again when the connection drops during DATA", function()
+    sb.faults { { stage = "data", action = "drop" } }
+    local mailer = assert(oauthmail.new(profile()))
+    local body = raw("dropped", "mdrop") .. string.rep("line of body text\r\n", 5000)
+    local r, err = mailer:send { raw = body, to = "ops@example.org" }
+    assert.is_nil(err)
+    assert.equals(2, r.attempts)
+    mailer:close()
+    assert.equals(1, count("<mdrop@contoso.test>"))
+    local m = sb.messages()[#sb.messages()]
+    assert.equals(#body, m.size)
+  end)
+
+  it("sends again after a timeout before the final reply to the data", function()
+    sb.faults { { stage = "data", action = "stall" } }
+    local mailer = assert(oauthmail.new(profile { smtp = sb.smtp { timeout = 1 } }))
+    local t0 = h.now()
+    local r, err = mailer:send { raw = raw("stall", "mstall"), to = "ops@example.org" }
+    assert.is_nil(err)
+    assert.equals(2, r.attempts)
+    assert.is_true(h.now() - t0 < 20)
+    mailer:close()
+    assert.equals(1, count("<mstall@contoso.test>"))
+  end)
+
+  it("never sends twice once the 2xx was seen, even if the connection drops right after", function()
+    sb.faults { { stage = "data", action = "drop_after_ok" } }
+    local mailer = assert(oauthmail.new(profile()))
+    local r1, err1 = mailer:send { raw = raw("ok then drop", "mok1"), to = "ops@example.org" }
+    assert.is_nil(err1)
+    assert.equals(1, r1.attempts)
+    local r2, err2 = mailer:send { raw = raw("next", "mok2"), to = "ops@example.org" }
+    assert.is_nil(err2)
+    assert.is_true(r2.attempts <= 2)
+    mailer:close()
+    assert.equals(1, count("<mok1@contoso.test>"))
+    assert.equals(1, count("<mok2@contoso.test>"))
+  end)
+
+  it("reports a refused recipient and delivers to the others", function()
+    sb.faults { { stage = "rcpt", address = "gone@example.org", code = 550, enhanced = "5.1.1",
+      text = "RESOLVER.ADR.RecipNotFound; not found" } }
+    local mailer = assert(oauthmail.new(profile()))
+    local r, err = mailer:send { raw = raw("three", "mrcpt"), to = { "a@example.org", "gone@example.org" },
+      cc = "c@example.org" }
+    assert.is_nil(err)
+    assert.same({ "a@example.org", "c@example.org" }, r.accepted)
+    assert.equals(1, #r.rejected)
+    assert.equals("gone@example.org", r.rejected[1].address)
+    assert.equals(550, r.rejected[1].code)
+    assert.equals("5.1.1", r.rejected[1].enhanced)
+    mailer:close()
+    local m = sb.messages()[#sb.messages()]
+    assert.equals("<mrcpt@contoso.test>", m.message_id)
+    assert.same({ "a@example.org", "c@example.org" }, m.to)
+  end)
+
+  it("lowers concurrency and waits on 432 4.3.2, then delivers", function()
+    local busy = { stage = "mail", code = 432, enhanced = "4.3.2", text = "STOREDRV.ClientSubmit; sender thread limit exceeded" }
+    sb.faults { busy, busy }
+    local slept, sleep = fake_sleep()
+    local mailer = assert(oauthmail.new(profile { policy = { sleep = sleep, random = function() return 0 end } }))
+    assert.equals(3, mailer:stats().connections or 3)
+    local r, err = mailer:send { raw = raw("busy", "m432"), to = "ops@example.org" }
+    assert.is_nil(err)
+    assert.equals(3, r.attempts)
+    assert.same({ 1, 2 }, slept)        -- exponential back-off, jitter pinned to 0
+    assert.equals(1, mailer:stats().connections)
+    mailer:close()
+    assert.equals(1, count("<m432@contoso.test>"))
+  end)
+
+  it("backs off on 451 4.7.500 within the attempt limit and gives up with a hint", function()
+    local busy = { stage = "mail", code = 451, enhanced = "4.7.500", text = "Server busy. Please try again later", times = 3 }
+    sb.faults { busy }
+    local slept, sleep = fake_sleep()
+    local mailer = assert(oauthmail.new(profile {
+      policy = { sleep = sleep, attempts = 3, random = function() return 1 end },
+    }))
+    local r, err = mailer:send { raw = raw("busy", "m451"), to = "ops@example.org" }
+    assert.is_nil(r)
+    assert.equals(451, err.code)
+    assert.equals(3, err.attempts)
+    assert.is_true(err.retryable)
+    assert.truthy(err.hint:find("busy", 1, true), err.hint)
+    assert.same({ 0.5, 1 }, slept)      -- 1 and 2 seconds, halved by full jitter
+    mailer:close()
+    assert.equals(0, count("<m451@contoso.test>"))
+  end)
+
+  it("does not retry a 5xx (550 5.7.60 SendAs denied)", function()
+    sb.faults { { stage = "mail", code = 550, enhanced = "5.7.60", text = "SMTP; Client does not have permissions to send as this sender" } }
+    local slept, sleep = fake_sleep()
+    local mailer = assert(oauthmail.new(profile { policy = { sleep = sleep } }))
+    local r, err = mailer:send { raw = raw("sendas", "m560"), to = "ops@example.org", from = "ceo@contoso.test" }
+    assert.is_nil(r)
+    assert.equals("smtp", err.kind)
+    assert.equals(1, err.attempts)
+    assert.is_false(err.retryable)
+    assert.truthy(err.hint:find("Send As", 1, true), err.hint)
+    assert.same({}, slept)
+    -- the session survives a refused transaction
+    local r2 = assert(mailer:send { raw = raw("after", "m560b"), to = "ops@example.org" })
+    assert.equals(1, r2.attempts)
+    mailer:close()
+  end)
+
+  it("opens a new session with a fresh token when the token runs out mid-batch", function()
+    local one, two = "sbx-token-one-7f3a9c2e51", "sbx-token-two-0b8d4e6a93"
+    sb.tokens { one, two }
+    srv.inject("/token", {
+      { body = { access_token = one, token_type = "Bearer", expires_in = 3600 } },
+      { body = { access_token = two, token_type = "Bearer", expires_in = 7200 } },
+    }, true)
+    local offset = 0
+    local clock = function() return os.time() + offset end
+    local trace = h.trace_collector()
+    local conns = sb.stats().connections
+    local mailer = assert(oauthmail.new(profile { margin = 600, trace = trace, policy = { clock = clock } }))
+    local ids = { "mexp1", "mexp2", "mexp3" }
+    local receipts = {}
+    for i, id in ipairs(ids) do
+      receipts[i] = assert(mailer:send { raw = raw("batch " .. i, id), to = "ops@example.org" })
+      if i == 1 then offset = 3100 end  -- token one now has 500 s left: under the margin
+    end
+    mailer:close()
+    for i, id in ipairs(ids) do
+      assert.equals(1, count("<" .. id .. "@contoso.test>"))
+      assert.equals(1, receipts[i].attempts)
+    end
+    assert.equals(2, sb.stats().connections - conns)
+    local labels = {}
+    for _, m in ipairs(sb.messages()) do
+      if m.message_id and m.message_id:match("^<mexp") then labels[#labels + 1] = m.token end
+    end
+    assert.same({ "list-1", "list-2", "list-2" }, labels)
+    h.assert_no_secrets(trace.text(), { one, two, srv.secrets.post })
+  end)
+
+  it("holds the 31st message of a minute (30/minute) until the window passes", function()
+    local now = os.time()
+    local slept = {}
+    local mailer = assert(oauthmail.new(profile {
+      limits = { messages_per_minute = 30 },
+      policy = { clock = function() return now end, sleep = function(s) slept[#slept + 1] = s now = now + s end },
+    }))
+    local before = #sb.messages()
+    for i = 1, 31 do
+      assert(mailer:send { raw = raw("rate " .. i, "mrate" .. i), to = "ops@example.org" })
+      if i < 31 then now = now + 1 end
+    end
+    mailer:close()
+    assert.equals(31, #sb.messages() - before)
+    assert.equals(1, #slept)
+    assert.is_true(slept[1] > 29 and slept[1] <= 31, tostring(slept[1]))
+  end)
+
+  it("fails the 31st message with kind policy when the profile says fail", function()
+    local now = os.time()
+    local mailer = assert(oauthmail.new(profile {
+      limits = { messages_per_minute = 30, on_limit = "fail" },
+      policy = { clock = function() return now end, sleep = function() error("must not sleep") end },
+    }))
+    local before = #sb.messages()
+    for i = 1, 30 do assert(mailer:send { raw = raw("f " .. i, "mfail" .. i), to = "ops@example.org" }) end
+    local r, err = mailer:send { raw = raw("f 31", "mfail31"), to = "ops@example.org" }
+    assert.is_nil(r)
+    assert.equals("policy", err.kind)
+    assert.equals("messages_per_minute", err.limit)
+    assert.is_true(err.retry_after > 0)
+    mailer:close()
+    assert.equals(30, #sb.messages() - before)
+  end)
+
+  it("runs two mailers side by side with different profiles", function()
+    local other_user = "alerts@fabrikam.test"
+    local sb2 = sandbox.start { user = other_user, jwks_uri = srv.issuer .. "/jwks", ca = srv.ca }
+    local ok, e = pcall(function()
+      local a = assert(oauthmail.new(profile { name = "contoso" }))
+      local b = assert(oauthmail.new(profile {
+        name = "fabrikam", user = other_user, client_id = "cc-basic", client_secret = srv.secrets.basic,
+        client_auth = "client_secret_basic", smtp = sb2.smtp(),
+      }))
+      local before = #sb.messages()
+      for i = 1, 2 do
+        assert(a:send { raw = raw("a" .. i, "side-a" .. i), to = "ops@example.org" })
+        assert(b:send { raw = raw("b" .. i, "side-b" .. i), to = "ops@example.org" })
+      end
+      a:close()
+      b:close()
+      local ma, mb = sb.messages(), sb2.messages()
+      assert.equals(2, #ma - before)
+      assert.equals(2, #mb)
+      assert.equals(USER, ma[#ma].user)
+      assert.equals(other_user, mb[#mb].user)
+      assert.truthy(mb[1].message_id:match("^<side%-b"))
+      assert.are_not.equal(ma[#ma].token, mb[#mb].token)
+    end)
+    sb2.stop()
+    assert(ok, e)
+  end)
+
+  it("refuses through before_send and lets the hook rewrite the message", function()
+    local mailer = assert(oauthmail.new(profile {
+      before_send = function(msg)
+        if msg.to == "blocked@example.org" then return false, "recipient on the block list" end
+        msg.to = { msg.to, "audit@contoso.test" }
+      end,
+    }))
+    local r, err = mailer:send { raw = raw("x", "mblock"), to = "blocked@example.org" }
+    assert.is_nil(r)
+    assert.equals("policy", err.kind)
+    assert.truthy(err.message:find("block list", 1, true))
+    r = assert(mailer:send { raw = raw("x", "mhook"), to = "ops@example.org" })
+    assert.same({ "ops@example.org", "audit@contoso.test" }, r.accepted)
+    mailer:close()
+  end)
+
+  it("loads a profile from a file and reports network failures as values", function()
+    local dir = h.tmpdir()
+    local path = dir .. "/tenant.lua"
+    h.write_file(path, string.format([[
+      return { provider = "generic", token_endpoint = %q, client_id = "cc-post", client_secret = %q,
+        client_auth = "client_secret_post", scope = "mail.send", ca_file = %q, user = %q,
+        smtp = { host = "127.0.0.1", port = %d, ca_file = %q, timeout = 5 },
+        policy = { attempts = 2, sleep = function() end } }
+    ]], srv.token_endpoint, srv.secrets.post, srv.ca, USER, h.free_port(), sb.ca))
+    local mailer = assert(oauthmail.new(path))
+    assert.equals("tenant", mailer.name)
+    local r, err = mailer:send { raw = raw("x", "mnet"), to = "ops@example.org" }
+    assert.is_nil(r)
+    assert.equals("network", err.kind)
+    assert.equals(2, err.attempts)
+    mailer:close()
+  end)
+end)
+
+describe("mailer against the smtp-server peer", function()
+  it("sends with a pre-provisioned real token from the oidc-provider", function()
+    local srv = oidc.start()
+    local peer
+    local ok, e = pcall(function()
+      local oauth2 = require "oauthmail.oauth2"
+      local tok = assert(oauth2.client_credentials(srv.cfg("cc-post")))
+      peer = smtp_peers.node_smtp { token = tok.access_token, user = USER, auth = { "XOAUTH2" } }
+      -- a store that hands out the token provisioned elsewhere (e.g. a secret manager)
+      local provisioned = {
+        load = function() return tok end, save = function() return true end,
+        lock = function() return function() return true end end,
+      }
+      local trace = h.trace_collector()
+      local mailer = assert(oauthmail.new {
+        provider = "generic", token_endpoint = srv.token_endpoint, flow = "client_credentials",
+        client_id = "cc-post", client_secret = srv.secrets.post, ca_file = srv.ca, user = USER,
+        store = provisioned, trace = trace,
+        smtp = { host = "127.0.0.1", port = peer.port, ca_file = peer.ca },
+      })
+      local r = assert(mailer:send { raw = raw("peer", "mpeer"), to = { "x@example.org", "y@example.org" } })
+      assert.equals(250, r.reply.code)
+      assert.same({ "x@example.org", "y@example.org" }, r.accepted)
+      mailer:close()
+      local msgs = peer.messages()
+      assert.equals(1, #msgs)
+      assert.equals(USER, msgs[1].user)
+      assert.truthy(msgs[1].data:find("Message-ID: <mpeer@contoso.test>", 1, true))
+      h.assert_no_secrets(trace.text(), { tok.access_token, srv.secrets.post })
+    end)
+    if peer then peer.stop() end
+    srv.stop()
+    assert(ok, e)
+  end)
 end)

@@ -99,7 +99,8 @@ end
 
 local function prune(list, horizon)
   local i = 1
-  while list[i] and (list[i].t or list[i]) <= horizon do i = i + 1 end
+  local function at(v) if type(v) == "table" then return v.t end return v end
+  while list[i] and at(list[i]) <= horizon do i = i + 1 end
   if i > 1 then
     local n = #list
     for j = i, n do list[j - i + 1] = list[j] end
