@@ -1,0 +1,167 @@
+-- oauthmail.message.address — mailbox parsing and rendering: one address
+-- ("user@x", "Name <user@x>", "\"Doe, J\" <user@x>"), address lists as found
+-- in raw headers (quotes, comments, groups), and header items for folding.
+local encode = require "oauthmail.message.encode"
+
+local M = {}
+
+-- RFC 5322 atext, plus UTF-8 bytes (RFC 6532) which the caller may refuse.
+local ATEXT = "[%w!#%$%%&'%*%+/=%?%^_`{|}~%-\128-\255]"
+local NOT_ATEXT = "[^%w!#%$%%&'%*%+/=%?%^_`{|}~%-\128-\255]"
+
+local function dot_atom(s)
+  if s == "" or s:find("^%.") or s:find("%.$") or s:find("..", 1, true) then return false end
+  return not s:gsub("%.", ""):find(NOT_ATEXT)
+end
+
+-- check(addr) -> true, has_utf8 | nil, reason  (a bare addr-spec)
+function M.check(addr)
+  if addr:find("[\r\n]") then return nil, "address contains a line break" end
+  if addr == "" then return nil, "address is empty" end
+  if #addr > 254 then return nil, "address is longer than 254 octets" end
+  if not encode.valid_utf8(addr) then return nil, "address is not valid UTF-8" end
+  local at = addr:find("@[^@]*$")
+  if not at or at == 1 or at == #addr then
+    return nil, "'" .. addr .. "' is not an address of the form user@domain"
+  end
+  local lp, dom = addr:sub(1, at - 1), addr:sub(at + 1)
+  local quoted = lp:match('^"(.*)"$')
+  if quoted then
+    if quoted:gsub("\\.", ""):find('[%z\1-\31\127"\\]') then
+      return nil, "'" .. addr .. "' has an invalid quoted local part"
+    end
+  elseif not dot_atom(lp) then
+    return nil, "'" .. addr .. "' has an invalid local part"
+  end
+  if not dom:find("^%[[^%[%]\\%s]+%]$") then
+    for label in (dom .. "."):gmatch("([^.]*)%.") do
+      if label == "" or label:find("[^%w%-\128-\255]") or label:find("^%-") or label:find("%-$") then
+        return nil, "'" .. addr .. "' has an invalid domain"
+      end
+    end
+  end
+  return true, lp:find("[\128-\255]") ~= nil or dom:find("[\128-\255]") ~= nil, lp:find("[\128-\255]") ~= nil
+end
+
+local function trim(s) return (s:gsub("^%s+", ""):gsub("%s+$", "")) end
+
+-- parse(s) -> {name=, address=} | nil, reason
+function M.parse(s)
+  local br = s:find("[\r\n]")
+  if br then
+    local lt = s:find("<", 1, true)
+    if lt and br < lt then return nil, "display name contains a line break" end
+    return nil, "address contains a line break"
+  end
+  s = trim(s)
+  local name, addr = s:match("^(.-)%s*<([^<>]*)>$")
+  if not addr then
+    name, addr = nil, s
+  else
+    name = trim(name)
+    local q = name:match('^"(.*)"$')
+    if q then name = q:gsub("\\(.)", "%1") end
+    if name == "" then name = nil end
+  end
+  local ok, why = M.check(addr)
+  if not ok then return nil, why end
+  if name and not encode.valid_utf8(name) then return nil, "display name is not valid UTF-8" end
+  return { name = name, address = addr }
+end
+
+-- Split an address-list header value into mailbox strings: commas inside
+-- quotes, comments and angle brackets do not count; comments are dropped;
+-- group names ("Team: a@x, b@x;") are dropped with their punctuation.
+function M.split_list(s)
+  local out, cur = {}, {}
+  local i, n = 1, #s
+  local quote, depth, angle = false, 0, false
+  local function push()
+    local m = trim(table.concat(cur))
+    if m ~= "" then out[#out + 1] = m end
+    cur = {}
+  end
+  while i <= n do
+    local c = s:sub(i, i)
+    if quote then
+      cur[#cur + 1] = c
+      if c == "\\" then
+        cur[#cur + 1] = s:sub(i + 1, i + 1)
+        i = i + 1
+      elseif c == '"' then
+        quote = false
+      end
+    elseif depth > 0 then
+      if c == "\\" then i = i + 1
+      elseif c == "(" then depth = depth + 1
+      elseif c == ")" then depth = depth - 1 end
+    elseif c == '"' then
+      quote = true
+      cur[#cur + 1] = c
+    elseif c == "(" then
+      depth = 1
+    elseif c == "<" or c == "[" then
+      angle = true
+      cur[#cur + 1] = c
+    elseif c == ">" or c == "]" then
+      angle = false
+      cur[#cur + 1] = c
+    elseif (c == "," or c == ";") and not angle then
+      push()
+    elseif c == ":" and not angle then
+      cur = {}   -- what came before was a group name
+    else
+      cur[#cur + 1] = c
+    end
+    i = i + 1
+  end
+  push()
+  return out
+end
+
+-- Header items for one mailbox: the display name (literal, quoted or as
+-- encoded-words) and the address, ready for encode.fold.
+function M.items(mb, used)
+  local items = {}
+  local name = mb.name
+  if name and name ~= "" then
+    local literal
+    if not encode.needs_encoding(name) then
+      if not name:gsub(" ", ""):find(NOT_ATEXT) and not name:find("^ ") and not name:find(" $")
+        and not name:find("  ", 1, true) then
+        literal = {}
+        for w in name:gmatch("%S+") do literal[#literal + 1] = w end
+      else
+        literal = { '"' .. name:gsub('[\\"]', "\\%0") .. '"' }
+      end
+      for i = 1, #literal do
+        if #literal[i] > 76 then literal = nil break end
+      end
+    end
+    if literal then
+      for i = 1, #literal do items[#items + 1] = { " ", literal[i] } end
+    else
+      local ws = encode.encoded_words(name, used)
+      for i = 1, #ws do items[#items + 1] = { " ", ws[i] } end
+    end
+    items[#items + 1] = { " ", "<" .. mb.address .. ">" }
+  else
+    items[1] = { " ", mb.address }
+  end
+  return items
+end
+
+-- A folded "Name: a, b, c" field from a list of mailboxes.
+function M.field(hname, list)
+  local items = {}
+  for i = 1, #list do
+    local its = M.items(list[i], i == 1 and #hname + 2 or 0)
+    if i < #list then its[#its][2] = its[#its][2] .. "," end
+    for j = 1, #its do items[#items + 1] = its[j] end
+  end
+  return encode.fold(hname, items)
+end
+
+M.ATEXT = ATEXT
+
+return M
