@@ -229,9 +229,21 @@ static void fail_curl(lua_State *L, request *r, CURLcode rc, double timeout) {
       om_fail(L, "network", os_errno == ECONNREFUSED ? "refused" : "unreachable",
               "cannot connect to %s (%s)", r->host, detail);
       break;
-    case CURLE_GOT_NOTHING:
     case CURLE_RECV_ERROR:
     case CURLE_SEND_ERROR:
+      /* TLS 1.3 servers refuse a client certificate after the handshake,
+       * so the refusal arrives as a read error carrying a TLS alert. */
+      if (strstr(detail, "certificate required")) {
+        om_fail(L, "tls", "client_cert", "%s requires a client certificate (set client_cert and client_key): %s",
+                r->host, detail);
+        break;
+      }
+      if (strstr(detail, "alert")) {
+        om_fail(L, "tls", "handshake", "%s refused the TLS session (%s)", r->host, detail);
+        break;
+      }
+      /* fall through */
+    case CURLE_GOT_NOTHING:
     case CURLE_PARTIAL_FILE:
     case CURLE_HTTP2:
     case CURLE_HTTP2_STREAM:

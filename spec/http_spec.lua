@@ -109,6 +109,16 @@ describe("oauthmail.http", function()
       assert.are.equal(401, r.status)
     end)
 
+    it("a server that requires a client certificate refuses a client without one", function()
+      local _, rbase = start_stub(c.server, "--ca " .. h.quote(c.ca) .. " --require-cert")
+      local no, err = http.request { url = rbase .. "/echo", ca_file = ca }
+      expect_err("tls", "client_cert", no, err)
+      assert.matches("requires a client certificate", err.message)
+      local r = assert(http.request { url = rbase .. "/echo", ca_file = ca,
+        client_cert = c.client.cert, client_key = c.client.key })
+      assert.are.equal(200, r.status)
+    end)
+
     it("a client key that cannot be read is a config error", function()
       local no, err = http.request { url = base .. "/clientcert", ca_file = ca,
         client_cert = c.client.cert, client_key = "/nonexistent/client.key" }

@@ -1,10 +1,12 @@
 // fault_http.mjs — a small HTTPS (or HTTP) server with fault switches, for
 // the http and OAuth specs. Run from spec/peers:
 //
-//   node fault_http.mjs --cert server.crt --key server.key [--ca ca.crt --request-cert]
+//   node fault_http.mjs --cert server.crt --key server.key [--ca ca.crt --request-cert | --require-cert]
 //                       [--plain] [--port 0] [--host 127.0.0.1]
 //
 // It prints "fault_http listening on port N" once it accepts connections.
+// --request-cert asks for a client certificate and lets the route decide;
+// --require-cert makes TLS itself refuse clients without a trusted one.
 //
 // Built-in routes (any method):
 //   /echo                  200 JSON {method, path, query, headers, body, client_cert}
@@ -39,7 +41,7 @@ import fs from 'node:fs';
 const args = { port: '0', host: '127.0.0.1' };
 for (let i = 2; i < process.argv.length; i++) {
   const a = process.argv[i];
-  if (a === '--plain' || a === '--request-cert') args[a.slice(2)] = true;
+  if (a === '--plain' || a === '--request-cert' || a === '--require-cert') args[a.slice(2)] = true;
   else if (a.startsWith('--')) args[a.slice(2)] = process.argv[++i];
 }
 
@@ -167,6 +169,7 @@ if (args.plain) {
   const opts = { cert: fs.readFileSync(args.cert), key: fs.readFileSync(args.key) };
   if (args.ca) opts.ca = fs.readFileSync(args.ca);
   if (args['request-cert']) { opts.requestCert = true; opts.rejectUnauthorized = false; }
+  if (args['require-cert']) { opts.requestCert = true; opts.rejectUnauthorized = true; }
   server = https.createServer(opts, onRequest);
 }
 server.keepAliveTimeout = 1000;
