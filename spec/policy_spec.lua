@@ -1,0 +1,129 @@
+-- spec/policy_spec.lua — the send policy's decisions, back-off and the
+-- governor's windows, with an injected clock and sleep (a day in no time).
+-- The policy driving real sends is in spec/mailer_spec.lua.
+local errors = require "oauthmail.errors"
+local policy = require "oauthmail.policy"
+
+local function fake_time(start)
+  local t = { now = start or 1800000000, slept = {} }
+  t.clock = function() return t.now end
+  t.sleep = function(s) t.slept[#t.slept + 1] = s t.now = t.now + s end
+  return t
+end
+
+describe("policy.classify", function()
+  local function e(kind, fields) return errors.new(kind, "x", fields) end
+  it("maps failures to actions", function()
+    assert.equals("reauth", policy.classify(e("auth", { code = 535, enhanced = "5.7.3" })))
+    assert.equals("reauth", policy.classify(e("auth", { code = 535, challenge = { status = "401" } })))
+    assert.equals("reconnect", policy.classify(e("smtp", { code = 421, retryable = true })))
+    assert.equals("reconnect", policy.classify(e("network", { reason = "closed", retryable = true })))
+    assert.equals("reconnect", policy.classify(e("network", { reason = "timeout" })))
+    assert.equals("throttle", policy.classify(e("smtp", { code = 432, enhanced = "4.3.2", retryable = true })))
+    assert.equals("retry", policy.classify(e("smtp", { code = 451, enhanced = "4.7.500", retryable = true })))
+    assert.equals("fail", policy.classify(e("smtp", { code = 550, enhanced = "5.7.60", retryable = false })))
+    assert.equals("fail", policy.classify(e("smtp", { code = 421, enhanced = "4.7.66", retryable = false })))
+    assert.equals("fail", policy.classify(e("tls", { reason = "verify", retryable = false })))
+    assert.equals("fail", policy.classify(e("oauth", { oauth_error = "invalid_client" })))
+    assert.equals("fail", policy.classify(e("config", {})))
+    assert.equals("fail", policy.classify(nil))
+  end)
+end)
+
+describe("policy backoff", function()
+  it("doubles up to the cap and applies jitter", function()
+    local p = policy.new { backoff_base = 1, backoff_max = 8, jitter = 0.5, random = function() return 0 end }
+    assert.same({ 1, 2, 4, 8, 8 }, { p:backoff(1), p:backoff(2), p:backoff(3), p:backoff(4), p:backoff(5) })
+    p = policy.new { backoff_base = 2, jitter = 0.5, random = function() return 1 end }
+    assert.equals(1, p:backoff(1))
+    assert.equals(2, p:backoff(2))
+    assert.has_error(function() policy.new { attempts = 0 } end)
+  end)
+end)
+
+describe("governor", function()
+  it("holds the 31st message of a minute and lets it go when the window passes", function()
+    local t = fake_time()
+    local g = policy.governor({ messages_per_minute = 30 }, t)
+    for _ = 1, 30 do
+      assert.is_true(g:admit(1))
+      g:record(1)
+      t.now = t.now + 1
+    end
+    assert.is_true(g:admit(1))
+    assert.equals(1, #t.slept)
+    assert.equals(30, t.slept[1])   -- the first send was at +0, now is +30: 30 s more
+  end)
+
+  it("fails with kind policy instead of waiting when on_limit is fail, or beyond max_wait", function()
+    local t = fake_time()
+    local g = policy.governor({ messages_per_minute = 2, on_limit = "fail" }, t)
+    for _ = 1, 2 do assert(g:admit(1)) g:record(1) end
+    local ok, err = g:admit(1)
+    assert.is_nil(ok)
+    assert.equals("policy", err.kind)
+    assert.equals("messages_per_minute", err.limit)
+    assert.equals(60, err.retry_after)
+    assert.is_true(err.retryable)
+    g = policy.governor({ messages_per_minute = 1, max_wait = 10 }, t)
+    g:record(1)
+    ok, err = g:admit(1)
+    assert.is_nil(ok)
+    assert.equals("policy", err.kind)
+    assert.same({}, t.slept)
+  end)
+
+  it("counts recipients over a rolling 24 hours", function()
+    local t = fake_time()
+    local g = policy.governor({ recipients_per_day = 100, max_wait = 90000 }, t)
+    assert(g:admit(60)) g:record(60)
+    t.now = t.now + 3600
+    assert(g:admit(40)) g:record(40)
+    t.now = t.now + 3600
+    assert.is_true(g:admit(10))       -- waits until the first 60 leave the window
+    assert.equals(1, #t.slept)
+    assert.equals(86400 - 7200, t.slept[1])
+    local ok, err = g:admit(101)
+    assert.is_nil(ok)
+    assert.equals("recipients_per_day", err.reason)
+    assert.is_false(err.retryable)
+  end)
+
+  it("applies messages_per_day and recipients_per_message", function()
+    local t = fake_time()
+    local g = policy.governor({ messages_per_day = 2, recipients_per_message = 3, max_wait = 90000 }, t)
+    g:record(1) g:record(1)
+    assert.is_true(g:admit(1))
+    assert.equals(86400, t.slept[1])
+    local ok, err = g:admit(4)
+    assert.is_nil(ok)
+    assert.equals("recipients_per_message", err.reason)
+  end)
+
+  it("limits connections and lowers the limit on 432 (never below one)", function()
+    local t = fake_time()
+    local g = policy.governor({ connections = 2, on_limit = "fail" }, t)
+    assert.is_true(g:acquire())
+    assert.is_true(g:acquire())
+    local ok, err = g:acquire()
+    assert.is_nil(ok)
+    assert.equals("connections", err.limit)
+    g:release()
+    assert.equals(1, g:lower())
+    ok = g:acquire()
+    assert.is_nil(ok)
+    g:release()
+    assert.is_true(g:acquire())
+    assert.equals(1, g:lower())
+  end)
+
+  it("waits (bounded) for a connection held by another mailer sharing the governor", function()
+    local t = fake_time()
+    local g = policy.governor({ connections = 1, max_wait = 1 }, t)
+    assert(g:acquire())
+    local ok, err = g:acquire()
+    assert.is_nil(ok)
+    assert.equals("policy", err.kind)
+    assert.is_true(#t.slept >= 19 and #t.slept <= 21)
+  end)
+end)
