@@ -532,7 +532,7 @@ describe("tokens against the real oidc-provider (refresh-token rotation)", funct
     end
     return tok
   end
-  local function stored() return remember(assert(manager.store:load(manager.key))) end
+  local function stored_now() return remember(assert(manager.store:load(manager.key))) end
 
   setup(function()
     if not has_http then return end
@@ -555,7 +555,7 @@ describe("tokens against the real oidc-provider (refresh-token rotation)", funct
     local n = requests()
     tok = remember(assert(manager:login()))
     assert.truthy(tok.refresh_token)
-    assert.equals(tok.refresh_token, stored().refresh_token)
+    assert.equals(tok.refresh_token, stored_now().refresh_token)
     assert.equals(n + 1, requests())   -- one successful poll
     assert.same(tok, assert(manager:get()))
     assert.same(tok, assert(new_manager():get()))   -- another process: from the file, no request
@@ -563,13 +563,13 @@ describe("tokens against the real oidc-provider (refresh-token rotation)", funct
   end)
 
   it_real("refreshes a token that expires within the margin and stores the rotated refresh token", function()
-    local old = stored()
+    local old = stored_now()
     offset = old.expires_at - os.time() - 200   -- 200 s left, margin 300
     local n = requests()
     local tok = remember(assert(manager:get()))
     assert.equals(n + 1, requests())
     assert.not_equals(old.access_token, tok.access_token)
-    local rec = stored()
+    local rec = stored_now()
     assert.equals(tok.access_token, rec.access_token)
     assert.not_equals(old.refresh_token, rec.refresh_token)
     -- served from memory now, and another process takes it from the file
@@ -581,7 +581,7 @@ describe("tokens against the real oidc-provider (refresh-token rotation)", funct
   it_real("refreshes an invalidated token early, with the stored (rotated) refresh token", function()
     offset = 0
     local current = assert(manager:get())
-    local before = stored()
+    local before = stored_now()
     local n = requests()
     manager:invalidate(current)
     local tok = remember(assert(manager:get()))
@@ -589,7 +589,7 @@ describe("tokens against the real oidc-provider (refresh-token rotation)", funct
     -- stored one was the newest
     assert.equals(n + 1, requests())
     assert.not_equals(current.access_token, tok.access_token)
-    assert.not_equals(before.refresh_token, stored().refresh_token)
+    assert.not_equals(before.refresh_token, stored_now().refresh_token)
   end)
 
   it_real("never shows a token, refresh token or secret in traces or errors", function()
