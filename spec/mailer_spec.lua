@@ -72,7 +72,7 @@ describe("mailer against the oidc-provider and the sandbox", function()
     local mailer = assert(oauthmail.new(profile { trace = trace, on_token = on_token }))
     local r, err = mailer:send { raw = raw("first", "m1"), to = { "ops@example.org" } }
     assert.is_nil(err)
-    assert.equals("<m1@contoso.test>", r.message_id)
+    assert.equals("m1@contoso.test", r.message_id)
     assert.same({ "ops@example.org" }, r.accepted)
     assert.same({}, r.rejected)
     assert.equals(1, r.attempts)
@@ -80,7 +80,7 @@ describe("mailer against the oidc-provider and the sandbox", function()
     assert.equals(250, r.reply.code)
     assert.equals("2.0.0", r.reply.enhanced)
     mailer:close()
-    assert.equals(1, count("<m1@contoso.test>"))
+    assert.equals(1, count("m1@contoso.test"))
     local m = sb.messages()[#sb.messages()]
     assert.equals(USER, m.user)
     assert.truthy(m.token:match("^jwt%-"))
@@ -110,7 +110,7 @@ describe("mailer against the oidc-provider and the sandbox", function()
     assert.equals(2, srv.stats().token_requests - before)
     assert.equals(2, #seen)
     assert.are_not.equal(seen[1], seen[2])
-    assert.equals(1, count("<m535@contoso.test>"))
+    assert.equals(1, count("m535@contoso.test"))
     local text = trace.text()
     assert.truthy(text:find("event=reauth", 1, true), text)
     h.assert_no_secrets(text, secrets(seen))
@@ -130,7 +130,7 @@ describe("mailer against the oidc-provider and the sandbox", function()
     assert.equals(1, err.attempts)
     assert.equals(2, srv.stats().token_requests - before)   -- one refresh, not a loop
     mailer:close()
-    assert.equals(0, count("<mfail@contoso.test>"))
+    assert.equals(0, count("mfail@contoso.test"))
   end)
 
   it("explains 535 5.7.139 (SMTP AUTH disabled) and a 334 error challenge", function()
@@ -160,7 +160,7 @@ describe("mailer against the oidc-provider and the sandbox", function()
     assert.equals(2, r.attempts)
     mailer:close()
     assert.equals(2, sb.stats().connections - conns)
-    assert.equals(1, count("<m421@contoso.test>"))
+    assert.equals(1, count("m421@contoso.test"))
   end)
 
   it("sends the whole message again when the connection drops during DATA", function()
@@ -171,7 +171,7 @@ describe("mailer against the oidc-provider and the sandbox", function()
     assert.is_nil(err)
     assert.equals(2, r.attempts)
     mailer:close()
-    assert.equals(1, count("<mdrop@contoso.test>"))
+    assert.equals(1, count("mdrop@contoso.test"))
     local m = sb.messages()[#sb.messages()]
     assert.equals(#body, m.size)
   end)
@@ -185,7 +185,7 @@ describe("mailer against the oidc-provider and the sandbox", function()
     assert.equals(2, r.attempts)
     assert.is_true(h.now() - t0 < 20)
     mailer:close()
-    assert.equals(1, count("<mstall@contoso.test>"))
+    assert.equals(1, count("mstall@contoso.test"))
   end)
 
   it("never sends twice once the 2xx was seen, even if the connection drops right after", function()
@@ -198,8 +198,8 @@ describe("mailer against the oidc-provider and the sandbox", function()
     assert.is_nil(err2)
     assert.is_true(r2.attempts <= 2)
     mailer:close()
-    assert.equals(1, count("<mok1@contoso.test>"))
-    assert.equals(1, count("<mok2@contoso.test>"))
+    assert.equals(1, count("mok1@contoso.test"))
+    assert.equals(1, count("mok2@contoso.test"))
   end)
 
   it("reports a refused recipient and delivers to the others", function()
@@ -216,7 +216,7 @@ describe("mailer against the oidc-provider and the sandbox", function()
     assert.equals("5.1.1", r.rejected[1].enhanced)
     mailer:close()
     local m = sb.messages()[#sb.messages()]
-    assert.equals("<mrcpt@contoso.test>", m.message_id)
+    assert.equals("mrcpt@contoso.test", m.message_id)
     assert.same({ "a@example.org", "c@example.org" }, m.to)
   end)
 
@@ -232,7 +232,7 @@ describe("mailer against the oidc-provider and the sandbox", function()
     assert.same({ 1, 2 }, slept)        -- exponential back-off, jitter pinned to 0
     assert.equals(1, mailer:stats().connections)
     mailer:close()
-    assert.equals(1, count("<m432@contoso.test>"))
+    assert.equals(1, count("m432@contoso.test"))
   end)
 
   it("backs off on 451 4.7.500 within the attempt limit and gives up with a hint", function()
@@ -250,11 +250,12 @@ describe("mailer against the oidc-provider and the sandbox", function()
     assert.truthy(err.hint:find("busy", 1, true), err.hint)
     assert.same({ 0.5, 1 }, slept)      -- 1 and 2 seconds, halved by full jitter
     mailer:close()
-    assert.equals(0, count("<m451@contoso.test>"))
+    assert.equals(0, count("m451@contoso.test"))
   end)
 
   it("does not retry a 5xx (550 5.7.60 SendAs denied)", function()
-    sb.faults { { stage = "mail", code = 550, enhanced = "5.7.60", text = "SMTP; Client does not have permissions to send as this sender" } }
+    sb.faults { { stage = "mail", code = 550, enhanced = "5.7.60",
+      text = "SMTP; Client does not have permissions to send as this sender" } }
     local slept, sleep = fake_sleep()
     local mailer = assert(oauthmail.new(profile { policy = { sleep = sleep } }))
     local r, err = mailer:send { raw = raw("sendas", "m560"), to = "ops@example.org", from = "ceo@contoso.test" }
@@ -290,13 +291,13 @@ describe("mailer against the oidc-provider and the sandbox", function()
     end
     mailer:close()
     for i, id in ipairs(ids) do
-      assert.equals(1, count("<" .. id .. "@contoso.test>"))
+      assert.equals(1, count(id .. "@contoso.test"))
       assert.equals(1, receipts[i].attempts)
     end
     assert.equals(2, sb.stats().connections - conns)
     local labels = {}
     for _, m in ipairs(sb.messages()) do
-      if m.message_id and m.message_id:match("^<mexp") then labels[#labels + 1] = m.token end
+      if m.message_id and m.message_id:match("^mexp") then labels[#labels + 1] = m.token end
     end
     assert.same({ "list-1", "list-2", "list-2" }, labels)
     h.assert_no_secrets(trace.text(), { one, two, srv.secrets.post })
@@ -358,11 +359,30 @@ describe("mailer against the oidc-provider and the sandbox", function()
       assert.equals(2, #mb)
       assert.equals(USER, ma[#ma].user)
       assert.equals(other_user, mb[#mb].user)
-      assert.truthy(mb[1].message_id:match("^<side%-b"))
+      assert.truthy(mb[1].message_id:match("^side%-b"))
       assert.are_not.equal(ma[#ma].token, mb[#mb].token)
     end)
     sb2.stop()
     assert(ok, e)
+  end)
+
+  it("composes a message table with oauthmail.message and re-reads it from the start after a drop", function()
+    sb.faults { { stage = "data", action = "drop" } }
+    local mailer = assert(oauthmail.new(profile()))
+    local r, err = mailer:send {
+      to = { "ops@example.org" }, bcc = "audit@example.org", subject = "Nightly report",
+      text = string.rep("All systems nominal.\n", 4000),
+    }
+    assert.is_nil(err)
+    assert.equals(2, r.attempts)
+    assert.same({ "ops@example.org", "audit@example.org" }, r.accepted)
+    mailer:close()
+    assert.is_string(r.message_id)
+    assert.equals(1, count(r.message_id))
+    local m = sb.messages()[#sb.messages()]
+    assert.equals(USER, m.from)        -- the profile's user is the default sender
+    assert.truthy(m.data:find("Subject: Nightly report", 1, true))
+    assert.falsy(m.data:find("audit@example.org", 1, true))   -- Bcc stays out of the headers
   end)
 
   it("refuses through before_send and lets the hook rewrite the message", function()

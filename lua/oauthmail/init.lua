@@ -102,8 +102,8 @@ end
 
 local function raw_message_id(data)
   local head = data:match("^(.-)\r?\n\r?\n") or data
-  return head:match("\n[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*(<[^>\r\n]*>)")
-    or head:match("^[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*(<[^>\r\n]*>)")
+  return head:match("\n[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*<([^>\r\n]*)>")
+    or head:match("^[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*<([^>\r\n]*)>")
 end
 
 -- Bring any accepted message shape to {from, to, data() -> fresh source, message_id}.

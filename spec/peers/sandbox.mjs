@@ -163,7 +163,7 @@ const server = new SMTPServer({
       const id = String(seq).padStart(4, '0');
       const file = path.join(cfg.maildir, id + '.eml');
       fs.writeFileSync(file, data);
-      const mid = (/^message-id:\s*(<[^>\r\n]*>)/im.exec(data.toString('latin1')) || [])[1] || null;
+      const mid = (/^message-id:\s*<([^>\r\n]*)>/im.exec(data.toString('latin1')) || [])[1] || null;
       fs.appendFileSync(path.join(cfg.maildir, 'index.jsonl'), JSON.stringify({
         n: seq, file, from: session.envelope.mailFrom.address,
         to: session.envelope.rcptTo.map(r => r.address), size: data.length, message_id: mid,
