@@ -82,6 +82,11 @@ ci:
 setup:
 	bin/setup
 
+# The README's second command: real peers on loopback, one message sent and shown.
+demo:
+	bin/setup
+	bin/demo
+
 rockspec:
 	lua5.4 bin/gen-rockspec
 

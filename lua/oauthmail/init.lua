@@ -19,13 +19,29 @@ Mailer.__index = Mailer
 
 -- ------------------------------------------------------------ tracing
 
-local function flatten(ev)
+local function flatten(ev, skip)
   local parts = {}
   for k, v in pairs(ev) do
-    if type(v) ~= "table" and type(v) ~= "function" then parts[#parts + 1] = tostring(k) .. "=" .. tostring(v) end
+    if not (skip and skip[k]) and type(v) ~= "table" and type(v) ~= "function" then
+      parts[#parts + 1] = tostring(k) .. "=" .. tostring(v)
+    end
   end
   table.sort(parts)
   return table.concat(parts, " ")
+end
+
+local ARROWS = { C = "C:", S = "S:", send = ">", recv = "<", info = "*" }
+local SKIP = { type = true, event = true, kind = true, profile = true }
+
+-- oauthmail.format_event(ev) -> one readable line for a trace event (SMTP and
+-- HTTP lines arrive redacted; other events carry no secrets).
+function M.format_event(ev)
+  if ev.proto then
+    return string.format("%-4s %s %s", ev.proto, ARROWS[ev.dir] or tostring(ev.dir), tostring(ev.text or ""))
+  end
+  local what = ev.type or ev.kind or "event"
+  local rest = flatten(ev, SKIP)
+  return what .. " " .. tostring(ev.event or "") .. (rest ~= "" and (" " .. rest) or "")
 end
 
 -- A trace given as a path appends one line per event to that file.
@@ -33,20 +49,14 @@ local function file_trace(path)
   return function(ev)
     local f = io.open(path, "a")
     if not f then return end
-    local text
-    if ev.proto == "smtp" then
-      text = string.format("smtp %s %s", ev.dir or "?", ev.text or "")
-    else
-      text = flatten(ev)
-    end
-    f:write(os.date("!%Y-%m-%dT%H:%M:%SZ "), text, "\n")
+    f:write(os.date("!%Y-%m-%dT%H:%M:%SZ "), M.format_event(ev), "\n")
     f:close()
   end
 end
 
 function Mailer:_trace(ev)
   if self.trace then
-    ev.type = ev.type or "mailer"
+    if not ev.proto and not ev.kind then ev.type = ev.type or "mailer" end
     ev.profile = self.name
     self.trace(ev)
   end
