@@ -55,7 +55,9 @@ install: $(CORE)
 
 # One Lua version's suite: make test LUA_VERSION=5.3 [SPEC=spec/conn_spec.lua]
 SPEC ?= spec
-TEST_ENV = LUA_VERSION=$(LUA_VERSION) OAUTHMAIL_BUILD=$(BUILD) OAUTHMAIL_LUA=$(LUA_BIN) \
+# bin/setup may have installed a newer Node.js for the peers here.
+NODE_RUNTIME := $(wildcard $(CURDIR)/spec/peers/runtime/node_modules/node-linux-*/bin)
+TEST_ENV = $(if $(NODE_RUNTIME),PATH="$(NODE_RUNTIME):$$PATH") LUA_VERSION=$(LUA_VERSION) OAUTHMAIL_BUILD=$(BUILD) OAUTHMAIL_LUA=$(LUA_BIN) \
   OAUTHMAIL_ROOT=$(CURDIR) LUA_PATH="$(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;$(CURDIR)/?.lua;;" \
   LUA_CPATH="$(CURDIR)/$(BUILD)/?.so;;"
 test: $(CORE)
