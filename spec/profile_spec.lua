@@ -210,3 +210,17 @@ describe("provider presets", function()
     assert.equals(587, assert(profile.read(a)).smtp.port)
   end)
 end)
+
+describe("example profiles", function()
+  it("all have the right shape (no typo, right types)", function()
+    local ok, out = h.exec("ls " .. h.quote(h.root .. "/examples/profiles") .. "/*.lua")
+    assert(ok, out)
+    local n = 0
+    for path in out:gmatch("[^\n]+") do
+      local t = assert(profile.load(path))
+      assert(profile.validate(t))
+      n = n + 1
+    end
+    assert.is_true(n >= 4)
+  end)
+end)

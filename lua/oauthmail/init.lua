@@ -351,6 +351,15 @@ end
 Mailer.__close = Mailer.close
 Mailer.__gc = function(self) if not self.closed then pcall(Mailer.close, self) end end
 
+-- mailer:login() -> token | nil, err: run the profile's flow now, interactive
+-- ones included (device code, browser), and store the result.
+function Mailer:login()
+  if self.closed then error("mailer:login: the mailer is closed", 2) end
+  local tok, err = self.tokens:login()
+  if not tok then return nil, self:_explain(err) end
+  return tok
+end
+
 -- mailer:stats() -> {sent=, connections=, session_open=}
 function Mailer:stats()
   return { sent = self.sent, connections = self.governor.connections, session_open = self.session ~= nil }
