@@ -49,7 +49,8 @@ local function trim(s) return (s:gsub("^%s+", ""):gsub("%s+$", "")) end
 function M.parse(s)
   local br = s:find("[\r\n]")
   if br then
-    local lt = s:find("<", 1, true)
+    -- "Name <addr>" with the break before the "<": it is in the name
+    local lt = s:match("^.*()<[^<>\r\n]*>%s*$")
     if lt and br < lt then return nil, "display name contains a line break" end
     return nil, "address contains a line break"
   end
