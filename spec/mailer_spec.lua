@@ -224,8 +224,10 @@ describe("mailer against the oidc-provider and the sandbox", function()
     local busy = { stage = "mail", code = 432, enhanced = "4.3.2", text = "STOREDRV.ClientSubmit; sender thread limit exceeded" }
     sb.faults { busy, busy }
     local slept, sleep = fake_sleep()
-    local mailer = assert(oauthmail.new(profile { policy = { sleep = sleep, random = function() return 0 end } }))
-    assert.equals(3, mailer:stats().connections or 3)
+    local mailer = assert(oauthmail.new(profile {
+      limits = { connections = 3 }, policy = { sleep = sleep, random = function() return 0 end },
+    }))
+    assert.equals(3, mailer:stats().connections)
     local r, err = mailer:send { raw = raw("busy", "m432"), to = "ops@example.org" }
     assert.is_nil(err)
     assert.equals(3, r.attempts)
@@ -383,6 +385,19 @@ describe("mailer against the oidc-provider and the sandbox", function()
     assert.equals(USER, m.from)        -- the profile's user is the default sender
     assert.truthy(m.data:find("Subject: Nightly report", 1, true))
     assert.falsy(m.data:find("audit@example.org", 1, true))   -- Bcc stays out of the headers
+  end)
+
+  it("reuses one session up to max_messages_per_session, and none with reuse = false", function()
+    local conns = sb.stats().connections
+    local mailer = assert(oauthmail.new(profile { policy = { max_messages_per_session = 2 } }))
+    for i = 1, 3 do assert(mailer:send { raw = raw("reuse", "mreuse" .. i), to = "ops@example.org" }) end
+    mailer:close()
+    assert.equals(2, sb.stats().connections - conns)
+    conns = sb.stats().connections
+    mailer = assert(oauthmail.new(profile { policy = { reuse = false } }))
+    for i = 1, 3 do assert(mailer:send { raw = raw("noreuse", "mnoreuse" .. i), to = "ops@example.org" }) end
+    mailer:close()
+    assert.equals(3, sb.stats().connections - conns)
   end)
 
   it("refuses through before_send and lets the hook rewrite the message", function()

@@ -169,7 +169,7 @@ function Mailer:_session_usable()
   if not self.policy.reuse then return false end
   if self.session_sent >= self.policy.max_messages_per_session then return false end
   local exp = self.session_token_expires
-  if exp and exp - self.clock() < self.settings.margin then return false end
+  if exp and exp - self.clock() < self.session_margin then return false end
   return true
 end
 
@@ -246,6 +246,13 @@ function Mailer:_open()
   end
   self.session, self.session_sent = s, 0
   self.session_token_expires = tok.expires_at
+  -- like the token manager: a token that lives shorter than the margin is
+  -- used for half its life, not refused outright
+  self.session_margin = self.settings.margin
+  if tok.expires_at then
+    local half = (tok.expires_at - self.clock()) / 2
+    if half < self.session_margin then self.session_margin = half end
+  end
   self:_trace { event = "session_open", host = self.settings.smtp.host }
   return s
 end
