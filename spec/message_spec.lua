@@ -845,3 +845,47 @@ describe("message.encode_header", function()
     assert.equal("header value contains a line break", err.message)
   end)
 end)
+
+describe("message through a real SMTP server (smtp-server on loopback)", function()
+  local certs = require "spec.support.certs"
+  local TOKEN = "ya29.message-spec-token-0123456789abcdef"
+  local peer
+  setup(function() peer = peers.node_smtp { token = TOKEN } end)
+  teardown(function() if peer then peer.stop() end end)
+
+  local function send(m)
+    local trace = h.trace_collector()
+    local s = assert(smtp.open { host = "localhost", port = peer.port, ca_file = certs.get().ca, timeout = 10,
+      tls = "starttls", trace = trace })
+    assert.is_true(s:auth { user = "alice@example.org", token = TOKEN })
+    local r, err = s:send { from = m.envelope.from, to = m.envelope.to, data = m:reader() }
+    s:close()
+    h.assert_no_secrets(trace.text(), { TOKEN })
+    return r, err
+  end
+
+  it("delivers the exact bytes of m:reader(), dot-stuffing included, to every envelope recipient", function()
+    local dir = h.tmpdir()
+    local path = h.write_file(dir .. "/data.bin", string.rep("\0\255.\r\n", 6000))
+    local m = compose_ok {
+      from = "alice@example.org", to = "bob@example.org", bcc = "carol@example.org", subject = "über",
+      text = ".leading dot\n..two dots\n.\nend\n", attachments = { { path = path } },
+    }
+    local r = assert(send(m))
+    assert.equal(250, r.code)
+    local last = peer.messages()[#peer.messages()]
+    assert.same({ "bob@example.org", "carol@example.org" }, last.to)
+    assert.equal(m:size(), last.size)
+    assert.equal(m:tostring(), last.data)
+  end)
+
+  it("streams a 5 MB attachment and the server counts m:size() octets", function()
+    local dir = h.tmpdir()
+    local path = dir .. "/five.bin"
+    assert(h.exec("head -c 5000000 /dev/urandom > " .. h.quote(path)))
+    local m = compose_ok { from = "alice@example.org", to = "bob@example.org", text = "x", attachments = { { path = path } } }
+    assert(send(m))
+    local last = peer.messages()[#peer.messages()]
+    assert.equal(m:size(), last.size)
+  end)
+end)
