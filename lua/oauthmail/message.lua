@@ -406,7 +406,7 @@ local function attachments_of(list, ids, host)
       if type(cid) ~= "string" then usage("compose", field .. ".content_id must be a string") end
       if cid:find("[\r\n]") then bad(field .. ".content_id", "contains a line break", "line_break") end
       cid = cid:match("^<(.*)>$") or cid
-      if not cid:find("^[!-;=?-~]+$") then
+      if not cid:find("^[!-;=?-~]+$") or #cid > 250 then
         bad(field .. ".content_id", "'" .. cid .. "' is not a valid Content-ID", "content_id")
       end
     elseif a.inline then
@@ -415,14 +415,15 @@ local function attachments_of(list, ids, host)
     local params = {}
     if filename then params[1] = { "name", filename } end
     local ct_value = ctype .. (cparams and cparams ~= "" and ("; " .. cparams) or "")
-    local headers = { encode.param_field("Content-Type", ct_value, params) }
     local disp = a.inline and "inline" or "attachment"
-    headers[#headers + 1] = encode.param_field("Content-Disposition", disp, filename and { { "filename", filename } } or {})
+    local ct_line = encode.param_field("Content-Type", ct_value, params)
+    local cd_line = encode.param_field("Content-Disposition", disp, filename and { { "filename", filename } } or {})
+    if not ct_line or not cd_line then
+      bad(ct_line and (field .. ".filename") or (field .. ".content_type"), "is too long to fit in a header", "too_long")
+    end
+    local headers = { ct_line, cd_line }
     if cid then headers[#headers + 1] = "Content-ID: <" .. cid .. ">" end
     headers[#headers + 1] = "Content-Transfer-Encoding: base64"
-    for _, hline in ipairs(headers) do
-      if not hline then bad(field .. ".filename", "is too long to fit in a header", "too_long") end
-    end
     local node = { headers = headers, body = { seg } }
     if a.inline then inl[#inl + 1] = node else att[#att + 1] = node end
   end
@@ -547,7 +548,9 @@ local function compose(tbl, opts)
     if type(mid) ~= "string" then usage("compose", "message_id must be a string") end
     if mid:find("[\r\n]") then bad("message_id", "contains a line break", "line_break") end
     mid = mid:match("^%s*<(.*)>%s*$") or mid
-    if not mid:find("^[!-;=?-~]+@[!-;=?-~]+$") then bad("message_id", "'" .. mid .. "' is not id-left@id-right", "message_id") end
+    if not mid:find("^[!-;=?-~]+@[!-;=?-~]+$") or #mid > 250 then
+      bad("message_id", "'" .. mid:sub(1, 80) .. "' is not id-left@id-right (at most 250 characters)", "message_id")
+    end
   else
     mid = ids(16) .. "@" .. host
   end
