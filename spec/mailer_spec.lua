@@ -387,6 +387,23 @@ describe("mailer against the oidc-provider and the sandbox", function()
     assert.falsy(m.data:find("audit@example.org", 1, true))   -- Bcc stays out of the headers
   end)
 
+  it("returns token endpoint refusals with the AADSTS code and its hint", function()
+    srv.inject("/token", { { status = 401, body = { error = "invalid_client",
+      error_description = "AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the "
+        .. "request is the client secret value, not the client secret ID.", error_codes = { 7000215 } } } }, true)
+    local trace = h.trace_collector()
+    local mailer = assert(oauthmail.new(profile { trace = trace }))
+    local r, err = mailer:send { raw = raw("x", "maad"), to = "ops@example.org" }
+    assert.is_nil(r)
+    assert.equals("oauth", err.kind)
+    assert.equals("invalid_client", err.oauth_error)
+    assert.equals("AADSTS7000215", err.provider_code)
+    assert.truthy(err.hint:find("Value", 1, true), err.hint)
+    assert.equals(1, err.attempts)
+    mailer:close()
+    h.assert_no_secrets(tostring(err) .. "\n" .. trace.text(), { srv.secrets.post })
+  end)
+
   it("reuses one session up to max_messages_per_session, and none with reuse = false", function()
     local conns = sb.stats().connections
     local mailer = assert(oauthmail.new(profile { policy = { max_messages_per_session = 2 } }))

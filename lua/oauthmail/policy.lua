@@ -27,6 +27,8 @@ end
 
 -- ------------------------------------------------------------ decisions
 
+local FINAL_KINDS = { config = true, oauth = true, store = true, policy = true, http = true, tls = true }
+
 -- policy.classify(err) -> action:
 --   "reauth"    the server refused the credentials
 --   "reconnect" the session is gone or unusable (421, network, timeout): new session, same message
@@ -36,6 +38,9 @@ end
 function M.classify(err)
   if type(err) ~= "table" then return "fail" end
   local code = tonumber(err.code)
+  -- these carry HTTP statuses in code, or come before any SMTP: their own
+  -- layers retried what could be retried
+  if FINAL_KINDS[err.kind] then return "fail" end
   if err.retryable == false and err.kind ~= "auth" then return "fail" end
   if err.kind == "auth" and (code == 535 or code == 334 or err.challenge) then return "reauth" end
   if code == 432 and (err.enhanced == nil or err.enhanced == "4.3.2") then return "throttle" end
