@@ -406,10 +406,18 @@ describe("mailer against the oidc-provider and the sandbox", function()
 
   it("reuses one session up to max_messages_per_session, and none with reuse = false", function()
     local conns = sb.stats().connections
-    local mailer = assert(oauthmail.new(profile { policy = { max_messages_per_session = 2 } }))
+    local log = h.tmpdir() .. "/trace.log"
+    local seen, on_token = catcher()
+    local mailer = assert(oauthmail.new(profile { policy = { max_messages_per_session = 2 }, trace = log,
+      on_token = on_token }))
     for i = 1, 3 do assert(mailer:send { raw = raw("reuse", "mreuse" .. i), to = "ops@example.org" }) end
     mailer:close()
     assert.equals(2, sb.stats().connections - conns)
+    local text = assert(h.read_file(log))
+    local _, auths = text:gsub("smtp > AUTH XOAUTH2 <user=noreply@contoso.test auth=Bearer <redacted>>", "")
+    assert.equals(2, auths)
+    assert.truthy(text:find("mailer sent ", 1, true))
+    h.assert_no_secrets(text, secrets(seen))
     conns = sb.stats().connections
     mailer = assert(oauthmail.new(profile { policy = { reuse = false } }))
     for i = 1, 3 do assert(mailer:send { raw = raw("noreuse", "mnoreuse" .. i), to = "ops@example.org" }) end
