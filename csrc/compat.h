@@ -29,9 +29,14 @@ static inline void *om_testudata(lua_State *L, int i, const char *tname) {
 #  define om_testudata(L, i, tname) luaL_testudata((L), (i), (tname))
 #endif
 
-/* Type of a field read with lua_getfield: 5.1 returns void. */
+/* Read an option field raw and return its type. Raw on purpose: no __index
+ * function can run, so a string read here stays anchored in the argument
+ * table while C holds its pointer (a metamethod could return a fresh string
+ * that the next allocation collects). Option tables are plain tables. */
 static inline int om_getfield(lua_State *L, int idx, const char *k) {
-  lua_getfield(L, idx, k);
+  if (idx < 0 && idx > LUA_REGISTRYINDEX) idx = lua_gettop(L) + idx + 1;
+  lua_pushstring(L, k);
+  lua_rawget(L, idx);
   return lua_type(L, -1);
 }
 

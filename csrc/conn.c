@@ -7,6 +7,8 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <math.h>
 #include <netdb.h>
 #include <poll.h>
 #include <signal.h>
@@ -69,7 +71,7 @@ static int wait_fd(int fd, short events, double deadline) {
     double left = deadline - om_now();
     int ms, rc;
     if (left <= 0) return 1;
-    ms = (int)(left * 1000.0) + 1;
+    ms = left >= (double)(INT_MAX / 1000 - 1) ? INT_MAX : (int)(left * 1000.0) + 1;
     p.fd = fd;
     p.events = events;
     p.revents = 0;
@@ -78,6 +80,14 @@ static int wait_fd(int fd, short events, double deadline) {
     if (rc == 0) continue;  /* re-check the clock; poll may round down */
     if (errno != EINTR) return -1;
   }
+}
+
+/* Timeouts are positive, finite and at most a day: NaN or 1e300 must not
+ * turn into a negative poll() wait that never ends. */
+static double check_timeout(lua_State *L, int arg, double t) {
+  if (!(t > 0) || !isfinite(t) || t > 86400)
+    luaL_argerror(L, arg, "timeout must be a number of seconds greater than 0 and at most 86400");
+  return t;
 }
 
 static void format_seconds(char *buf, size_t n, double s) {
@@ -161,7 +171,9 @@ static int resolve(const char *host, const char *port, double deadline,
   snprintf(r->port, sizeof r->port, "%s", port);
   r->hints.ai_family = AF_UNSPEC;
   r->hints.ai_socktype = SOCK_STREAM;
-  r->hints.ai_flags = AI_ADDRCONFIG;
+  /* No AI_ADDRCONFIG: it hides ::1 when no global IPv6 address exists. An
+   * address the machine cannot reach fails at once and the next one is tried. */
+  r->hints.ai_flags = 0;
   r->cb.ar_name = r->host;
   r->cb.ar_service = r->port;
   r->cb.ar_request = &r->hints;
@@ -204,7 +216,6 @@ static int resolve(const char *host, const char *port, double deadline,
   memset(&hints, 0, sizeof hints);
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_ADDRCONFIG;
   return getaddrinfo(host, port, &hints, out);
 }
 #endif
@@ -212,7 +223,7 @@ static int resolve(const char *host, const char *port, double deadline,
 /* Connect to the first address that answers. Leaves c->fd open on success. */
 static int tcp_connect(lua_State *L, conn_t *c, const char *host, const char *port, double deadline) {
   struct addrinfo *res = NULL, *ai;
-  int timed_out, rc, last_err = 0;
+  int timed_out, rc, last_err = 0, n_addr = 0, saw_refused = 0, saw_timeout = 0;
   rc = resolve(host, port, deadline, &res, &timed_out);
   if (timed_out) {
     char secs[32];
@@ -223,9 +234,19 @@ static int tcp_connect(lua_State *L, conn_t *c, const char *host, const char *po
     return om_fail(L, "network", "dns", "cannot resolve host '%s': %s", host,
                    rc == EAI_SYSTEM ? strerror(errno) : gai_strerror(rc));
   }
-  for (ai = res; ai; ai = ai->ai_next) {
-    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
-    int one = 1, w;
+  for (ai = res; ai; ai = ai->ai_next) n_addr++;
+  /* Each address left gets an equal share of the time left, the last one all
+   * of it: one black-holed address (a broken IPv6 route) must not use up the
+   * deadline the others need. */
+  for (ai = res; ai; ai = ai->ai_next, n_addr--) {
+    double now = om_now();
+    double slot = n_addr > 1 ? now + (deadline - now) / n_addr : deadline;
+    int fd, one = 1, w;
+    if (now >= deadline) {
+      saw_timeout = 1;
+      break;
+    }
+    fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
     if (fd < 0) {
       last_err = errno;
       continue;
@@ -236,7 +257,7 @@ static int tcp_connect(lua_State *L, conn_t *c, const char *host, const char *po
       close(fd);
       continue;
     }
-    w = wait_fd(fd, POLLOUT, deadline);
+    w = wait_fd(fd, POLLOUT, slot);
     if (w == 0) {
       int soerr = 0;
       socklen_t len = sizeof soerr;
@@ -248,17 +269,18 @@ static int tcp_connect(lua_State *L, conn_t *c, const char *host, const char *po
         return 0;
       }
       last_err = soerr;
-      close(fd);
-      continue;
+    } else if (w == 1) {
+      saw_timeout = 1;
+    } else {
+      last_err = errno;
     }
+    if (last_err == ECONNREFUSED) saw_refused = 1;
     close(fd);
-    freeaddrinfo(res);
-    if (w == 1) return fail_timeout(L, c, "connecting to");
-    return om_fail(L, "network", "error", "cannot connect to %s: %s", c->peer, strerror(errno));
   }
   freeaddrinfo(res);
-  if (last_err == ECONNREFUSED)
+  if (saw_refused)
     return om_fail(L, "network", "refused", "connection refused by %s", c->peer);
+  if (saw_timeout) return fail_timeout(L, c, "connecting to");
   return om_fail(L, "network", "unreachable", "cannot connect to %s: %s", c->peer,
                  last_err ? strerror(last_err) : "no usable address");
 }
@@ -534,17 +556,18 @@ static int conn_connect(lua_State *L) {
   if (!host) luaL_error(L, "option 'host' is required");
   if (portn < 0 || portn > 65535 || portn != (lua_Number)(long)portn)
     luaL_error(L, "option 'port': expected a port number 0-65535");
-  if (timeout <= 0) luaL_error(L, "option 'timeout': expected a positive number of seconds");
+  if (!(timeout > 0) || !isfinite(timeout) || timeout > 86400)
+    luaL_error(L, "option 'timeout': expected a number of seconds greater than 0 and at most 86400");
   if (strcmp(tls, "none") != 0 && strcmp(tls, "implicit") != 0)
     luaL_error(L, "option 'tls': expected \"none\" or \"implicit\", got '%s'", tls);
   snprintf(port, sizeof port, "%ld", (long)portn);
   deadline = om_now() + timeout;
+  c = new_conn(L);  /* before the context, so an allocation error leaks nothing */
+  c->timeout = timeout;
   if (strcmp(tls, "implicit") == 0) {
     ctx = make_ctx(L, 1, 0);
     if (!ctx) return 2;
   }
-  c = new_conn(L);
-  c->timeout = timeout;
   snprintf(c->peer, sizeof c->peer, strchr(host, ':') ? "[%s]:%s" : "%s:%s", host, port);
   if (tcp_connect(L, c, host, port, deadline) != 0) {
     if (ctx) SSL_CTX_free(ctx);
@@ -839,9 +862,7 @@ static int conn_tls_info(lua_State *L) {
 
 static int conn_settimeout(lua_State *L) {
   conn_t *c = check_conn(L);
-  lua_Number t = luaL_checknumber(L, 2);
-  if (t <= 0) luaL_argerror(L, 2, "timeout must be a positive number of seconds");
-  c->timeout = t;
+  c->timeout = check_timeout(L, 2, luaL_checknumber(L, 2));
   lua_settop(L, 1);
   return 1;
 }
@@ -950,7 +971,7 @@ static int listener_port(lua_State *L) {
 /* listener:accept([timeout]) -> conn (TLS already negotiated when configured) | nil, err */
 static int listener_accept(lua_State *L) {
   listener_t *l = check_listener(L);
-  double timeout = luaL_optnumber(L, 2, l->timeout), deadline;
+  double timeout = check_timeout(L, 2, luaL_optnumber(L, 2, l->timeout)), deadline;
   struct sockaddr_storage ss;
   socklen_t len = sizeof ss;
   char addr[INET6_ADDRSTRLEN];
@@ -994,7 +1015,7 @@ static int listener_accept(lua_State *L) {
 
 static int listener_settimeout(lua_State *L) {
   listener_t *l = check_listener(L);
-  l->timeout = luaL_checknumber(L, 2);
+  l->timeout = check_timeout(L, 2, luaL_checknumber(L, 2));
   lua_settop(L, 1);
   return 1;
 }

@@ -1,5 +1,7 @@
 /* core.c — luaopen_oauthmail_core: builds the private module from one list of
  * primitive families (one C file each), plus the error value they share. */
+#include <errno.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <time.h>
@@ -65,7 +67,7 @@ const char *om_opt_string(lua_State *L, int t, const char *k, const char *def) {
   int ty = om_getfield(L, t, k);
   if (ty == LUA_TSTRING) s = lua_tostring(L, -1);
   else if (ty != LUA_TNIL) luaL_error(L, "option '%s': expected a string, got %s", k, luaL_typename(L, -1));
-  lua_pop(L, 1);  /* the string stays alive: it is still referenced by the table */
+  lua_pop(L, 1);  /* stays alive: read raw, so it is the table's own value */
   return s;
 }
 
@@ -94,13 +96,17 @@ double om_now(void) {
 }
 
 /* Sleep without holding anything; used by retry back-off and tests. */
+/* A NaN or infinite duration (a server's "interval": NaN, say) is an argument
+ * error, never an endless or undefined sleep; a day is the longest. */
 static int core_sleep(lua_State *L) {
   lua_Number s = luaL_checknumber(L, 1);
   struct timespec ts;
+  luaL_argcheck(L, isfinite(s), 1, "sleep: duration must be a finite number of seconds");
   if (s < 0) s = 0;
+  if (s > 86400) s = 86400;
   ts.tv_sec = (time_t)s;
   ts.tv_nsec = (long)((s - (lua_Number)ts.tv_sec) * 1e9);
-  while (nanosleep(&ts, &ts) != 0) {}
+  while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
   return 0;
 }
 

@@ -301,6 +301,59 @@ describe("oauthmail.conn", function()
       s:close() srv:close() l:close()
     end)
 
+    it("does not let one black-holed address use up the deadline", function()
+      -- A name with an IPv6 and an IPv4 address (a private /etc/hosts in a mount
+      -- namespace). A listener whose accept queue is full drops SYNs: a black
+      -- hole. Whichever address comes first, the other must get its share.
+      local d = h.tmpdir()
+      h.write_file(d .. "/hosts", "127.0.0.1 localhost\n::1 dualstack.test\n127.0.0.1 dualstack.test\n")
+      h.write_file(d .. "/probe.lua", [[
+        local conn = require "oauthmail.conn"
+        local core = require "oauthmail.core"
+        if not conn.listen { host = "::1", port = 0 } then print("NOV6") return end
+        for _, hole in ipairs { "::1", "127.0.0.1" } do
+          local open = hole == "::1" and "127.0.0.1" or "::1"
+          local lh = assert(conn.listen { host = hole, port = 0, backlog = 0 })
+          local port = lh:port()
+          local lo = assert(conn.listen { host = open, port = port })
+          local filler = {}
+          for i = 1, 3 do filler[i] = conn.connect { host = hole, port = port, timeout = 0.3 } end
+          assert(not filler[3], "the accept queue should be full")
+          local t0 = core.monotime()
+          local s, err = conn.connect { host = "dualstack.test", port = port, timeout = 3 }
+          print(hole, s and "connected" or tostring(err), string.format("%.1f", core.monotime() - t0))
+          if s then s:close() end
+        end
+      ]])
+      local ok, out = h.exec(string.format("unshare -m sh -c %s",
+        h.quote(string.format("mount --bind %s/hosts /etc/hosts && %s %s/probe.lua", d, h.lua_bin, d))))
+      if not ok and out:match("unshare") then pending("no mount namespaces here: " .. out) return end
+      if out:match("NOV6") then pending("no IPv6 loopback here") return end
+      assert(ok, out)
+      assert.matches("::1\tconnected", out)
+      assert.matches("127%.0%.0%.1\tconnected", out)
+    end)
+
+    it("refuses timeouts that are not finite positive numbers", function()
+      assert.has_error(function() conn.connect { host = "x", port = 1, timeout = 0 / 0 } end)
+      assert.has_error(function() conn.connect { host = "x", port = 1, timeout = math.huge } end)
+      assert.has_error(function() conn.connect { host = "x", port = 1, timeout = -1 } end)
+      local l = assert(conn.listen { host = "127.0.0.1", port = 0 })
+      assert.has_error(function() l:accept(0 / 0) end)
+      assert.has_error(function() l:settimeout(0) end)
+      local s = assert(conn.connect { host = "127.0.0.1", port = l:port() })
+      assert.has_error(function() s:settimeout(1e300) end)
+      s:close() l:close()
+    end)
+
+    it("reads options raw, so no __index function can run under C", function()
+      local proxy = setmetatable({}, { __index = function(_, k)
+        if k == "host" then return "127.0.0." .. tostring(1) end  -- a fresh string each time
+        if k == "port" then return 1 end
+      end })
+      assert.has_error(function() conn.connect(proxy) end, "option 'host' is required")
+    end)
+
     it("raises on programmer errors", function()
       assert.has_error(function() conn.connect { port = 25 } end, "option 'host' is required")
       assert.has_error(function() conn.connect { host = "x", port = "25" } end, "option 'port': expected a number, got string")

@@ -1,0 +1,32 @@
+-- spec/core_spec.lua — what oauthmail.core itself provides: the shared error
+-- value, the monotonic clock and sleep.
+local core = require "oauthmail.core"
+local errors = require "oauthmail.errors"
+
+describe("oauthmail.core", function()
+  it("sleeps for the time asked and refuses durations that are not finite", function()
+    local t0 = core.monotime()
+    core.sleep(0.05)
+    assert.is_true(core.monotime() - t0 >= 0.045)
+    core.sleep(-1)  -- a negative duration is no sleep at all
+    local ok, msg = pcall(core.sleep, 0 / 0)
+    assert.is_false(ok)
+    assert.matches("duration must be a finite number of seconds", msg)
+    assert.has_error(function() core.sleep(math.huge) end)
+    assert.has_error(function() core.sleep("soon") end)
+  end)
+
+  it("shares one error metatable between C and Lua errors", function()
+    local _, cerr = core.conn.connect { host = "127.0.0.1", port = 1 }
+    local lerr = errors.new("smtp", "550 no such user", { code = 550, enhanced = "5.1.1", hint = "check the address" })
+    assert.is_true(errors.is(cerr))
+    assert.is_true(errors.is(lerr))
+    assert.are.equal(getmetatable(cerr), getmetatable(lerr))
+    assert.are.equal("smtp error: 550 no such user [550 5.1.1]\n  hint: check the address", tostring(lerr))
+    assert.matches("^network error: connection refused", tostring(cerr))
+    assert.has_error(function() errors.new("nonsense", "x") end)
+    local n, e = errors.fail("config", "smtp.port: expected a number, got 'abc'")
+    assert.is_nil(n)
+    assert.are.equal("config", e.kind)
+  end)
+end)
