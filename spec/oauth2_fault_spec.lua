@@ -218,6 +218,339 @@ describe("oauth2 against the fault stub", function()
     end)
   end)
 
+  -- Review findings: each test below failed before its fix.
+  describe("browser flow on a noisy loopback port", function()
+    local conn = require "oauthmail.conn"
+    local opened = {}
+
+    after_each(function()
+      for _, c in ipairs(opened) do c:close() end
+      opened = {}
+    end)
+
+    -- The state and listener port of an authorization URL.
+    local function redirect_of(url)
+      local q = endpoint.parse_query(url:match("%?(.*)$"))
+      return q.state, tonumber(q.redirect_uri:match("^http://127%.0%.0%.1:(%d+)/"))
+    end
+
+    -- A client of the loopback listener. The listener is already bound when
+    -- open_url runs, so connections and requests made here wait in the
+    -- kernel's queue until the flow accepts them, in this order.
+    local function connect(port, data)
+      local c = assert(conn.connect { host = "127.0.0.1", port = port, tls = "none", timeout = 10 })
+      opened[#opened + 1] = c
+      if data then assert(c:send(data)) end
+      return c
+    end
+
+    local function answer(c)
+      local chunks = {}
+      while true do
+        local s = c:receive_some(65536)
+        if not s then break end
+        chunks[#chunks + 1] = s
+      end
+      return table.concat(chunks)
+    end
+
+    local function get(code, state)
+      return "GET /?code=" .. code .. "&state=" .. state .. " HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    end
+
+    local function browser_cfg(extra)
+      local t = cfg { authorization_endpoint = stub.url .. "/authorize", wait_timeout = 20 }
+      for k, v in pairs(extra or {}) do t[k] = v end
+      return t
+    end
+
+    it("ignores a silent preconnect, garbage and a cut-off request, then takes the real redirect", function()
+      local trace = h.trace_collector()
+      local CODE, CUT = "real-authorization-code-000111", "cut-off-authorization-code-999"
+      local real
+      stub.queue("/token", { { json = TOKEN } })
+      local tok, err = oauth2.authorization_code(browser_cfg {
+        trace = trace,
+        open_url = function(url)
+          local state, port = redirect_of(url)
+          connect(port):close()                        -- a preconnect that closes without a word
+          connect(port, "hello\r\n")                   -- not HTTP
+          connect(port, "GET /?code=" .. CUT .. "&state=" .. state):close() -- cut mid-line
+          real = connect(port, get(CODE, state))
+        end,
+      })
+      assert.is_nil(err)
+      assert.equal(TOKEN.access_token, tok.access_token)
+      local reqs = stub.requests("/token")
+      assert.equal(1, #reqs)
+      assert.equal(CODE, reqs[1].form.code)
+      local page = answer(real)
+      assert.truthy(page:find("^HTTP/1%.1 200"))
+      assert.truthy(page:find("Signed in", 1, true))
+      h.assert_no_secrets(trace.text(), { CODE, CUT, reqs[1].form.code_verifier, SECRET, TOKEN.access_token })
+    end)
+
+    it("never shows a cut-off redirect's code, even when the wait ends in a timeout", function()
+      local trace = h.trace_collector()
+      local CUT = "cut-off-authorization-code-888"
+      local tok, err = oauth2.authorization_code(browser_cfg {
+        trace = trace, wait_timeout = 2,
+        open_url = function(url)
+          local state, port = redirect_of(url)
+          connect(port, "GET /?code=" .. CUT .. "&state=" .. state):close()
+        end,
+      })
+      assert.is_nil(tok)
+      assert.equal("timeout", err.reason)
+      assert.equal(0, #stub.requests("/token"))
+      h.assert_no_secrets(trace.text() .. tostring(err), { CUT })
+    end)
+
+    it("answers 400 to a redirect with another state and keeps waiting for the real one", function()
+      local trace = h.trace_collector()
+      local CODE, FORGED = "real-authorization-code-000222", "forged-authorization-code-0333"
+      local forged, real
+      stub.queue("/token", { { json = TOKEN } })
+      local tok, err = oauth2.authorization_code(browser_cfg {
+        trace = trace,
+        open_url = function(url)
+          local state, port = redirect_of(url)
+          forged = connect(port, get(FORGED, "not-" .. state))
+          real = connect(port, get(CODE, state))
+        end,
+      })
+      assert.is_nil(err)
+      assert.equal(TOKEN.access_token, tok.access_token)
+      local reqs = stub.requests("/token")
+      assert.equal(1, #reqs)
+      assert.equal(CODE, reqs[1].form.code)
+      assert.truthy(answer(forged):find("^HTTP/1%.1 400"))
+      assert.truthy(answer(real):find("^HTTP/1%.1 200"))
+      h.assert_no_secrets(trace.text(), { CODE, FORGED, reqs[1].form.code_verifier })
+    end)
+
+    it("names the mismatched redirect when the wait ends after one, with no token request", function()
+      local forged
+      local t0 = h.now()
+      local tok, err = oauth2.authorization_code(browser_cfg {
+        wait_timeout = 2,
+        open_url = function(url)
+          local state, port = redirect_of(url)
+          forged = connect(port, get("forged-authorization-code-0444", "not-" .. state))
+        end,
+      })
+      assert.is_nil(tok)
+      assert.equal("oauth", err.kind)
+      assert.equal("state_mismatch", err.reason)
+      assert.truthy(answer(forged):find("^HTTP/1%.1 400"))
+      assert.equal(0, #stub.requests("/token"))
+      assert.is_true(h.now() - t0 < 20)
+      h.assert_no_secrets(tostring(err), { "forged-authorization-code-0444" })
+    end)
+
+    it("does not send a single-use code again after the reply was lost", function()
+      local s = sleeper()
+      stub.queue("/token", { { close = true }, { json = TOKEN } })
+      local tok, err = oauth2.authorization_code(browser_cfg {
+        sleep = s,
+        open_url = function(url)
+          local state, port = redirect_of(url)
+          connect(port, get("lost-reply-authorization-code-5", state))
+        end,
+      })
+      assert.is_nil(tok)
+      assert.equal("network", err.kind)
+      assert.is_false(err.retryable)
+      assert.truthy(err.hint:find("sign in again", 1, true))
+      assert.same({}, s.waits)
+      assert.equal(1, #stub.requests("/token"))
+    end)
+
+    it("still retries the code exchange when the connection was refused (nothing was sent)", function()
+      local s = sleeper()
+      local tok, err = oauth2.authorization_code(browser_cfg {
+        sleep = s, token_endpoint = "https://127.0.0.1:" .. h.free_port() .. "/token",
+        open_url = function(url)
+          local state, port = redirect_of(url)
+          connect(port, get("refused-authorization-code-66", state))
+        end,
+      })
+      assert.is_nil(tok)
+      assert.equal("refused", err.reason)
+      assert.same({ 1, 2 }, s.waits)
+    end)
+
+    it("masks the code and the client secret when the server echoes them in error_description", function()
+      local CODE = "short-code"  -- too short for the opaque-run mask: only known-value masking catches it
+      stub.queue("/token", { { status = 400, json = { error = "invalid_grant",
+        error_description = "code " .. CODE .. " is not valid for client secret " .. SECRET .. " (AADSTS70000)" } } })
+      local tok, err = oauth2.authorization_code(browser_cfg {
+        open_url = function(url)
+          local state, port = redirect_of(url)
+          connect(port, get(CODE, state))
+        end,
+      })
+      assert.is_nil(tok)
+      assert.equal("invalid_grant", err.oauth_error)
+      assert.equal("AADSTS70000", err.provider_code)
+      assert.truthy(err.message:find("is not valid for client secret", 1, true))
+      h.assert_no_secrets(tostring(err), { CODE, SECRET })
+    end)
+  end)
+
+  it("masks known secrets in a quoted non-JSON error body", function()
+    stub.queue("/token", { { status = 400, headers = { ["Content-Type"] = "text/plain" },
+      body = "refresh token rt-short1 refused; secret was " .. SECRET } })
+    local tok, err = oauth2.refresh(cfg(), "rt-short1")
+    assert.is_nil(tok)
+    assert.truthy(err.message:find("not JSON", 1, true))
+    h.assert_no_secrets(tostring(err), { "rt-short1", SECRET })
+  end)
+
+  it("masks the client secret and the refresh token echoed in error_description (client_secret_post)", function()
+    local RT = "echoed-refresh-token-77"
+    stub.queue("/token", { { status = 401, json = { error = "invalid_client",
+      error_description = "bad client_secret: " .. SECRET .. ", refresh_token=" .. RT .. ", basic " .. crypto.b64encode(SECRET) } } })
+    local tok, err = oauth2.refresh(cfg { client_auth = "client_secret_post" }, RT)
+    assert.is_nil(tok)
+    assert.equal("invalid_client", err.oauth_error)
+    h.assert_no_secrets(tostring(err), { RT, SECRET })
+  end)
+
+  describe("device flow numbers", function()
+    local function device_cfg(s, extra)
+      local info = {}
+      local t = cfg { device_authorization_endpoint = stub.url .. "/devauth", sleep = s, client_auth = "none",
+        on_device_code = function(i) info.last = i end }
+      for k, v in pairs(extra or {}) do t[k] = v end
+      return t, info
+    end
+    local DEV = '"device_code":"dc-0001-abcdefghij","user_code":"UCUC-1234","verification_uri":"https://v.example/device"'
+
+    it("refuses interval NaN without sleeping", function()
+      local s = sleeper()
+      stub.queue("/devauth", { { body = "{" .. DEV .. ',"interval":NaN,"expires_in":900}' } })
+      local tok, err = oauth2.device_code((device_cfg(s)))
+      assert.is_nil(tok)
+      assert.equal("malformed", err.reason)
+      assert.same({}, s.waits)
+      assert.equal(0, #stub.requests("/token"))
+    end)
+
+    it("refuses expires_in Infinity without polling", function()
+      local s = sleeper()
+      stub.queue("/devauth", { { body = "{" .. DEV .. ',"interval":1,"expires_in":Infinity}' } })
+      local tok, err = oauth2.device_code((device_cfg(s)))
+      assert.is_nil(tok)
+      assert.equal("malformed", err.reason)
+      assert.same({}, s.waits)
+    end)
+
+    it("refuses a non-numeric interval", function()
+      local s = sleeper()
+      stub.queue("/devauth", { { body = "{" .. DEV .. ',"interval":"soon","expires_in":900}' } })
+      local tok, err = oauth2.device_code((device_cfg(s)))
+      assert.is_nil(tok)
+      assert.equal("oauth", err.kind)
+      assert.equal("malformed", err.reason)
+      assert.truthy(err.message:find("interval", 1, true))
+      assert.same({}, s.waits)
+    end)
+
+    it("clamps huge interval and expires_in to 600 s and 1800 s", function()
+      local s = sleeper()
+      stub.queue("/devauth", { { body = "{" .. DEV .. ',"interval":1e999,"expires_in":1e12}' } })
+      stub.queue("/token", { { status = 400, json = { error = "authorization_pending" } },
+        { status = 400, json = { error = "access_denied" } } })
+      local c, info = device_cfg(s)
+      local tok, err = oauth2.device_code(c)
+      assert.is_nil(tok)
+      assert.equal("access_denied", err.oauth_error)
+      assert.same({ 600, 600 }, s.waits)
+      assert.equal(1800, info.last.expires_in)
+    end)
+
+    it("prints whole seconds as integers in the expiry message", function()
+      local s = sleeper()
+      stub.queue("/devauth", { { json = { device_code = "dc-0002-abcdefghij", user_code = "U",
+        verification_uri = "https://v.example/device", interval = 5, expires_in = 3 } } })
+      local tok, err = oauth2.device_code((device_cfg(s)))
+      assert.is_nil(tok)
+      assert.equal("timeout", err.reason)
+      assert.truthy(err.message:find("after 3 s", 1, true), err.message)
+    end)
+  end)
+
+  it("refuses a token answer whose expires_in is NaN", function()
+    stub.queue("/token", { { body = '{"access_token":"nan-access-token-0123456789","expires_in":NaN}' } })
+    local tok, err = oauth2.client_credentials(cfg())
+    assert.is_nil(tok)
+    assert.equal("malformed", err.reason)
+    h.assert_no_secrets(tostring(err), { "nan-access-token-0123456789" })
+  end)
+
+  it("clamps a huge token expires_in to one day", function()
+    stub.queue("/token", { { body = '{"access_token":"big-access-token-0123456789","expires_in":1e999}' } })
+    local tok, err = oauth2.client_credentials(cfg())
+    assert.is_nil(err)
+    assert.is_true(tok.expires_at <= os.time() + 86400 + 5)
+    assert.is_true(tok.expires_at >= os.time() + 86400 - 60)
+  end)
+
+  it("clamps a Retry-After too large to be a number", function()
+    local s = sleeper()
+    stub.queue("/token", { { status = 429, headers = { ["Retry-After"] = string.rep("9", 400) }, json = { error = "throttled" } } })
+    local tok, err = oauth2.client_credentials(cfg { sleep = s })
+    assert.is_nil(tok)
+    assert.equal(86400, err.retry_after)
+    assert.same({}, s.waits)
+    assert.truthy(err.message:find("wait 86400 s", 1, true), err.message)
+  end)
+
+  it("prints retry waits as whole seconds on every Lua version", function()
+    local s = sleeper()
+    stub.queue("/token", { { status = 503, json = { error = "temporarily_unavailable" } } })
+    local tok, err = oauth2.client_credentials(cfg { sleep = s, retry = { attempts = 3, max_wait = 0.5 } })
+    assert.is_nil(tok)
+    assert.truthy(err.message:find("wait 1 s, over the retry budget of 0.5 s", 1, true), err.message)
+  end)
+
+  it("takes no provider code from a non-integer error_codes entry instead of raising", function()
+    for _, v in ipairs { 70008.5, 1e300 } do
+      stub.queue("/token", { { status = 400, json = { error = "invalid_grant", error_description = "expired",
+        error_codes = { v } } } })
+      local tok, err = oauth2.client_credentials(cfg())
+      assert.is_nil(tok)
+      assert.equal("invalid_grant", err.oauth_error)
+      assert.is_nil(err.provider_code)
+    end
+  end)
+
+  it("treats any 2xx revocation answer as success, whatever its body (RFC 7009 2.2)", function()
+    stub.queue("/revoke", { { status = 200, headers = { ["Content-Type"] = "text/plain" }, body = "OK" } })
+    local ok, err = oauth2.revoke(cfg { revocation_endpoint = stub.url .. "/revoke" }, "some-refresh-token-1", "refresh_token")
+    assert.is_nil(err)
+    assert.is_true(ok)
+    assert.equal("some-refresh-token-1", stub.requests("/revoke")[1].form.token)
+  end)
+
+  it("addresses client assertions to the token endpoint, also for device authorization and revocation", function()
+    local keys = oidc.make_client_cert(h.tmpdir(), "fo-jwt")
+    local c = cfg { client_auth = "private_key_jwt", client_certificate = { cert = keys.cert, key = keys.key },
+      device_authorization_endpoint = stub.url .. "/devauth", revocation_endpoint = stub.url .. "/revoke",
+      on_device_code = function() end, sleep = sleeper() }
+    stub.queue("/devauth", { { status = 401, json = { error = "invalid_client" } } })
+    stub.queue("/revoke", { { status = 200, body = "" } })
+    local tok, derr = oauth2.device_code(c)
+    assert.is_nil(tok)
+    assert.equal("invalid_client", derr.oauth_error)
+    assert.is_true(oauth2.revoke(c, "some-refresh-token-2"))
+    for _, path in ipairs { "/devauth", "/revoke" } do
+      local _, claims = crypto.jwt_decode(stub.requests(path)[1].form.client_assertion)
+      assert.equal(stub.url .. "/token", claims.aud)
+    end
+  end)
+
   it("leaves the form encoding to one function (RFC 6749 appendix B)", function()
     assert.equal("grant_type=password&username=a%40b", endpoint.form { { "grant_type", "password" }, { "username", "a@b" } })
   end)

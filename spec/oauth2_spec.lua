@@ -246,10 +246,12 @@ describe("oauth2 against oidc-provider", function()
       h.assert_no_secrets(trace.text(), { query_of(pasted).code, tok.access_token, tok.refresh_token })
     end)
 
-    it("refuses a redirect whose state does not match, before any token request (loopback)", function()
+    it("answers 400 to a redirect whose state does not match and makes no token request (loopback)", function()
       local before = srv.stats().token_requests
+      -- The flow keeps waiting after a mismatched redirect (any local page
+      -- could send one); the wait then ends naming the mismatch.
       local tok, err = oauth2.authorization_code(srv.cfg("native", {
-        wait_timeout = 30,
+        wait_timeout = 6,
         open_url = function(url) srv.browse((url:gsub("([?&]state=)[^&]+", "%1forged-state-value"))) end,
       }))
       assert.is_nil(tok)
@@ -469,6 +471,41 @@ describe("oauth2 against oidc-provider", function()
       local doc, err = oauth2.discover(srv.issuer .. "/other", { ca_file = srv.ca })
       assert.is_nil(doc)
       assert.equal("issuer_mismatch", err.reason)
+    end)
+
+    it("never serves a document fetched without verification to a verifying caller", function()
+      require("oauthmail.oauth2.discovery").clear_cache()
+      local unverified, uerr = oauth2.discover(srv.issuer, { verify = false })
+      assert.is_nil(uerr)
+      assert.equal(srv.issuer .. "/token", unverified.token_endpoint)
+      -- The test CA is not in the system store: a verifying fetch must fail.
+      local doc, err = oauth2.discover(srv.issuer)
+      assert.is_nil(doc)
+      assert.equal("tls", err.kind)
+      local verified = assert(oauth2.discover(srv.issuer, { ca_file = srv.ca }))
+      assert.equal(verified, oauth2.discover(srv.issuer .. "/", { ca_file = srv.ca }))
+      assert.not_equal(unverified, verified)
+    end)
+
+    it("fills token_endpoint from the issuer for the device flow", function()
+      local s = sleeper()
+      local info
+      local cfg = srv.cfg("device", { sleep = s, on_device_code = function(i) info = i end })
+      cfg.token_endpoint = nil
+      s.hook = function(n) if n == 1 then assert.is_true(srv.device(info.user_code).approved) end end
+      local tok, err = oauth2.device_code(cfg)
+      assert.is_nil(err)
+      assert.truthy(tok.access_token)
+    end)
+
+    it("fills token_endpoint from the issuer for the browser flow", function()
+      local url
+      local cfg = srv.cfg("native", { manual = true, on_prompt = function(_, u) url = u end })
+      cfg.token_endpoint = nil
+      cfg.read_line = function() return srv.browse(url, "approve", false).location end
+      local tok, err = oauth2.authorization_code(cfg)
+      assert.is_nil(err)
+      assert.truthy(tok.access_token)
     end)
   end)
 

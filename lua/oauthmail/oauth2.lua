@@ -3,7 +3,6 @@
 -- scope?, id_token?} or nil, err. The non-interactive grants live here; the
 -- browser flow (authorization code + PKCE + loopback) and the device flow have
 -- their own files. See docs/oauth2.md.
-local cjson = require "cjson.safe"
 local errors = require "oauthmail.errors"
 local crypto = require "oauthmail.crypto"
 local endpoint = require "oauthmail.oauth2.endpoint"
@@ -93,7 +92,7 @@ function M.jwt_bearer(cfg)
   if not f then return errors.fail("config", "cannot read the service-account file: " .. tostring(ferr), { reason = "file" }) end
   local text = f:read("*a")
   f:close()
-  local sa = cjson.decode(text)
+  local sa = endpoint.json_decode(text)
   if type(sa) ~= "table" or type(sa.client_email) ~= "string" or type(sa.private_key) ~= "string" then
     return errors.fail("config", "the service-account file " .. cfg.service_account_file
       .. " is not a JSON key with client_email and private_key", { reason = "malformed" })
@@ -132,11 +131,13 @@ function M.revoke(cfg, token, token_type_hint)
   if token_type_hint ~= nil and token_type_hint ~= "refresh_token" and token_type_hint ~= "access_token" then
     error("oauth2.revoke: token_type_hint must be 'refresh_token' or 'access_token'", 2)
   end
-  local c, err = discovery.resolve(cfg, "revocation_endpoint")
+  -- The token endpoint too, when discovery can give it: a client assertion is addressed to it.
+  local c, err = discovery.resolve(cfg, "revocation_endpoint",
+    endpoint.client_auth_method(cfg) == "private_key_jwt" and { "token_endpoint" } or nil)
   if not c then return nil, err end
   local doc, cerr = endpoint.call(c, c.revocation_endpoint, {
     { "token", token }, { "token_type_hint", token_type_hint },
-  }, { what = "revocation", empty_ok = true })  -- RFC 7009 2.2: a 200 answer may have no body
+  }, { what = "revocation", ignore_body = true })  -- RFC 7009 2.2: the client ignores the body of a 2xx
   if not doc then return nil, cerr end
   return true
 end

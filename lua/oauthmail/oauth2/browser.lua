@@ -51,53 +51,78 @@ local function loopback_target(cfg)
   return tonumber(port) or 0, path, host
 end
 
--- Read one HTTP/1.1 request head within the deadline; returns method, target.
+-- Read one HTTP/1.1 request head within the deadline; returns method,
+-- target, or nil for anything else. No error leaves here: one for a request
+-- cut off mid-line would carry the code in err.partial.
 local function read_request(c, deadline)
   local function line(max)
     local left = deadline - core.monotime()
-    if left <= 0 then return errors.fail("network", "the browser did not send its request in time", { reason = "timeout" }) end
+    if left <= 0 then return nil end
     c:settimeout(math.min(left, 5))  -- a browser preconnect that never speaks must not stall us long
-    return c:receive_line(max)
+    return (c:receive_line(max))
   end
-  local first, err = line(MAX_REQUEST_LINE)
-  if not first then return nil, err end
+  local first = line(MAX_REQUEST_LINE)
+  if not first then return nil end
   local method, target = first:match("^(%u+) (%S+) HTTP/1%.[01]$")
-  if not method then return errors.fail("network", "not an HTTP request", { reason = "malformed" }) end
+  if not method then return nil end
   local total = 0
   for _ = 1, MAX_HEADER_LINES do
-    local h, herr = line(MAX_REQUEST_LINE)
-    if not h then return nil, herr end
+    local h = line(MAX_REQUEST_LINE)
+    if not h then return nil end
     total = total + #h
-    if total > MAX_HEADER_BYTES then return errors.fail("network", "request head too large", { reason = "too_long" }) end
+    if total > MAX_HEADER_BYTES then return nil end
     if h == "" then return method, target end
   end
-  return errors.fail("network", "too many request header lines", { reason = "too_long" })
+  return nil
 end
 
-local function timeout_error(wait)
-  return errors.fail("oauth", "no authorization response arrived within " .. wait .. " s", {
+local function timeout_error(wait, mismatched)
+  if mismatched then
+    return errors.fail("oauth", "no authorization response for this sign-in arrived within " .. endpoint.fmt_secs(wait)
+      .. " s; a redirect with another state was refused (stale tab or forged redirect); no token was requested", {
+      reason = "state_mismatch", retryable = true,
+      hint = "sign in again from the newest link only; close older sign-in tabs",
+    })
+  end
+  return errors.fail("oauth", "no authorization response arrived within " .. endpoint.fmt_secs(wait) .. " s", {
     reason = "timeout", retryable = true,
     hint = "finish the sign-in in the browser sooner, or raise wait_timeout",
   })
 end
 
--- Wait for the one redirect to `path`; other requests get a 404 and are ignored.
-local function wait_redirect(listener, path, deadline, wait)
+-- Wait until the deadline for the one redirect to `path` that carries our
+-- state. Anything else is answered and dropped, and the wait goes on: a
+-- browser preconnect that never speaks or closes early, a request that is
+-- not HTTP, /favicon.ico (404), a redirect with another state (400; any
+-- local page can send one, so it must not end the sign-in).
+-- Returns the connection and the redirect's parameters.
+local function wait_redirect(c, listener, path, deadline, wait, state)
+  local mismatched = false
   for _ = 1, MAX_STRAY_REQUESTS do
     local left = deadline - core.monotime()
-    if left <= 0 then return timeout_error(wait) end
-    local c, aerr = listener:accept(left)
-    if not c then
-      if aerr.reason == "timeout" then return timeout_error(wait) end
+    if left <= 0 then return timeout_error(wait, mismatched) end
+    local req, aerr = listener:accept(left)
+    if not req then
+      if aerr.reason == "timeout" then return timeout_error(wait, mismatched) end
       return nil, aerr
     end
-    local method, target = read_request(c, deadline)
-    local req_path, query = (target or ""):match("^([^?#]*)%??([^#]*)")
-    if method == "GET" and req_path == path then
-      return c, endpoint.parse_query(query or "")
+    -- The read error is dropped unseen: a redirect cut off mid-line carries
+    -- the code in err.partial.
+    local method, target = read_request(req, deadline)
+    if method then
+      local req_path, query = target:match("^([^?#]*)%??([^#]*)")
+      local params = method == "GET" and req_path == path and endpoint.parse_query(query or "")
+      if params and params.state == state then return req, params end
+      if params then
+        mismatched = true
+        endpoint.trace(c, { event = "redirect_refused", reason = "state_mismatch" })
+        pcall(respond, req, 400, "Bad Request", page("Sign-in failed",
+          "This redirect does not belong to the sign-in in progress (stale tab or forged link); it was ignored."))
+      else
+        pcall(respond, req, 404, "Not Found", page("Not found", "This address only receives the sign-in redirect."))
+      end
     end
-    if method then pcall(respond, c, 404, "Not Found", page("Not found", "This address only receives the sign-in redirect.")) end
-    c:close()
+    req:close()
   end
   return errors.fail("oauth", "too many unrelated requests reached the loopback listener", { reason = "stray" })
 end
@@ -109,6 +134,7 @@ local function redirect_error(params)
   if code == "access_denied" then
     hint = "the user (or a tenant policy) declined the consent; sign in again and accept, or ask an admin to grant consent"
   end
+  if desc then desc = endpoint.redact_text(desc) end
   return errors.new("oauth", desc and desc ~= "" and desc or ("the authorization server refused: " .. code), {
     oauth_error = code, provider_code = desc and desc:match("(AADSTS%d+)"), retryable = false, hint = hint,
     reason = "authorization",
@@ -186,11 +212,8 @@ end
 
 -- oauth2.authorization_code(cfg) -> token | nil, err
 function M.authorization_code(cfg)
-  local c, err = discovery.resolve(cfg, "authorization_endpoint")
+  local c, err = discovery.resolve(cfg, { "authorization_endpoint", "token_endpoint" })
   if not c then return nil, err end
-  if not c.token_endpoint then
-    return errors.fail("config", "no token_endpoint configured (set it, or set issuer= to use discovery)")
-  end
   local wait = tonumber(c.wait_timeout) or 300
   local deadline = core.monotime() + wait
   local verifier = crypto.b64url_encode(crypto.random(32))
@@ -214,7 +237,7 @@ function M.authorization_code(cfg)
     endpoint.trace(c, { event = "listen", redirect_uri = redirect_uri })
     local ok, serr = pcall(show, c, authorization_url(c, redirect_uri, state, challenge, nonce), false)
     if not ok then listener:close() error(serr, 0) end
-    local req, params = wait_redirect(listener, path, deadline, wait)
+    local req, params = wait_redirect(c, listener, path, deadline, wait, state)
     listener:close()
     if not req then return nil, params end
     code, perr = check_redirect(c, params, state)
@@ -232,7 +255,7 @@ function M.authorization_code(cfg)
     { "code", code },
     { "redirect_uri", redirect_uri },
     { "code_verifier", verifier },
-  }, { grant = "authorization_code" })
+  }, { grant = "authorization_code", single_use = true })
 end
 
 return M

@@ -10,6 +10,8 @@ local discovery = require "oauthmail.oauth2.discovery"
 local M = {}
 
 local GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+local MAX_INTERVAL = 600      -- seconds between polls, at most
+local MAX_EXPIRES_IN = 1800   -- the longest a device code is waited for (Google's is 1800)
 
 local function default_show(info)
   io.stderr:write((info.message or ("To sign in, open " .. info.verification_uri .. " and enter the code "
@@ -21,11 +23,8 @@ local function pending(doc) return doc.error == "authorization_pending" or doc.e
 
 -- oauth2.device_code(cfg) -> token | nil, err
 function M.device_code(cfg)
-  local c, err = discovery.resolve(cfg, "device_authorization_endpoint")
+  local c, err = discovery.resolve(cfg, { "device_authorization_endpoint", "token_endpoint" })
   if not c then return nil, err end
-  if not c.token_endpoint then
-    return errors.fail("config", "no token_endpoint configured (set it, or set issuer= to use discovery)")
-  end
   local sleep = c.sleep or core.sleep
   local doc, derr = endpoint.call(c, c.device_authorization_endpoint, {
     { "scope", endpoint.scope_string(c.scope) },
@@ -37,10 +36,15 @@ function M.device_code(cfg)
     return errors.fail("oauth", "device authorization: the answer lacks device_code, user_code or verification_uri",
       { reason = "malformed" })
   end
-  local expires_in = tonumber(doc.expires_in) or 900
+  -- The server sets the pace and the deadline, within bounds: a NaN or an
+  -- endless value must not turn the wait into a spin or a hang.
+  local expires_in = endpoint.seconds(doc.expires_in, 900, 1, MAX_EXPIRES_IN)
+  local interval = endpoint.seconds(doc.interval, 5, 1, MAX_INTERVAL)
+  if not expires_in or not interval then
+    return errors.fail("oauth", "device authorization: " .. (expires_in and "interval" or "expires_in")
+      .. " in the answer is not a number", { reason = "malformed" })
+  end
   local deadline = core.monotime() + expires_in
-  local interval = tonumber(doc.interval) or 5
-  if interval < 1 then interval = 1 end
   local info = {
     verification_uri = uri, user_code = doc.user_code, expires_in = expires_in,
     verification_uri_complete = type(doc.verification_uri_complete) == "string" and doc.verification_uri_complete or nil,
@@ -53,7 +57,8 @@ function M.device_code(cfg)
   local polls = 0
   while true do
     if core.monotime() + interval > deadline then
-      return errors.fail("oauth", "the device code expired before the user approved it (after " .. expires_in .. " s)",
+      return errors.fail("oauth", "the device code expired before the user approved it (after "
+        .. endpoint.fmt_secs(expires_in) .. " s)",
         { oauth_error = "expired_token", reason = "timeout", retryable = true,
           hint = "run the sign-in again and enter the code sooner" })
     end
@@ -74,7 +79,7 @@ function M.device_code(cfg)
       return nil, perr
     end
     if answer.error == "slow_down" then
-      interval = interval + 5
+      interval = math.min(interval + 5, MAX_INTERVAL)
       endpoint.trace(c, { event = "slow_down", interval = interval, polls = polls })
     elseif answer.error ~= "authorization_pending" then
       local tok, terr = endpoint.token(answer, "device token poll")

@@ -1,7 +1,6 @@
 -- oauthmail.oauth2.discovery — OpenID Connect discovery: fetch an issuer's
 -- /.well-known/openid-configuration once per process, check that the document
 -- speaks for the issuer we asked about, and fill a flow config's endpoints.
-local cjson = require "cjson.safe"
 local errors = require "oauthmail.errors"
 local endpoint = require "oauthmail.oauth2.endpoint"
 
@@ -18,9 +17,12 @@ function M.discover(issuer, opts)
   end
   opts = opts or {}
   if type(opts) ~= "table" then error("oauth2.discover: opts must be a table", 2) end
-  local key = strip_slash(issuer)
+  local base = strip_slash(issuer)
+  -- A document fetched without verification, or trusting another CA, must
+  -- not be handed to a caller that verifies against its own trust.
+  local key = base .. "\0" .. (opts.verify == false and "noverify" or "verify") .. "\0" .. tostring(opts.ca_file or "")
   if cache[key] and not opts.refresh then return cache[key] end
-  local url = key .. "/.well-known/openid-configuration"
+  local url = base .. "/.well-known/openid-configuration"
   local http = require "oauthmail.http"
   local resp, err = http.request {
     method = "GET", url = url, headers = { ["Accept"] = "application/json" },
@@ -32,14 +34,14 @@ function M.discover(issuer, opts)
     return errors.fail("http", "discovery at " .. url .. " answered HTTP " .. tostring(resp.status),
       { status = resp.status, code = resp.status, retryable = resp.status == 429 or resp.status >= 500 })
   end
-  local doc = cjson.decode(resp.body or "")
+  local doc = endpoint.json_decode(resp.body or "")
   if type(doc) ~= "table" then
     return errors.fail("http", "discovery at " .. url .. " did not return a JSON object: " .. endpoint.redact_body(resp.body),
       { reason = "malformed" })
   end
   -- OpenID Connect Discovery 1.0 section 4.3: the document must name the issuer we asked for,
   -- otherwise a look-alike could hand us someone else's endpoints.
-  if type(doc.issuer) ~= "string" or strip_slash(doc.issuer) ~= key then
+  if type(doc.issuer) ~= "string" or strip_slash(doc.issuer) ~= base then
     return errors.fail("oauth", "discovery document names issuer '" .. tostring(doc.issuer)
       .. "', expected '" .. issuer .. "'", { reason = "issuer_mismatch" })
   end
@@ -54,22 +56,37 @@ local FIELDS = {
 }
 
 -- Return a copy of cfg with endpoints filled from discovery when cfg.issuer is
--- set and some endpoint is missing. `needed` names the endpoint the caller uses.
-function M.resolve(cfg, needed)
-  if cfg[needed] then return cfg end
+-- set and an endpoint the caller needs is missing. `needed`: the endpoint (or
+-- list of endpoints) the flow cannot do without; `wanted`: endpoints it uses
+-- when known (fetched from the issuer if it is set, never an error).
+function M.resolve(cfg, needed, wanted)
+  if type(needed) == "string" then needed = { needed } end
+  local missing, want = nil, false
+  for _, f in ipairs(needed) do
+    if not cfg[f] then missing = missing or f end
+  end
+  for _, f in ipairs(wanted or {}) do
+    if not cfg[f] then want = true end
+  end
+  if not missing and not (want and cfg.issuer) then return cfg end
   if not cfg.issuer then
-    return errors.fail("config", "no " .. needed .. " configured (set it, or set issuer= to use discovery)")
+    return errors.fail("config", "no " .. missing .. " configured (set it, or set issuer= to use discovery)")
   end
   local doc, err = M.discover(cfg.issuer, { ca_file = cfg.ca_file, timeout = cfg.timeout, verify = cfg.verify,
     trace = cfg.trace, proxy = cfg.proxy })
-  if not doc then return nil, err end
+  if not doc then
+    if not missing then return cfg end
+    return nil, err
+  end
   local out = {}
   for k, v in pairs(cfg) do out[k] = v end
   for _, f in ipairs(FIELDS) do
     if out[f] == nil and type(doc[f]) == "string" then out[f] = doc[f] end
   end
-  if not out[needed] then
-    return errors.fail("config", "the issuer " .. cfg.issuer .. " does not publish a " .. needed)
+  for _, f in ipairs(needed) do
+    if not out[f] then
+      return errors.fail("config", "the issuer " .. cfg.issuer .. " does not publish a " .. f)
+    end
   end
   return out
 end

@@ -5,11 +5,69 @@
 -- ever puts a secret (client secret, assertion, code, verifier, token) into an
 -- error message or a trace event.
 local core = require "oauthmail.core"
-local cjson = require "cjson.safe"
 local errors = require "oauthmail.errors"
 local crypto = require "oauthmail.crypto"
 
 local M = {}
+
+-- A private decoder: NaN, Infinity and hex are not JSON, and a server must
+-- not be able to slip them into an interval or a lifetime.
+local cjson = require("cjson.safe").new()
+cjson.decode_invalid_numbers(false)
+
+-- Decode JSON text from a server; nil when it is not valid JSON.
+function M.json_decode(text)
+  return cjson.decode(text)
+end
+
+-- A number of seconds taken from a server's answer: `default` when absent
+-- (nil or JSON null), nil when present but not a number (NaN included),
+-- else clamped into [lo, hi], so an infinite or absurd value becomes hi.
+function M.seconds(v, default, lo, hi)
+  if v == nil or v == cjson.null then return default end
+  local n = tonumber(v)
+  if not n or n ~= n then return nil end
+  if n < lo then return lo end
+  if n > hi then return hi end
+  return n
+end
+
+-- "3 s" on every Lua version (5.3+ would print a float as "3.0").
+function M.fmt_secs(n)
+  if n == math.floor(n) and n > -2 ^ 53 and n < 2 ^ 53 then return string.format("%d", n) end
+  return string.format("%.1f", n)
+end
+
+-- Masks the known secret values of one request (and their form-, percent-
+-- and base64 encodings) in text a server sent back: a server may echo what
+-- it was given in error_description or an error page.
+local MASK = "<redacted>"
+
+local function replace_plain(s, needle, rep)
+  local out, pos = {}, 1
+  while true do
+    local i, j = s:find(needle, pos, true)
+    if not i then break end
+    out[#out + 1] = s:sub(pos, i - 1)
+    out[#out + 1] = rep
+    pos = j + 1
+  end
+  out[#out + 1] = s:sub(pos)
+  return table.concat(out)
+end
+
+function M.mask_secrets(text, secrets)
+  for _, v in ipairs(secrets or {}) do
+    -- Shorter values would mangle ordinary words and are no secret anyway.
+    if type(v) == "string" and #v >= 4 then
+      local b64 = crypto.b64encode(v)
+      local forms = { v, M.urlencode(v), (v:gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", c:byte()) end)),
+        b64, (b64:gsub("+", "-"):gsub("/", "_"):gsub("=+$", "")) }
+      for _, f in ipairs(forms) do text = replace_plain(text, f, MASK) end
+    end
+  end
+  return text
+end
 
 local function http() return require "oauthmail.http" end
 
@@ -57,15 +115,22 @@ function M.has_scope(scope, name)
   return false
 end
 
--- Keep a quoted body useful for diagnosis without leaking: long opaque runs
--- (tokens, codes, assertions) are masked and the text is cut short.
-function M.redact_body(body)
+-- Server text (an error_description) with credentials taken out: key=value
+-- and JSON secrets by oauthmail.redact, the request's own secrets by value.
+function M.redact_text(text, secrets)
+  local s = M.mask_secrets(tostring(text or ""), secrets)
   local ok, redact = pcall(require, "oauthmail.redact")
-  local s = tostring(body or "")
   if ok and type(redact) == "table" and type(redact.text) == "function" then
     local r = redact.text(s)
     if type(r) == "string" then s = r end
   end
+  return s
+end
+
+-- Keep a quoted body useful for diagnosis without leaking: long opaque runs
+-- (tokens, codes, assertions) are masked and the text is cut short.
+function M.redact_body(body, secrets)
+  local s = M.redact_text(body, secrets)
   s = s:gsub("[%w%-_%.~+/=]+", function(run)
     if #run >= 20 then return "[redacted " .. #run .. " chars]" end
   end)
@@ -100,16 +165,19 @@ local function days_from_civil(y, m, d)
   return era * 146097 + doe - 719468
 end
 
+-- The longest wait a server can ask for; a longer one (even one too long
+-- to be a number) is taken as this, so callers never see inf or NaN.
+M.MAX_RETRY_AFTER = 86400
+
 function M.retry_after(value, now)
   if type(value) ~= "string" then return nil end
   local secs = value:match("^%s*(%d+)%s*$")
-  if secs then return tonumber(secs) end
+  if secs then return M.seconds(secs, nil, 0, M.MAX_RETRY_AFTER) end
   local d, mon, y, hh, mm, ss = value:match("%a+,%s*(%d+)%s+(%a+)%s+(%d+)%s+(%d+):(%d+):(%d+)%s+GMT")
-  if d and MONTHS[mon] then
+  if d and MONTHS[mon] and #y <= 6 then
     local t = days_from_civil(tonumber(y), MONTHS[mon], tonumber(d)) * 86400
       + tonumber(hh) * 3600 + tonumber(mm) * 60 + tonumber(ss)
-    local wait = t - (now or os.time())
-    return wait > 0 and wait or 0
+    return M.seconds(t - (now or os.time()), nil, 0, M.MAX_RETRY_AFTER)
   end
   return nil
 end
@@ -163,6 +231,8 @@ function M.client_auth_method(cfg)
 end
 
 -- Add the client's credentials to a request (params list and headers).
+-- A client assertion's aud names the authorization server (RFC 7523 3): the
+-- token endpoint, whichever endpoint is called (Entra ID wants exactly that).
 local function apply_client_auth(cfg, url, params, headers)
   local method = M.client_auth_method(cfg)
   if method == "client_secret_basic" then
@@ -178,7 +248,7 @@ local function apply_client_auth(cfg, url, params, headers)
     params[#params + 1] = { "client_id", cfg.client_id }
     params[#params + 1] = { "client_secret", cfg.client_secret }
   elseif method == "private_key_jwt" then
-    local jws, err = M.client_assertion(cfg, url)
+    local jws, err = M.client_assertion(cfg, cfg.token_endpoint or url)
     if not jws then return nil, err end
     params[#params + 1] = { "client_id", cfg.client_id }
     params[#params + 1] = { "client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer" }
@@ -198,14 +268,18 @@ local NOT_RETRYABLE = {
   invalid_target = true,
 }
 
--- Turn an error answer into the shared error value.
-function M.oauth_error(resp, doc, what)
+-- Turn an error answer into the shared error value. `secrets`: the values
+-- this request sent, masked if the server echoes them.
+function M.oauth_error(resp, doc, what, secrets)
   local status = resp.status
   local code = type(doc.error) == "string" and doc.error or nil
-  local desc = type(doc.error_description) == "string" and doc.error_description or nil
+  local desc = type(doc.error_description) == "string" and M.redact_text(doc.error_description, secrets) or nil
+  if code then code = M.redact_text(code, secrets) end
   local provider_code = desc and desc:match("(AADSTS%d+)")
-  if not provider_code and type(doc.error_codes) == "table" and tonumber(doc.error_codes[1]) then
-    provider_code = "AADSTS" .. string.format("%d", doc.error_codes[1])
+  local first = type(doc.error_codes) == "table" and tonumber(doc.error_codes[1])
+  -- %d raises on 5.3+ for a number with a fraction, an inf or a NaN.
+  if not provider_code and first and first == math.floor(first) and first >= 0 and first < 2 ^ 53 then
+    provider_code = "AADSTS" .. string.format("%d", first)
   end
   local retryable = status == 429 or status >= 500
   if code and NOT_RETRYABLE[code] then retryable = false end
@@ -220,11 +294,27 @@ function M.oauth_error(resp, doc, what)
   })
 end
 
--- M.call(cfg, url, params_builder, opts) -> doc (decoded JSON object), resp | nil, err
+-- The form fields whose values are credentials: masked if a server echoes them.
+local SECRET_PARAMS = {
+  client_secret = true, client_assertion = true, code = true, code_verifier = true, refresh_token = true,
+  password = true, device_code = true, assertion = true, token = true,
+}
+
+-- Failures where the request provably never reached the server: a
+-- single-use request (an authorization code) may be sent again only then.
+local NOT_SENT = { refused = true, dns = true, unreachable = true }
+
+local function backoff(attempt) return math.min(2 ^ (attempt - 1), 8) end
+
+-- M.call(cfg, url, params, opts) -> doc (decoded JSON object), resp | nil, err
 --   params: list of {name, value}; client authentication is added unless opts.client_auth == false.
 --   opts.what names the call in messages ("token request", "device authorization", ...).
 --   opts.accept_error(doc, resp) -> true: return the error document instead of failing
 --   (device polling reads authorization_pending this way).
+--   opts.single_use: the request spends something (an authorization code): it is
+--   retried only when it cannot have reached the server (RFC 6749 4.1.2: a
+--   code used twice may revoke what the first use issued).
+--   opts.ignore_body: any 2xx is success whatever the body (revocation, RFC 7009 2.2); returns {}.
 function M.call(cfg, url, params, opts)
   opts = opts or {}
   local what = opts.what or "token request"
@@ -244,6 +334,10 @@ function M.call(cfg, url, params, opts)
       local ok, aerr = apply_client_auth(cfg, url, list, headers)
       if not ok then return nil, aerr end
     end
+    local secrets = { cfg.client_secret, headers["Authorization"] and headers["Authorization"]:match("^Basic (.+)$") }
+    for _, p in ipairs(list) do
+      if SECRET_PARAMS[p[1]] then secrets[#secrets + 1] = p[2] end
+    end
     M.trace(cfg, { event = "request", what = what, url = url, attempt = attempt })
     local resp, err = http().request {
       method = "POST", url = url, headers = headers, body = M.form(list),
@@ -251,43 +345,54 @@ function M.call(cfg, url, params, opts)
       client_cert = cfg.tls_client_cert, client_key = cfg.tls_client_key, proxy = cfg.proxy,
       follow_redirects = false, max_body = 1024 * 1024, trace = M.trace_fn(cfg),
     }
-    local wait
+    local wait, asked
     if not resp then
       -- A TLS verification failure will not heal by itself; a lost connection may.
       last_err = err
       if err.kind == "network" then
-        err.retryable = true
-        wait = math.min(2 ^ (attempt - 1), 8)
+        if opts.single_use and not NOT_SENT[err.reason] then
+          err.retryable = false
+          err.hint = "the request may have reached the server, and a code is good for one use only: sign in again"
+        else
+          err.retryable = true
+          wait = backoff(attempt)
+        end
       end
+    elseif opts.ignore_body and resp.status >= 200 and resp.status < 300 then
+      return {}, resp
     else
       local doc = cjson.decode(resp.body or "")
-      if opts.empty_ok and resp.status >= 200 and resp.status < 300 and not (resp.body or ""):find("%S") then
-        return {}, resp
-      end
       if type(doc) ~= "table" then
         last_err = errors.new(resp.status >= 500 and "http" or "oauth",
           what .. ": the server answered HTTP " .. tostring(resp.status) .. " with a body that is not JSON: "
-            .. M.redact_body(resp.body),
+            .. M.redact_body(resp.body, secrets),
           { status = resp.status, code = resp.status, reason = "malformed", retryable = resp.status == 429 or resp.status >= 500 })
         if last_err.retryable then
-          wait = M.retry_after(resp.headers and resp.headers["retry-after"]) or math.min(2 ^ (attempt - 1), 8)
+          asked = M.retry_after(resp.headers and resp.headers["retry-after"])
+          last_err.retry_after = asked
+          wait = asked or backoff(attempt)
         end
       elseif resp.status >= 200 and resp.status < 300 then
         return doc, resp
       else
         if opts.accept_error and doc.error and opts.accept_error(doc, resp) then return doc, resp end
-        last_err = M.oauth_error(resp, doc, what)
+        last_err = M.oauth_error(resp, doc, what, secrets)
         if last_err.retryable then
-          local ra = M.retry_after(resp.headers and resp.headers["retry-after"])
-          last_err.retry_after = ra
-          wait = ra or math.min(2 ^ (attempt - 1), 8)
+          asked = M.retry_after(resp.headers and resp.headers["retry-after"])
+          last_err.retry_after = asked
+          wait = asked or backoff(attempt)
         end
+      end
+      -- The server answered: a spent code is spent, whatever the status said.
+      if opts.single_use and wait then
+        wait = nil
+        last_err.retryable = false
       end
     end
     if not wait or attempt >= attempts or waited + wait > max_wait then
       if wait and attempt < attempts then
-        last_err.message = last_err.message .. " (server asked to wait " .. wait .. " s, over the retry budget of "
-          .. max_wait .. " s)"
+        last_err.message = last_err.message .. " (" .. (asked and "server asked to wait " or "next retry would wait ")
+          .. M.fmt_secs(wait) .. " s, over the retry budget of " .. M.fmt_secs(max_wait) .. " s)"
       end
       return nil, last_err
     end
@@ -303,7 +408,13 @@ function M.token(doc, what)
   if type(doc.access_token) ~= "string" or doc.access_token == "" then
     return errors.fail("oauth", (what or "token request") .. ": the answer has no access_token", { reason = "malformed" })
   end
-  local expires_in = tonumber(doc.expires_in) or 3600
+  -- Absent: one hour (RFC 6749 makes it optional). A day at most, so a
+  -- server's Infinity or 1e300 cannot make a token look eternal.
+  local expires_in = M.seconds(doc.expires_in, 3600, 0, 86400)
+  if not expires_in then
+    return errors.fail("oauth", (what or "token request") .. ": expires_in in the answer is not a number",
+      { reason = "malformed" })
+  end
   local t = {
     access_token = doc.access_token,
     token_type = type(doc.token_type) == "string" and doc.token_type or "Bearer",
