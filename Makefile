@@ -64,7 +64,7 @@ test: $(CORE)
 	$(TEST_ENV) $(SAN_ENV) $(LUA_BIN) bin/busted-run $(BUSTED_ARGS) $(SPEC)
 
 lint:
-	luacheck lua spec bin/busted-run bin/module-check $(wildcard examples/*.lua bench/*.lua)
+	luacheck lua spec bin/busted-run bin/module-check bin/gen-rockspec $(wildcard examples/*.lua examples/*/*.lua bench/*.lua)
 
 # The lua binary is not instrumented, so the sanitizer runtimes are preloaded;
 # spec/support/helpers.lua removes them again for the peers it starts.
@@ -86,7 +86,6 @@ setup:
 
 # The README's second command: real peers on loopback, one message sent and shown.
 demo:
-	bin/setup
 	bin/demo
 
 rockspec:
