@@ -81,7 +81,8 @@ M.CHALLENGE = {
 -- Microsoft Entra ID sign-in errors (AADSTS numbers).
 M.AADSTS = {
   ["700082"] = { cause = "The refresh token expired because it was not used for too long.",
-    fix = "Sign in again (mailer:login(), or later the oauthmail login --profile <profile> command); send at least once within the inactivity "
+    fix = "Sign in again (mailer:login(), or later the oauthmail login --profile <profile> command); "
+      .. "send at least once within the inactivity "
       .. "window to keep it alive." },
   ["50076"] = { cause = "Multi-factor authentication is required (a policy change or an unusual location).",
     fix = "Sign in interactively (device_code or authorization_code flow) so the user completes MFA; "
