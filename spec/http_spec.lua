@@ -348,6 +348,20 @@ describe("oauthmail.http", function()
       h.assert_no_secrets(text, { cs })
     end)
 
+    it("bounds what it keeps of large bodies", function()
+      local trace = h.trace_collector()
+      local r = assert(http.request { url = base .. "/big?mb=2", ca_file = ca, max_body = 4 * 1024 * 1024, trace = trace })
+      assert.are.equal(2 * 1024 * 1024, #r.body)
+      local body_ev
+      for _, ev in ipairs(trace.events) do
+        if ev.dir == "recv" and ev.text:sub(1, 3) == "xxx" then body_ev = ev end
+      end
+      assert.is_not_nil(body_ev)
+      assert.is_true(#body_ev.text < 70 * 1024, "trace kept " .. #body_ev.text .. " bytes")
+      assert.matches("%[%.%.%. 2031616 more bytes%]$", body_ev.text)
+      h.assert_no_secrets(trace.text(), {})
+    end)
+
     it("a trace function that raises becomes an error value after the transfer", function()
       local no, err = http.request { url = base .. "/echo", ca_file = ca, trace = function() error("boom") end }
       expect_err("config", "trace", no, err)
@@ -416,6 +430,17 @@ describe("oauthmail.redact", function()
     assert.are.equal("https://u:<redacted>@h/cb?state=1&code=<redacted>#access_token=<redacted>&token_type=Bearer",
       redact.url("https://u:pw@h/cb?state=1&code=c0de#access_token=t0k&token_type=Bearer"))
     assert.are.equal("/token", redact.url("/token"))
+  end)
+
+  it("stays linear on hostile input (a trace event can hold 64 KiB)", function()
+    local t0 = h.now()
+    for _, s in ipairs({ string.rep("x", 1e6), string.rep("a=", 5e5), string.rep('"', 1e6),
+                         string.rep('"a":', 2e5), string.rep("code=", 2e5), "X: " .. string.rep(" ", 1e6) .. "a" }) do
+      redact.body(nil, s)
+      redact.url(s)
+      redact.header_line(s)
+    end
+    assert.is_true(h.now() - t0 < 20, "redaction took " .. (h.now() - t0) .. " s")
   end)
 
   it("body() redacts whatever the declared type", function()

@@ -115,11 +115,13 @@ local function emit_trace(trace, events, request_ct)
     elseif t == "data_out" then
       calls[#calls + 1] = { "send", note(redact.body(request_ct, ev.text), ev.omitted) }
     elseif t == "header_in" then
-      local line = ev.text:gsub("[\r\n]+$", "")
+      local line, e = ev.text, #ev.text
+      while e > 0 and (line:byte(e) == 10 or line:byte(e) == 13) do e = e - 1 end
+      line = line:sub(1, e)
       if line:match("^HTTP/") then
         response_ct = nil
       else
-        local name, value = line:match("^([^:]+):%s*(.-)%s*$")
+        local name, value = line:match("^([^:]+):%s*(.*)$")
         if name and name:lower() == "content-type" then response_ct = value end
         line = redact.header_line(line)
       end
@@ -192,7 +194,11 @@ function M.request(opts)
     local tok, terr = emit_trace(opts.trace, events, find_header(headers, "content-type"))
     if not tok then return nil, terr end
   end
-  if not resp then return nil, err end
+  if not resp then
+    -- libcurl's wording may quote a URL; keep its secrets out of the error.
+    err.message = redact.text(err.message)
+    return nil, err
+  end
   return resp
 end
 

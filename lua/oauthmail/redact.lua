@@ -50,18 +50,37 @@ end
 
 -- redact.header_line("Name: value") -> the same line, redacted
 function M.header_line(line)
-  local name, sep, value = line:match("^([^:%s]+)(:%s*)(.-)%s*$")
+  local name, sep, value = line:match("^([^:%s]+)(:%s*)(.*)$")
   if not name then return line end
   return name .. sep .. M.header(name, value)
 end
 
+local KEY_DELIM = "[&;?#=%s\"']"
+
 -- redact.form("a=1&client_secret=x") -> "a=1&client_secret=<redacted>"
+-- Linear in the length of s (traces can hold 64 KiB per event): each "=" is
+-- looked at once, and the key before it is found by scanning back no further
+-- than the previous match.
 function M.form(s)
   if type(s) ~= "string" then return s end
-  return (s:gsub("([^&=;?#%s\"']+)=([^&;%s\"]*)", function(k, v)
-    if v ~= "" and is_secret_name(unescape(k)) then return k .. "=" .. M.MASK end
-    return nil
-  end))
+  local out, pos = {}, 1
+  while true do
+    local eq = s:find("=", pos, true)
+    if not eq then break end
+    local ks = eq
+    while ks > pos and not s:sub(ks - 1, ks - 1):find(KEY_DELIM) do ks = ks - 1 end
+    -- Only a secret's value is searched for its end, so "a=a=a=..." stays linear.
+    local vend = ks < eq and is_secret_name(unescape(s:sub(ks, eq - 1))) and (s:find('[&;%s"]', eq + 1) or #s + 1)
+    if vend and vend > eq + 1 then
+      out[#out + 1] = s:sub(pos, eq) .. M.MASK
+      pos = vend
+    else
+      out[#out + 1] = s:sub(pos, eq)
+      pos = eq + 1
+    end
+  end
+  out[#out + 1] = s:sub(pos)
+  return table.concat(out)
 end
 
 -- redact.url(u): secrets in the query and the fragment (implicit-flow
