@@ -39,7 +39,9 @@ static const char *const mech_names[] = { "", "XOAUTH2", "OAUTHBEARER", "PLAIN",
 #define CAP_STARTTLS    0x10
 #define CAP_ENHANCED    0x20
 
-#define MAX_PATH_LEN   256    /* RFC 5321 4.5.3.1.3 */
+#define MAX_PATH_LEN   256    /* RFC 5321 4.5.3.1.3, counting the <> */
+#define MAX_CRED_LEN   65536  /* one user, host, token or password */
+#define REDACT_RUN     20     /* base64-looking runs this long may be a credential */
 #define MAX_QUEUE      200000 /* far above any sane pipelining window */
 
 typedef struct {
@@ -53,6 +55,7 @@ typedef struct {
   buf_t out;             /* bytes for Lua to write */
   int out_secret;        /* out holds a credential: wipe it once handed over */
   buf_t tmp;             /* BDAT staging */
+  buf_t red;             /* a redacted reply line */
   unsigned char *queue;  /* states awaiting replies, head at qhead */
   size_t qhead, qlen, qcap;
   smtp_state state;
@@ -63,7 +66,8 @@ typedef struct {
   int mech;
   char *blob;            /* raw SASL response: wiped with OPENSSL_cleanse */
   size_t blob_len;
-  char *secret2;         /* LOGIN password */
+  char *secret2;         /* the token or password: the LOGIN answer, and what
+                            replies during the exchange are redacted of */
   size_t secret2_len;
   char *user;            /* for the redacted trace */
   /* DATA/BDAT filter, carried across chunks */
@@ -75,16 +79,23 @@ typedef struct {
 
 /* ---- buffers ---------------------------------------------------------- */
 
+/* Grows by copy, never realloc: the old block may hold a SASL response or a
+ * server's echo of one, and realloc would free it unwiped. */
 static void buf_reserve(lua_State *L, buf_t *b, size_t extra) {
   size_t need, ncap;
   char *np;
-  if (extra > ((size_t)-1) / 2 - b->len) luaL_error(L, "smtp engine: buffer too large");
+  if (extra > ((size_t)-1) / 4 - b->len) luaL_error(L, "smtp engine: buffer too large");
   need = b->len + extra;
   if (need <= b->cap) return;
   ncap = b->cap ? b->cap : 256;
   while (ncap < need) ncap *= 2;
-  np = realloc(b->p, ncap);
+  np = malloc(ncap);
   if (!np) luaL_error(L, "smtp engine: out of memory");
+  if (b->p) {
+    memcpy(np, b->p, b->len);
+    OPENSSL_cleanse(b->p, b->cap);
+    free(b->p);
+  }
   b->p = np;
   b->cap = ncap;
 }
@@ -217,7 +228,7 @@ static const char *address_problem(const char **s, size_t *n, int allow_empty, i
     *n -= 2;
   }
   if (*n == 0) return allow_empty ? NULL : "is empty";
-  if (*n > MAX_PATH_LEN) return "is longer than 256 octets";
+  if (*n + 2 > MAX_PATH_LEN) return "is longer than 256 octets (counting its <>)";
   for (i = 0; i < *n; i++) {
     unsigned char c = (unsigned char)(*s)[i];
     if (c == '\r' || c == '\n') return "contains CR or LF";
@@ -243,19 +254,19 @@ static const char *param_problem(const char *s, size_t n) {
   return NULL;
 }
 
+static int is_b64ish(unsigned char c) {
+  return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+         c == '+' || c == '/' || c == '=' || c == '-' || c == '_';
+}
+
 /* A short, printable, redacted copy of server text for error messages: long
  * base64-looking runs might echo a credential, so they are cut out. */
 static void redact(const char *s, size_t n, char *dst, size_t dstsz) {
   size_t i = 0, o = 0;
   while (i < n && o + 12 < dstsz) {
     size_t run = 0;
-    while (i + run < n) {
-      unsigned char c = (unsigned char)s[i + run];
-      if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-            c == '+' || c == '/' || c == '=' || c == '-' || c == '_')) break;
-      run++;
-    }
-    if (run >= 24) {
+    while (i + run < n && is_b64ish((unsigned char)s[i + run])) run++;
+    if (run >= REDACT_RUN) {
       o += (size_t)snprintf(dst + o, dstsz - o, "<redacted>");
       i += run;
       continue;
@@ -275,32 +286,79 @@ static void redact(const char *s, size_t n, char *dst, size_t dstsz) {
   dst[o] = 0;
 }
 
-/* ---- base64 ----------------------------------------------------------- */
-
-static char *b64_encode(lua_State *L, const char *s, size_t n, size_t *outlen) {
-  size_t cap = 4 * ((n + 2) / 3) + 1;
-  char *o = malloc(cap);
-  if (!o) luaL_error(L, "smtp engine: out of memory");
-  *outlen = (size_t)EVP_EncodeBlock((unsigned char *)o, (const unsigned char *)s, (int)n);
-  return o;
+static int in_auth(const engine_t *e) {
+  return e->state >= ST_AUTH && e->state <= ST_AUTH_CANCEL;
 }
 
-/* Decodes into a fresh Lua string on the stack; returns 0 when it is not base64. */
+/* During a SASL exchange a server may quote what it got (sendmail's
+ * '500 Command unrecognized: "AUTH XOAUTH2 dXNl..."'): copies s into e->red
+ * with the secret in use and every base64-looking run of REDACT_RUN or more
+ * replaced, for the trace, the reply table and errors alike. */
+static void redact_line(lua_State *L, engine_t *e, const char *s, size_t n) {
+  size_t i = 0, sl = e->secret2 ? e->secret2_len : 0;
+  e->red.len = 0;
+  buf_reserve(L, &e->red, n + 16);
+  while (i < n) {
+    size_t run = 0;
+    if (sl >= 3 && n - i >= sl && memcmp(s + i, e->secret2, sl) == 0) {
+      buf_adds(L, &e->red, "<redacted>");
+      i += sl;
+      continue;
+    }
+    while (i + run < n && is_b64ish((unsigned char)s[i + run])) run++;
+    if (run >= REDACT_RUN) {
+      buf_adds(L, &e->red, "<redacted>");
+      i += run;
+      continue;
+    }
+    /* one byte at a time, so a short secret inside a short run is seen */
+    buf_add(L, &e->red, s + i, 1);
+    i++;
+  }
+}
+
+/* ---- base64 ----------------------------------------------------------- */
+
+/* Appends base64(s) to b, encoding in place: a credential never passes
+ * through a temporary block that an error could leave unwiped. */
+static void buf_add_b64(lua_State *L, buf_t *b, const char *s, size_t n) {
+  size_t el = 4 * ((n + 2) / 3);
+  buf_reserve(L, b, el + 1);
+  EVP_EncodeBlock((unsigned char *)b->p + b->len, (const unsigned char *)s, (int)n);
+  b->len += el;
+}
+
+static int b64_value(unsigned char c) {
+  if (c >= 'A' && c <= 'Z') return c - 'A';
+  if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+  if (c >= '0' && c <= '9') return c - '0' + 52;
+  if (c == '+') return 62;
+  if (c == '/') return 63;
+  return -1;
+}
+
+/* Strict RFC 4648 base64 (no spaces, padding only at the end, no stray bits),
+ * decoded into a fresh Lua string on the stack; returns 0 when it is not. */
 static int push_b64_decoded(lua_State *L, const char *s, size_t n) {
-  unsigned char *o;
-  int len;
-  size_t pad = 0;
+  size_t i, pad = 0;
+  luaL_Buffer b;
   if (n % 4 != 0) return 0;
-  if (n == 0) { lua_pushliteral(L, ""); return 1; }
-  o = malloc(n / 4 * 3 + 1);
-  if (!o) luaL_error(L, "smtp engine: out of memory");
-  len = EVP_DecodeBlock(o, (const unsigned char *)s, (int)n);
-  if (len < 0) { free(o); return 0; }
-  /* EVP_DecodeBlock keeps the bytes that padding stands for */
-  if (s[n - 1] == '=') pad++;
-  if (s[n - 2] == '=') pad++;
-  lua_pushlstring(L, (const char *)o, (size_t)len - pad);
-  free(o);
+  if (n > 0 && s[n - 1] == '=') pad = s[n - 2] == '=' ? 2 : 1;
+  for (i = 0; i < n - pad; i++)
+    if (b64_value((unsigned char)s[i]) < 0) return 0;
+  if (pad == 2 && (b64_value((unsigned char)s[n - 3]) & 0x0f)) return 0;
+  if (pad == 1 && (b64_value((unsigned char)s[n - 2]) & 0x03)) return 0;
+  luaL_buffinit(L, &b);
+  for (i = 0; i < n; i += 4) {
+    unsigned long v = 0;
+    int k, have = (i + 4 == n) ? 4 - (int)pad : 4;
+    for (k = 0; k < 4; k++)
+      v = (v << 6) | (unsigned long)(k < have ? b64_value((unsigned char)s[i + k]) : 0);
+    luaL_addchar(&b, (char)((v >> 16) & 0xff));
+    if (have > 2) luaL_addchar(&b, (char)((v >> 8) & 0xff));
+    if (have > 3) luaL_addchar(&b, (char)(v & 0xff));
+  }
+  luaL_pushresult(&b);
   return 1;
 }
 
@@ -413,9 +471,11 @@ static void parse_caps(lua_State *L, engine_t *e, int lines_idx, int nlines) {
       }
       lua_pop(L, 1);
     } else if (caps_keyword(key, kl, "SIZE")) {
-      lua_Number v = 0;
-      for (j = 0; p + j < s + n && p[j] >= '0' && p[j] <= '9'; j++) v = v * 10 + (p[j] - '0');
-      if (j) lua_pushnumber(L, v);
+      lua_Integer v = 0;
+      /* an integer on every Lua (no "35882577.0"); absurd values saturate */
+      for (j = 0; p + j < s + n && p[j] >= '0' && p[j] <= '9'; j++)
+        if (j < 15) v = v * 10 + (p[j] - '0');
+      if (j) lua_pushinteger(L, v);
       else lua_pushboolean(L, 1);
       lua_setfield(L, caps_idx, "SIZE");
     } else {
@@ -437,14 +497,19 @@ static void parse_caps(lua_State *L, engine_t *e, int lines_idx, int nlines) {
  * Each gets the reply table on the stack top (code, text, lines already set)
  * and decides how the head of the queue moves. */
 
-typedef void (*handler_fn)(lua_State *L, engine_t *e, int code, int reply_idx);
+/* raw/rawlen: the first line's text as received, unredacted (a challenge). */
+typedef const char *(*handler_fn)(lua_State *L, engine_t *e, int code, int reply_idx,
+                                  const char *raw, size_t rawlen);
 
-static void h_plain(lua_State *L, engine_t *e, int code, int reply_idx) {
-  (void)code; (void)reply_idx;
+static const char *h_plain(lua_State *L, engine_t *e, int code, int reply_idx,
+                           const char *raw, size_t rawlen) {
+  (void)code; (void)reply_idx; (void)raw; (void)rawlen;
   queue_pop(L, e);
+  return NULL;
 }
 
-static void h_ehlo(lua_State *L, engine_t *e, int code, int reply_idx) {
+static const char *h_ehlo(lua_State *L, engine_t *e, int code, int reply_idx,
+                          const char *raw, size_t rawlen) {
   if (code / 100 == 2) {
     int nlines;
     lua_getfield(L, reply_idx, "lines");
@@ -453,26 +518,30 @@ static void h_ehlo(lua_State *L, engine_t *e, int code, int reply_idx) {
     lua_setfield(L, reply_idx, "caps");
     lua_pop(L, 1);
   }
+  (void)raw; (void)rawlen;
   queue_pop(L, e);
+  return NULL;
 }
 
-static void h_starttls(lua_State *L, engine_t *e, int code, int reply_idx) {
+static const char *h_starttls(lua_State *L, engine_t *e, int code, int reply_idx,
+                              const char *raw, size_t rawlen) {
   /* Bytes that arrived with the 220 were sent in the clear: they must never be
    * read as if they came over TLS (the CVE-2011-0411 injection). */
   if (code == 220 && e->in.len > e->rpos) {
     lua_pushboolean(L, 1);
     lua_setfield(L, reply_idx, "injected");
   }
+  (void)raw; (void)rawlen;
   queue_pop(L, e);
+  return NULL;
 }
 
 static void send_blob(lua_State *L, engine_t *e, const char *raw, size_t n, const char *traced) {
-  size_t bl;
-  char *b = b64_encode(L, raw, n, &bl);
-  emit_line(L, e, b, bl, traced);
+  buf_reserve(L, &e->out, 4 * ((n + 2) / 3) + 3);
   e->out_secret = 1;
-  OPENSSL_cleanse(b, bl);
-  free(b);
+  buf_add_b64(L, &e->out, raw, n);
+  buf_add(L, &e->out, "\r\n", 2);
+  trace_f(L, e, "send", "%s", traced);
 }
 
 static void trace_sasl(lua_State *L, engine_t *e, char *dst, size_t dstsz, const char *prefix) {
@@ -489,16 +558,16 @@ static void trace_sasl(lua_State *L, engine_t *e, char *dst, size_t dstsz, const
   (void)L;
 }
 
-static void h_auth(lua_State *L, engine_t *e, int code, int reply_idx) {
+/* Returns NULL, or why the reply breaks the protocol. */
+static const char *h_auth(lua_State *L, engine_t *e, int code, int reply_idx,
+                          const char *raw, size_t rawlen) {
   char traced[600];
   if (code != 334) {
     /* the exchange is over, whatever the outcome */
     sasl_clear(e);
     queue_pop(L, e);
-    return;
+    return NULL;
   }
-  lua_pushboolean(L, 1);
-  lua_setfield(L, reply_idx, "continue");
   switch (e->state) {
   case ST_AUTH:  /* two-step: the server asks for the initial response */
     if (e->mech == MECH_LOGIN) {
@@ -519,31 +588,41 @@ static void h_auth(lua_State *L, engine_t *e, int code, int reply_idx) {
   case ST_AUTH_RESP:
     if (e->mech == MECH_XOAUTH2 || e->mech == MECH_OAUTHBEARER) {
       /* RFC 7628 3.2.2 / Google's XOAUTH2: a 334 after the credentials is an
-       * error challenge (base64 JSON); acknowledge it to get the final reply */
-      size_t tl;
-      const char *t;
-      lua_getfield(L, reply_idx, "text");
-      t = lua_tolstring(L, -1, &tl);
-      if (push_b64_decoded(L, t, tl)) {
+       * error challenge (base64 JSON); acknowledge it to get the final reply.
+       * Whatever is not strict base64 is kept as opaque (redacted) text. */
+      if (push_b64_decoded(L, raw, rawlen)) {
         size_t jl;
         const char *j = lua_tolstring(L, -1, &jl);
         trace_f(L, e, "info", "error challenge: %.*s", (int)(jl > 1000 ? 1000 : jl), j);
         lua_setfield(L, reply_idx, "challenge");
+      } else {
+        lua_getfield(L, reply_idx, "text");
+        trace_f(L, e, "info", "error challenge is not base64: '%.200s'", lua_tostring(L, -1));
+        lua_setfield(L, reply_idx, "challenge_text");
       }
-      lua_pop(L, 1);
       if (e->mech == MECH_OAUTHBEARER) emit_line(L, e, "AQ==", 4, "AQ== (^A: acknowledge the error challenge)");
       else emit_line(L, e, "", 0, "(empty line: acknowledge the error challenge)");
       queue_head(L, e, ST_AUTH_ERRACK);
       secret_free(&e->blob, &e->blob_len);
       break;
     }
-    /* fall through - PLAIN has nothing more to say */
-  default:
-    /* a challenge where none may come: cancel the exchange (RFC 4954 4) */
+    /* PLAIN has nothing more to say: a challenge where none may come is
+     * cancelled (RFC 4954 4); the secret stays until the final reply, to
+     * redact it should the server quote it */
     emit_line(L, e, "*", 1, NULL);
     queue_head(L, e, ST_AUTH_CANCEL);
+    secret_free(&e->blob, &e->blob_len);
+    break;
+  default:
+    /* after the password, the acknowledgement or the cancel nothing may be
+     * asked: a server that keeps asking would keep us answering for ever */
     sasl_clear(e);
+    queue_pop(L, e);
+    return "a 334 challenge after the SASL exchange was over";
   }
+  lua_pushboolean(L, 1);
+  lua_setfield(L, reply_idx, "continue");
+  return NULL;
 }
 
 static handler_fn handler_for(smtp_state s) {
@@ -561,6 +640,11 @@ static int reply_fail(lua_State *L, engine_t *e, const char *reason, const char 
   char red[200];
   size_t avail = (size_t)(e->in.p + e->in.len - line);
   if (n > avail) n = avail;  /* never show more than what was received */
+  if (in_auth(e)) {
+    redact_line(L, e, line, n);
+    line = e->red.p;
+    n = e->red.len;
+  }
   redact(line, n, red, sizeof red);
   trace_f(L, e, "info", "%s: '%s'", what, red);
   om_fail(L, "smtp", reason, "%s from the server: '%s'", what, red);
@@ -578,8 +662,11 @@ static int eng_reply(lua_State *L) {
   int code = 0, reply_idx, lines_idx;
   char cls = 0;
   luaL_Buffer text;
-  const char *enh = NULL;
+  char enh[16];
   size_t enh_len = 0;
+  int auth = in_auth(e);
+  const char *raw = NULL, *why;
+  size_t rawlen = 0;
   /* First pass: is a whole reply here, and is it well-formed? */
   for (;;) {
     const char *line = e->in.p + pos, *nl;
@@ -621,21 +708,35 @@ static int eng_reply(lua_State *L) {
       size_t ll = (size_t)(nl - line), tl, el;
       const char *t;
       if (ll && line[ll - 1] == '\r') ll--;
+      p = (size_t)(nl - e->in.p) + 1;
+      if (i == 1) {
+        raw = ll > 4 ? line + 4 : line + ll;
+        rawlen = ll > 4 ? ll - 4 : 0;
+      }
+      if (auth) {
+        redact_line(L, e, line, ll);
+        line = e->red.p;
+        ll = e->red.len;
+      }
       trace_add(L, e, "recv", line, ll);
       t = ll > 4 ? line + 4 : line + ll;
       tl = ll > 4 ? ll - 4 : 0;
       lua_pushlstring(L, t, tl);
       lua_rawseti(L, lines_idx, (int)i);
       el = enhanced_len(t, tl, cls);
-      if (el && (!enh || (el == enh_len && memcmp(t, enh, el) == 0))) {
-        if (!enh) { enh = t; enh_len = el; lua_pushlstring(L, t, el); lua_setfield(L, reply_idx, "enhanced"); }
+      if (el && el < sizeof enh && (!enh_len || (el == enh_len && memcmp(t, enh, el) == 0))) {
+        if (!enh_len) {
+          memcpy(enh, t, el);
+          enh_len = el;
+          lua_pushlstring(L, t, el);
+          lua_setfield(L, reply_idx, "enhanced");
+        }
         t += el;
         tl -= el;
         while (tl && *t == ' ') { t++; tl--; }
       }
       if (i > 1) luaL_addchar(&text, '\n');
       luaL_addlstring(&text, t, tl);
-      p = (size_t)(nl - e->in.p) + 1;
     }
   }
   luaL_pushresult(&text);
@@ -645,9 +746,20 @@ static int eng_reply(lua_State *L) {
   lua_setfield(L, reply_idx, "code");
   lua_pushstring(L, state_names[e->state]);
   lua_setfield(L, reply_idx, "command");
+  /* the bytes stay where they are until the next feed: raw remains valid */
   e->rpos = pos;
   if (e->rpos == e->in.len) e->rpos = e->in.len = 0;
-  handler_for(e->state)(L, e, code, reply_idx);
+  why = handler_for(e->state)(L, e, code, reply_idx, raw, rawlen);
+  if (why) {
+    lua_settop(L, reply_idx - 1);
+    trace_f(L, e, "info", "protocol error: %s", why);
+    om_fail(L, "smtp", "malformed", "protocol error from the server: %s", why);
+    lua_pushinteger(L, code);
+    lua_setfield(L, -2, "code");
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "retryable");
+    return 2;
+  }
   lua_settop(L, reply_idx);
   return 1;
 }
@@ -759,8 +871,19 @@ static int eng_starttls(lua_State *L) { return cmd_simple(L, "STARTTLS", ST_STAR
 static int eng_data(lua_State *L) { return cmd_simple(L, "DATA", ST_DATA); }
 static int eng_noop(lua_State *L) { return cmd_simple(L, "NOOP", ST_NOOP); }
 static int eng_quit(lua_State *L) { return cmd_simple(L, "QUIT", ST_QUIT); }
+/* A new transaction starts a new message: nothing of the body filter's line
+ * state may carry over from one that was abandoned half-way. */
+static void body_reset(engine_t *e) {
+  e->bol = 1;
+  e->after_cr = 0;
+  e->body_bytes = 0;
+  e->tmp.len = 0;
+}
+
 static int eng_rset(lua_State *L) {
-  check_engine(L)->tx_utf8 = 0;
+  engine_t *e = check_engine(L);
+  e->tx_utf8 = 0;
+  body_reset(e);
   return cmd_simple(L, "RSET", ST_RSET);
 }
 
@@ -819,7 +942,10 @@ static int cmd_path(lua_State *L, const char *verb, int is_mail, smtp_state s) {
     emit_line(L, e, c, cl, NULL);
   }
   queue_push(L, e, s);
-  if (is_mail) e->tx_utf8 = utf8;
+  if (is_mail) {
+    e->tx_utf8 = utf8;
+    body_reset(e);
+  }
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -838,46 +964,55 @@ static int smtp_check_address(lua_State *L) {
   return 1;
 }
 
-static char *dup_checked(lua_State *L, int t, const char *k, int required, size_t *len) {
+/* Pushes option k of table t and returns it checked, or NULL when absent and
+ * not required. The value stays on the stack so the pointer stays valid; it
+ * raises only before eng_auth has allocated anything. */
+static const char *cred_opt(lua_State *L, int t, const char *k, int required, size_t *len) {
   size_t n, i;
   const char *s;
-  char *d;
   om_getfield(L, t, k);
   if (lua_isnil(L, -1)) {
-    lua_pop(L, 1);
     if (required) luaL_error(L, "auth: option '%s' is required", k);
+    *len = 0;
     return NULL;
   }
   if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "auth: option '%s': expected a string", k);
   s = lua_tolstring(L, -1, &n);
+  if (n > MAX_CRED_LEN) luaL_error(L, "auth: option '%s' is longer than %d bytes", k, MAX_CRED_LEN);
   for (i = 0; i < n; i++)
-    if (s[i] == 0 || s[i] == 1 || s[i] == '\r' || s[i] == '\n') {
-      lua_pop(L, 1);
+    if (s[i] == 0 || s[i] == 1 || s[i] == '\r' || s[i] == '\n')
       luaL_error(L, "auth: option '%s' contains a NUL, ^A, CR or LF", k);
-    }
-  d = malloc(n + 1);
-  if (!d) luaL_error(L, "smtp engine: out of memory");
-  memcpy(d, s, n + 1);
-  lua_pop(L, 1);
-  if (len) *len = n;
-  return d;
+  *len = n;
+  return s;
+}
+
+static char *put(char *d, const char *s, size_t n) {
+  memcpy(d, s, n);
+  return d + n;
+}
+
+static void wipe_free(char *p, size_t n) {
+  if (p) OPENSSL_cleanse(p, n);
+  free(p);
 }
 
 /* eng:auth(mech, {user=, token= | password=, host=, port=, initial=true|false})
  * Builds the SASL response, sends it as an initial response when initial is
  * true, else waits for the server's 334. Returns the line length an initial
- * response would have had, so Lua can see why it chose. */
+ * response would have had, so Lua can see why it chose.
+ * Every option is read and checked first, the response is built in one block
+ * of its exact size, and nothing raises while a secret is held outside the
+ * engine (whose buffers close/__gc wipe). */
 static int eng_auth(lua_State *L) {
   engine_t *e = check_engine(L);
   const char *m = luaL_checkstring(L, 2);
   int mech, initial;
-  lua_Number max_initial;
-  size_t line_len;
-  char *secret = NULL, *host = NULL;
-  size_t slen = 0, ulen;
-  lua_Number port;
+  lua_Number max_initial, port;
+  size_t line_len, ulen, hlen = 0, slen, rawlen = 0, plen = 0, i;
+  const char *user, *host = NULL, *secret;
+  char *raw = NULL, *ucopy, *scopy, *d;
+  char pbuf[40];
   char traced[700];
-  (void)ulen;
   luaL_checktype(L, 3, LUA_TTABLE);
   if (e->qlen > 0) return luaL_error(L, "smtp engine: AUTH must not be pipelined");
   if (caps_keyword(m, strlen(m), "XOAUTH2")) mech = MECH_XOAUTH2;
@@ -889,60 +1024,72 @@ static int eng_auth(lua_State *L) {
   initial = om_opt_bool(L, 3, "initial", -1);
   max_initial = om_opt_number(L, 3, "max_initial", 1000);
   port = om_opt_number(L, 3, "port", 0);
+  user = cred_opt(L, 3, "user", 1, &ulen);
+  if (mech == MECH_OAUTHBEARER) host = cred_opt(L, 3, "host", 0, &hlen);
+  secret = cred_opt(L, 3, (mech == MECH_PLAIN || mech == MECH_LOGIN) ? "password" : "token", 1, &slen);
+  if (port > 0) plen = (size_t)snprintf(pbuf, sizeof pbuf, "port=%.0f\001", (double)port);
+  if (plen >= sizeof pbuf) return luaL_error(L, "auth: option 'port' is out of range");
+  /* the exact size of the raw response */
+  if (mech == MECH_XOAUTH2) {
+    rawlen = 5 + ulen + 13 + slen + 2;
+  } else if (mech == MECH_OAUTHBEARER) {
+    rawlen = 4 + ulen + 2 + (host ? 5 + hlen + 1 : 0) + plen + 12 + slen + 2;
+    for (i = 0; i < ulen; i++) if (user[i] == ',' || user[i] == '=') rawlen += 2;
+  } else if (mech == MECH_PLAIN) {
+    rawlen = 1 + ulen + 1 + slen;
+  }
+  /* from here on nothing raises until every block is the engine's */
+  ucopy = malloc(ulen + 1);
+  scopy = malloc(slen + 1);
+  if (rawlen) raw = malloc(rawlen);
+  if (!ucopy || !scopy || (rawlen && !raw)) {
+    free(ucopy);
+    wipe_free(scopy, 0);
+    wipe_free(raw, 0);
+    return luaL_error(L, "smtp engine: out of memory");
+  }
+  memcpy(ucopy, user, ulen + 1);
+  memcpy(scopy, secret, slen + 1);
+  d = raw;
+  if (mech == MECH_XOAUTH2) {
+    d = put(d, "user=", 5);
+    d = put(d, user, ulen);
+    d = put(d, "\001auth=Bearer ", 13);
+    d = put(d, secret, slen);
+    d = put(d, "\001\001", 2);
+  } else if (mech == MECH_OAUTHBEARER) {
+    /* GS2 header (RFC 5801): ',' and '=' in the authzid are escaped */
+    d = put(d, "n,a=", 4);
+    for (i = 0; i < ulen; i++) {
+      if (user[i] == ',') d = put(d, "=2C", 3);
+      else if (user[i] == '=') d = put(d, "=3D", 3);
+      else *d++ = user[i];
+    }
+    d = put(d, ",\001", 2);
+    if (host) {
+      d = put(d, "host=", 5);
+      d = put(d, host, hlen);
+      d = put(d, "\001", 1);
+    }
+    d = put(d, pbuf, plen);
+    d = put(d, "auth=Bearer ", 12);
+    d = put(d, secret, slen);
+    d = put(d, "\001\001", 2);
+  } else if (mech == MECH_PLAIN) {
+    d = put(d, "", 1);
+    d = put(d, user, ulen);
+    d = put(d, "", 1);
+    d = put(d, secret, slen);
+  }
+  (void)d;
   sasl_clear(e);
   e->mech = mech;
-  e->user = dup_checked(L, 3, "user", 1, &ulen);
-  if (mech == MECH_OAUTHBEARER) host = dup_checked(L, 3, "host", 0, NULL);
-  secret = dup_checked(L, 3, (mech == MECH_PLAIN || mech == MECH_LOGIN) ? "password" : "token", 1, &slen);
-  /* The raw response goes into a C buffer we can wipe, not a Lua string. */
-  {
-    buf_t raw = { NULL, 0, 0 };
-    if (mech == MECH_XOAUTH2) {
-      buf_adds(L, &raw, "user=");
-      buf_adds(L, &raw, e->user);
-      buf_adds(L, &raw, "\001auth=Bearer ");
-      buf_add(L, &raw, secret, slen);
-      buf_adds(L, &raw, "\001\001");
-    } else if (mech == MECH_OAUTHBEARER) {
-      const char *u;
-      char pbuf[32];
-      /* GS2 header (RFC 5801): ',' and '=' in the authzid are escaped */
-      buf_adds(L, &raw, "n,a=");
-      for (u = e->user; *u; u++) {
-        if (*u == ',') buf_adds(L, &raw, "=2C");
-        else if (*u == '=') buf_adds(L, &raw, "=3D");
-        else buf_add(L, &raw, u, 1);
-      }
-      buf_adds(L, &raw, ",\001");
-      if (host) {
-        buf_adds(L, &raw, "host=");
-        buf_adds(L, &raw, host);
-        buf_adds(L, &raw, "\001");
-      }
-      if (port > 0) {
-        snprintf(pbuf, sizeof pbuf, "port=%.0f\001", (double)port);
-        buf_adds(L, &raw, pbuf);
-      }
-      buf_adds(L, &raw, "auth=Bearer ");
-      buf_add(L, &raw, secret, slen);
-      buf_adds(L, &raw, "\001\001");
-    } else if (mech == MECH_PLAIN) {
-      buf_add(L, &raw, "", 1);
-      buf_adds(L, &raw, e->user);
-      buf_add(L, &raw, "", 1);
-      buf_add(L, &raw, secret, slen);
-    }
-    if (mech == MECH_LOGIN) {
-      e->secret2 = secret;
-      e->secret2_len = slen;
-      secret = NULL;
-    } else {
-      e->blob = raw.p;
-      e->blob_len = raw.len;
-    }
-  }
-  secret_free(&secret, &slen);
-  free(host);
+  e->user = ucopy;
+  e->secret2 = scopy;
+  e->secret2_len = slen;
+  e->blob = raw;
+  e->blob_len = rawlen;
+  lua_settop(L, 3);
   line_len = 5 + strlen(mech_names[mech]) + 1 + 4 * ((e->blob_len + 2) / 3) + 2;
   if (initial < 0) initial = (lua_Number)line_len <= max_initial;
   if (mech == MECH_LOGIN) initial = 0;
@@ -952,17 +1099,13 @@ static int eng_auth(lua_State *L) {
   lua_pushboolean(L, initial);
   lua_pushinteger(L, (lua_Integer)line_len);
   if (initial) {
-    size_t bl;
-    char *enc = b64_encode(L, e->blob, e->blob_len, &bl);
-    buf_reserve(L, &e->out, bl + 32);
+    buf_reserve(L, &e->out, line_len + 2);
+    e->out_secret = 1;
     buf_adds(L, &e->out, "AUTH ");
     buf_adds(L, &e->out, mech_names[mech]);
     buf_adds(L, &e->out, " ");
-    buf_add(L, &e->out, enc, bl);
+    buf_add_b64(L, &e->out, e->blob, e->blob_len);
     buf_adds(L, &e->out, "\r\n");
-    e->out_secret = 1;
-    OPENSSL_cleanse(enc, bl);
-    free(enc);
     snprintf(traced, sizeof traced, "AUTH %s ", mech_names[mech]);
     trace_sasl(L, e, traced + strlen(traced), sizeof traced - strlen(traced), "<");
     strncat(traced, ">", sizeof traced - strlen(traced) - 1);
@@ -1088,6 +1231,7 @@ static int eng_close(lua_State *L) {
   buf_free(&e->in, 1);
   buf_free(&e->out, 1);
   buf_free(&e->tmp, 0);
+  buf_free(&e->red, 1);
   free(e->queue);
   e->queue = NULL;
   if (e->trace_ref != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, e->trace_ref);

@@ -232,6 +232,38 @@ describe("smtp engine", function()
       end)
     end
 
+    it("counts the 256-octet path limit with its angle brackets (RFC 5321 4.5.3.1.3)", function()
+      local a254 = string.rep("a", 242) .. "@example.org"
+      local a255 = "a" .. a254
+      assert.equal(254, #a254)
+      for _, a in ipairs { a254, "<" .. a254 .. ">" } do
+        local eng = engine()
+        assert.truthy(eng:mail(a))
+        assert.truthy(eng:rcpt(a))
+        assert.truthy(core.smtp.check_address(a))
+      end
+      for _, a in ipairs { a255, "<" .. a255 .. ">" } do
+        local eng = engine()
+        local ok, err = eng:mail(a)
+        assert.is_nil(ok)
+        assert.truthy(err.message:find("256", 1, true), err.message)
+        assert.is_nil((eng:rcpt(a)))
+        assert.is_nil((core.smtp.check_address(a)))
+      end
+    end)
+
+    it("gives SIZE as an integer", function()
+      local eng = engine()
+      eng:ehlo("c")
+      eng:output()
+      local r = replies(eng, "250-mx\r\n250 SIZE 35882577\r\n")[1]
+      assert.equal("35882577", tostring(r.caps.SIZE))
+      if math.type then assert.equal("integer", math.type(r.caps.SIZE)) end
+      eng:ehlo("c")
+      r = replies(eng, "250-mx\r\n250 SIZE 99999999999999999999999\r\n")[1]
+      assert.truthy(r.caps.SIZE > 1e12)
+    end)
+
     it("refuses parameters carrying CR, LF, spaces or NUL", function()
       for _, p in ipairs { "SIZE=1\r\nRSET", "BODY=8BIT MIME", "X=\0", "" } do
         local eng = engine()
@@ -302,6 +334,40 @@ describe("smtp engine", function()
       eng = engine()
       eng:bdat("", true)
       assert.equal("BDAT 0 LAST\r\n", eng:output())
+    end)
+
+    it("starts the filter afresh after RSET and after MAIL", function()
+      -- a refused non-last chunk ending in CR, then RSET: the next message's
+      -- leading LF is its own line, not the rest of the old CRLF
+      local eng = engine()
+      eng:bdat("abc\r", false)
+      eng:output()
+      eng:rset()
+      eng:bdat("\nline", true)
+      assert.equal("RSET\r\nBDAT 8 LAST\r\n\r\nline\r\n", eng:output())
+      -- a chunk ending mid-line, then RSET: the next message's first line is
+      -- at the start of a line, so its dot is stuffed
+      eng = engine()
+      eng:bdat("abc", false)
+      eng:rset()
+      eng:output()
+      eng:data()
+      eng:body(".x")
+      eng:body_end()
+      assert.equal("DATA\r\n..x\r\n.\r\n", eng:output())
+      -- the same with MAIL instead of RSET
+      eng = engine()
+      eng:body("abc")
+      eng:output()
+      assert.truthy(eng:mail("a@example.org"))
+      eng:body(".x")
+      eng:body_end()
+      assert.equal("MAIL FROM:<a@example.org>\r\n..x\r\n.\r\n", eng:output())
+      local t = engine { trace = true }
+      t:bdat("abcdef", false)
+      t:rset()
+      t:bdat("x", true)
+      assert.truthy(trace_text(t):find("<1 bytes of message data>", 1, true))
     end)
 
     it("traces a summary of the data, never its lines", function()
@@ -428,6 +494,103 @@ describe("smtp engine", function()
       assert.equal("*\r\n", eng:output())
       local r = replies(eng, "501 cancelled\r\n")[1]
       assert.equal(501, r.code)
+    end)
+
+    it("takes a 334 after the cancel, the acknowledgement or the password as a protocol error", function()
+      local function expect_malformed(eng, bytes)
+        eng:feed(bytes)
+        local r, err = eng:reply()
+        assert.is_nil(r)
+        assert.equal("smtp", err.kind)
+        assert.equal("malformed", err.reason)
+        assert.equal("", eng:output())
+        assert.equal("IDLE", eng:state())
+      end
+      -- PLAIN: 334 -> '*', 334 again
+      local eng = engine()
+      eng:auth("plain", { user = "bob", password = "hunter2-password" })
+      eng:output()
+      replies(eng, "334 what\r\n")
+      assert.equal("*\r\n", eng:output())
+      expect_malformed(eng, "334 what\r\n")
+      -- XOAUTH2: error challenge acknowledged, then 334 again
+      eng = engine()
+      eng:auth("xoauth2", { user = "u@example.org", token = TOKEN })
+      eng:output()
+      replies(eng, "334 " .. b64('{"status":"401"}') .. "\r\n")
+      assert.equal("\r\n", eng:output())
+      expect_malformed(eng, "334 \r\n")
+      -- LOGIN: user, password, then 334 again
+      eng = engine()
+      eng:auth("login", { user = "bob", password = "hunter2-password" })
+      eng:output()
+      replies(eng, "334 VXNlcm5hbWU6\r\n")
+      replies(eng, "334 UGFzc3dvcmQ6\r\n")
+      eng:output()
+      expect_malformed(eng, "334 UGFzc3dvcmQ6\r\n")
+    end)
+
+    it("redacts base64-looking runs and the credential in replies during AUTH", function()
+      local eng = engine { trace = true }
+      eng:auth("xoauth2", { user = "u@example.org", token = TOKEN })
+      local line = eng:output():sub(1, -3)
+      local r = replies(eng, '500-5.5.1 Command unrecognized: "' .. line .. '"\r\n500 5.5.1 ' .. TOKEN .. "\r\n")[1]
+      assert.equal(500, r.code)
+      assert.equal('Command unrecognized: "AUTH XOAUTH2 <redacted>"\n<redacted>', r.text)
+      assert.same({ '5.5.1 Command unrecognized: "AUTH XOAUTH2 <redacted>"', "5.5.1 <redacted>" }, r.lines)
+      local t = trace_text(eng)
+      assert.truthy(t:find('recv 500-5.5.1 Command unrecognized: "AUTH XOAUTH2 <redacted>"', 1, true), t)
+      h.assert_no_secrets(t, { TOKEN, xo("u@example.org", TOKEN) })
+      -- outside AUTH, replies are kept as they are
+      eng:noop()
+      r = replies(eng, "250 " .. string.rep("A", 30) .. "\r\n")[1]
+      assert.equal(string.rep("A", 30), r.text)
+    end)
+
+    it("decodes only strict base64 in an error challenge", function()
+      for _, bad in ipairs { "====", "A===", "  ==", "AB==    ", "    ", "QQ==QQ==", "Q===", "QQ=A",
+        "====AAAA", "    ====", "QQ", "QQ=", "Q!==", "QUJD\tREVG" } do
+        local eng = engine { trace = true }
+        eng:auth("xoauth2", { user = "u", token = "t", initial = true })
+        eng:output()
+        local r = replies(eng, "334 " .. bad .. "\r\n")[1]
+        assert.equal(334, r.code)
+        assert.is_nil(r.challenge, ("%q"):format(bad))
+        assert.equal("\r\n", eng:output())
+      end
+      for enc, dec in pairs { ["QQ=="] = "A", ["QUI="] = "AB", ["QUJD"] = "ABC", ["AA=="] = "\0", [""] = "" } do
+        local eng = engine()
+        eng:auth("xoauth2", { user = "u", token = "t", initial = true })
+        eng:output()
+        local r = replies(eng, "334 " .. enc .. "\r\n")[1]
+        assert.equal(dec, r.challenge, enc)
+      end
+    end)
+
+    it("builds the SASL response in one allocation and leaves nothing behind when an option is bad", function()
+      -- the checks come before anything is allocated: a bad token after a
+      -- good host raises and the engine is still usable
+      local eng = engine()
+      assert.has_error(function()
+        eng:auth("oauthbearer", { user = "u@example.org", host = "smtp.example.org", token = "bad\r\ntoken" })
+      end)
+      assert.has_error(function() eng:auth("xoauth2", { user = "u@example.org", token = 12 }) end)
+      assert.has_error(function() eng:auth("xoauth2", { user = "u@example.org", token = "t", port = "x" }) end)
+      assert.equal("IDLE", eng:state())
+      assert.is_true((eng:auth("oauthbearer", { user = "u@example.org", token = TOKEN, host = "h", port = 587 })))
+      assert.equal("AUTH OAUTHBEARER " .. b64("n,a=u@example.org,\1host=h\1port=587\1auth=Bearer " .. TOKEN .. "\1\1") ..
+        "\r\n", eng:output())
+      -- long users and tokens (growth past every power of two on the way)
+      for _, n in ipairs { 1, 200, 255, 256, 257, 1000, 5000 } do
+        local user, tok = string.rep("u", n) .. "@e.org", string.rep("T", n)
+        eng = engine()
+        eng:auth("oauthbearer", { user = user, token = tok, host = "h", port = 25, initial = true })
+        assert.equal("AUTH OAUTHBEARER " .. b64("n,a=" .. user .. ",\1host=h\1port=25\1auth=Bearer " .. tok .. "\1\1") ..
+          "\r\n", eng:output())
+        eng = engine()
+        eng:auth("plain", { user = user, password = tok, initial = true })
+        assert.equal("AUTH PLAIN " .. b64("\0" .. user .. "\0" .. tok) .. "\r\n", eng:output())
+      end
     end)
 
     it("raises for credentials that would break the line, and for pipelined AUTH", function()

@@ -7,6 +7,9 @@ local peers = require "spec.support.smtp_peers"
 local TOKEN = "ya29.A0ARrdaM-fake-but-secret-token_xyz0123456789"
 local USER = "alice@example.org"
 
+local core = require "oauthmail.core"
+local errors = require "oauthmail.errors"
+
 local function b64(s) return h.secret_forms(s)[2] end
 local function xoauth2(user, token) return b64("user=" .. user .. "\1auth=Bearer " .. token .. "\1\1") end
 
@@ -15,6 +18,42 @@ local EHLO = { "C", "EHLO localhost\r\n" }
 local CAPS_FULL = { "S", "250-mx.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-SIZE 100000\r\n" ..
   "250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 AUTH XOAUTH2 OAUTHBEARER PLAIN LOGIN\r\n" }
 local CAPS_PLAIN = { "S", "250-mx.test\r\n250 AUTH XOAUTH2 PLAIN LOGIN\r\n" }
+
+-- A server written as a function: each command line the client writes goes
+-- to on_line(line, state), whose return value is what the server says (a
+-- BDAT's reply comes once its payload has arrived). For servers with a
+-- state of their own (a transaction left open) and for endless ones.
+local function server(on_line)
+  local t = { inbuf = "220 fake ESMTP\r\n", lines = {}, pending = "", bdat = 0, after_bdat = "" }
+  function t.send(_, data)
+    t.pending = t.pending .. data
+    while true do
+      if t.bdat > 0 then
+        local take = math.min(t.bdat, #t.pending)
+        t.pending, t.bdat = t.pending:sub(take + 1), t.bdat - take
+        if t.bdat > 0 then break end
+        t.inbuf = t.inbuf .. t.after_bdat
+      end
+      local line, rest = t.pending:match("^(.-)\r\n(.*)$")
+      if not line then break end
+      t.pending = rest
+      t.lines[#t.lines + 1] = line
+      local r = on_line(line, t) or ""
+      local n = tonumber(line:match("^BDAT (%d+)") or "0")
+      if n > 0 then t.bdat, t.after_bdat = n, r else t.inbuf = t.inbuf .. r end
+    end
+    return true
+  end
+  function t.receive_some()
+    if #t.inbuf == 0 then return nil, errors.new("network", "the fake server has nothing to say", { reason = "timeout" }) end
+    local d = t.inbuf
+    t.inbuf = ""
+    return d
+  end
+  function t.starttls() return true end
+  function t.close() t.closed = true end
+  return t
+end
 
 -- a session over a fake transport, already past the greeting
 local function fake_session(script, extra)
@@ -147,7 +186,7 @@ describe("smtp session (fake transport)", function()
         { "S", "334 " .. b64(json) .. "\r\n" },
         { "C", "AQ==\r\n" },
         { "S", "535 5.7.3 Authentication unsuccessful\r\n" },
-      }, { trace = trace, host = "mx.test", port = 587 })
+      }, { trace = trace, host = "mx.test", port = 587, tls = "implicit" })
       local ok, err = s:auth { mechanism = "oauthbearer", user = USER, token = TOKEN }
       assert.is_nil(ok)
       assert.equal("auth", err.kind)
@@ -191,6 +230,109 @@ describe("smtp session (fake transport)", function()
       assert.is_true(s:auth { mechanism = "login", user = USER, password = "correct horse" })
       assert.is_true(t.done())
       assert.has_error(function() s:auth { mechanism = "plain", user = USER, token = TOKEN } end)
+    end)
+
+    it("stops a server that answers every line with 334, and abandons the session", function()
+      for _, o in ipairs {
+        { user = USER, token = TOKEN },
+        { user = USER, token = TOKEN, two_step = true },
+        { mechanism = "oauthbearer", user = USER, token = TOKEN },
+        { mechanism = "plain", user = USER, password = "correct horse" },
+        { mechanism = "login", user = USER, password = "correct horse" },
+      } do
+        local answered = 0
+        local t = server(function(line)
+          if line:match("^EHLO") then return "250-fake\r\n250 AUTH XOAUTH2 OAUTHBEARER PLAIN LOGIN\r\n" end
+          answered = answered + 1
+          -- a client that never stops would spin here for ever: give up loudly
+          if answered > 50 then error("the client is still answering 334s", 0) end
+          return "334 \r\n"
+        end)
+        local s = assert(smtp.open { transport = t, tls = "none", allow_plaintext_auth = true })
+        local ok, err = s:auth(o)
+        assert.is_nil(ok)
+        assert.equal("smtp", err.kind)
+        assert.equal("malformed", err.reason)
+        assert.equal(err, s.broken)
+        assert.is_true(t.closed)
+        -- EHLO, AUTH, at most two answers or one answer and one cancel
+        assert.truthy(#t.lines <= 4, #t.lines .. " lines written")
+      end
+    end)
+
+    it("redacts a server's echo of the AUTH line from the trace and the error", function()
+      local dotted = "ab.cd.ef.gh.ij.kl.mn.op.qr.st.uv.wx"
+      for _, case in ipairs {
+        { token = TOKEN, two_step = false },
+        { token = TOKEN, two_step = true },
+        { token = dotted, two_step = false },
+      } do
+        local trace = h.trace_collector()
+        local t = server(function(line)
+          if line:match("^EHLO") then return "250-fake\r\n250 AUTH XOAUTH2\r\n" end
+          if line == "AUTH XOAUTH2" then return "334 \r\n" end
+          -- sendmail-style: the refused command (or a decoded token) quoted back
+          return '500-5.5.1 Command unrecognized: "' .. line .. '"\r\n' ..
+            "500 5.5.1 token " .. case.token .. " not understood\r\n"
+        end)
+        local s = assert(smtp.open { transport = t, tls = "none", allow_plaintext_auth = true, trace = trace })
+        local ok, err = s:auth { user = USER, token = case.token, two_step = case.two_step }
+        assert.is_nil(ok)
+        assert.equal(500, err.code)
+        assert.truthy(err.text:find("<redacted>", 1, true), err.text)
+        local raw = "user=" .. USER .. "\1auth=Bearer " .. case.token .. "\1\1"
+        h.assert_no_secrets(trace.text(), { case.token, raw })
+        h.assert_no_secrets(tostring(err), { case.token, raw })
+        h.assert_no_secrets(err.text, { case.token, raw })
+        assert.truthy(trace.text():find("Command unrecognized", 1, true))
+      end
+    end)
+
+    it("lets allow_plaintext_auth send credentials in clear only to a loopback host", function()
+      for _, host in ipairs { "mx.example.org", "127.0.0.1.example.org", "10.0.0.1", "::2", "localhost.evil" } do
+        local s, t = fake_session({ CAPS_FULL }, { host = host })
+        local ok, err = s:auth { user = USER, token = TOKEN }
+        assert.is_nil(ok)
+        assert.equal("config", err.kind)
+        assert.equal("plaintext_auth", err.reason)
+        assert.truthy(err.message:find(host, 1, true), err.message)
+        assert.truthy(err.message:find("loopback", 1, true), err.message)
+        assert.equal("EHLO localhost\r\n", t.transcript())
+      end
+      for _, host in ipairs { "localhost", "LocalHost", "127.0.0.1", "127.3.2.1", "::1", "[::1]" } do
+        local s, t = fake_session({
+          CAPS_FULL,
+          { "C", "AUTH XOAUTH2 " .. xoauth2(USER, TOKEN) .. "\r\n" }, { "S", "235 2.7.0 Accepted\r\n" },
+        }, { host = host })
+        assert.is_true(s:auth { user = USER, token = TOKEN })
+        assert.is_true(t.done())
+      end
+    end)
+
+    it("reads openid-configuration from the error challenge", function()
+      local json = '{"status":"invalid_token","scope":"https://mail.google.com/",' ..
+        '"openid-configuration":"https://accounts.google.com/.well-known/openid-configuration"}'
+      local s = fake_session({
+        CAPS_FULL,
+        { "C", "AUTH XOAUTH2 " .. xoauth2(USER, TOKEN) .. "\r\n" }, { "S", "334 " .. b64(json) .. "\r\n" },
+        { "C", "\r\n" }, { "S", "535 5.7.8 Username and Password not accepted\r\n" },
+      })
+      local ok, err = s:auth { user = USER, token = TOKEN }
+      assert.is_nil(ok)
+      assert.equal("https://accounts.google.com/.well-known/openid-configuration", err.challenge["openid-configuration"])
+      assert.equal("invalid_token", err.challenge.status)
+    end)
+
+    it("keeps an error challenge that is not base64 as opaque text", function()
+      local s = fake_session({
+        CAPS_FULL,
+        { "C", "AUTH XOAUTH2 " .. xoauth2(USER, TOKEN) .. "\r\n" }, { "S", "334 QQ==QQ==\r\n" },
+        { "C", "\r\n" }, { "S", "535 5.7.8 no\r\n" },
+      })
+      local ok, err = s:auth { user = USER, token = TOKEN }
+      assert.is_nil(ok)
+      assert.equal(535, err.code)
+      assert.same({ text = "QQ==QQ==" }, err.challenge)
     end)
   end)
 
@@ -350,6 +492,121 @@ describe("smtp session (fake transport)", function()
       assert.equal(err, err2)
     end)
 
+    it("starts the next message's filter afresh after a refused BDAT chunk and RSET", function()
+      local s, t = fake_session {
+        { "S", "250-mx.test\r\n250 CHUNKING\r\n" },
+        { "C", "MAIL FROM:<a@example.org>\r\n" }, { "S", "250 ok\r\n" },
+        { "C", "RCPT TO:<b@example.org>\r\n" }, { "S", "250 ok\r\n" },
+        { "C", "BDAT 3\r\nabc" }, { "S", "552 5.3.4 too much\r\n" },
+        { "C", "RSET\r\n" }, { "S", "250 flushed\r\n" },
+        { "C", "MAIL FROM:<a@example.org>\r\n" }, { "S", "250 ok\r\n" },
+        { "C", "RCPT TO:<b@example.org>\r\n" }, { "S", "250 ok\r\n" },
+        { "C", "DATA\r\n" }, { "S", "354 go\r\n" },
+        { "C", "..x\r\n.\r\n" }, { "S", "250 sent\r\n" },
+      }
+      local chunks = { "abc", "def" }
+      local i = 0
+      local r, err = s:send { from = "a@example.org", to = "b@example.org", chunking = true,
+        data = function() i = i + 1 return chunks[i] end }
+      assert.is_nil(r)
+      assert.equal(552, err.code)
+      assert.truthy(s:send { from = "a@example.org", to = "b@example.org", data = ".x\r\n" })
+      assert.is_true(t.done())
+    end)
+
+    it("takes size= and eight_bit= for a streamed message", function()
+      local function reader(text)
+        local done = false
+        return function() if done then return nil end done = true return text end
+      end
+      local s, t = fake_session {
+        { "S", "250-mx.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 100\r\n" },
+        { "C", "MAIL FROM:<a@example.org> SIZE=6\r\nRCPT TO:<b@example.org>\r\nDATA\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n354 go\r\n" }, { "C", "plain\r\n.\r\n" }, { "S", "250 sent\r\n" },
+        { "C", "MAIL FROM:<a@example.org> SIZE=7 BODY=8BITMIME\r\nRCPT TO:<b@example.org>\r\nDATA\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n354 go\r\n" }, { "C", "h\195\169llo\r\n.\r\n" }, { "S", "250 sent\r\n" },
+        { "C", "MAIL FROM:<a@example.org> BODY=8BITMIME\r\nRCPT TO:<b@example.org>\r\nDATA\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n354 go\r\n" }, { "C", "x\r\n.\r\n" }, { "S", "250 sent\r\n" },
+      }
+      assert.truthy(s:send { from = "a@example.org", to = "b@example.org", data = reader("plain\r\n"),
+        size = 6, eight_bit = false })
+      assert.truthy(s:send { from = "a@example.org", to = "b@example.org", data = reader("h\195\169llo\r\n"),
+        size = 7, eight_bit = true })
+      -- nil keeps the old rule: a stream may hold anything
+      assert.truthy(s:send { from = "a@example.org", to = "b@example.org", data = reader("x\r\n") })
+      local n = #t.writes
+      local r, err = s:send { from = "a@example.org", to = "b@example.org", data = reader("x"), size = 101 }
+      assert.is_nil(r)
+      assert.equal("too_large", err.reason)
+      assert.equal(n, #t.writes)
+      assert.has_error(function() s:send { from = "a@example.org", to = "b@example.org", data = "x", size = "6" } end)
+      assert.has_error(function() s:send { from = "a@example.org", to = "b@example.org", data = "x", size = -1 } end)
+      assert.is_true(t.done())
+    end)
+
+    it("says what the reader's error value says, once", function()
+      local s = fake_session {
+        { "S", "250-mx.test\r\n250 PIPELINING\r\n" },
+        { "C", "MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n354 go\r\n" },
+      }
+      local r, err = s:send { from = "a@example.org", to = "b@example.org", data = function()
+        return nil, errors.new("config", "attachment report.pdf: No such file", { reason = "reader" })
+      end }
+      assert.is_nil(r)
+      assert.equal("reader", err.reason)
+      assert.equal("reading the message failed: attachment report.pdf: No such file", err.message)
+      assert.equal("config error: reading the message failed: attachment report.pdf: No such file", tostring(err))
+    end)
+
+    it("bounds a whole reply by one deadline, however slowly its bytes come", function()
+      local reply = "250 " .. string.rep("x", 200) .. "\r\n"
+      local t = { out = { "220 fake\r\n" }, calls = 0, timeouts = {} }
+      function t.send(_, d)
+        if d:match("^EHLO") then
+          -- in two pieces, well in time
+          t.out[#t.out + 1] = "250 fa"
+          t.out[#t.out + 1] = "ke\r\n"
+        elseif d:match("^NOOP") then
+          t.dribble = reply
+        end
+        return true
+      end
+      function t.settimeout(_, sec) t.timeout = sec; t.timeouts[#t.timeouts + 1] = sec end
+      function t.receive_some()
+        if #t.out > 0 then return table.remove(t.out, 1) end
+        if not t.dribble then return nil, errors.new("network", "timed out", { reason = "timeout" }) end
+        -- one byte every 0.2 s: each wait is short, the reply is endless
+        t.calls = t.calls + 1
+        if t.calls > 40 then return nil, errors.new("network", "the fake server gave up", { reason = "closed" }) end
+        if t.timeout and t.timeout < 0.2 then
+          core.sleep(t.timeout)
+          return nil, errors.new("network", "timed out", { reason = "timeout" })
+        end
+        core.sleep(0.2)
+        local b = t.dribble:sub(1, 1)
+        t.dribble = t.dribble:sub(2)
+        return b
+      end
+      function t.close() t.closed = true end
+      local s = assert(smtp.open { transport = t, tls = "none", timeout = 1 })
+      -- the second piece waited for what was left; then the connection got
+      -- its whole timeout back
+      assert.equal(2, #t.timeouts)
+      assert.truthy(t.timeouts[1] < 1)
+      assert.equal(1, t.timeout)
+      local t0 = core.monotime()
+      local ok, err = s:noop()
+      local took = core.monotime() - t0
+      assert.is_nil(ok)
+      assert.equal("network", err.kind)
+      assert.equal("timeout", err.reason)
+      assert.is_true(err.retryable)
+      assert.truthy(took < 5, "took " .. took .. " s")
+      assert.truthy(t.calls <= 7, t.calls .. " reads")
+      for _, v in ipairs(t.timeouts) do assert.truthy(v > 0 and v <= 1) end
+    end)
+
     it("abandons the session on a malformed reply, with the text in the error", function()
       local s = fake_session {
         { "S", "250-mx.test\r\n250 PIPELINING\r\n" },
@@ -385,42 +642,95 @@ describe("smtp session (fake transport)", function()
   end)
 
   describe("send_many", function()
-    it("pipelines MAIL/RCPT/BDAT LAST across messages in one write", function()
+    it("pipelines RSET/MAIL/RCPT/BDAT LAST across messages in one write", function()
       local s, t = fake_session {
         CAPS_FULL,
         { "C", "MAIL FROM:<a@example.org> SIZE=2\r\nRCPT TO:<b@example.org>\r\nBDAT 4 LAST\r\nm1\r\n" ..
-          "MAIL FROM:<a@example.org> SIZE=2\r\nRCPT TO:<bad@example.org>\r\nBDAT 4 LAST\r\nm2\r\n" ..
-          "MAIL FROM:<a@example.org> SIZE=2\r\nRCPT TO:<c@example.org>\r\nBDAT 4 LAST\r\nm3\r\n" },
+          "RSET\r\nMAIL FROM:<a@example.org> SIZE=2\r\nRCPT TO:<bad@example.org>\r\nBDAT 4 LAST\r\nm2\r\n" ..
+          "RSET\r\nMAIL FROM:<a@example.org> SIZE=2\r\nRCPT TO:<c@example.org>\r\nBDAT 4 LAST\r\nm3\r\n" },
         { "S", "250 ok\r\n250 ok\r\n250 2.0.0 one\r\n" ..
-          "250 ok\r\n550 5.1.1 unknown\r\n554 5.5.1 no valid recipients\r\n" ..
-          "503 5.5.1 nested MAIL\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n" },
-        { "C", "RSET\r\n" }, { "S", "250 ok\r\n" },
-        { "C", "MAIL FROM:<a@example.org> SIZE=2\r\nRCPT TO:<c@example.org>\r\nBDAT 4 LAST\r\nm3\r\n" },
-        { "S", "250 ok\r\n250 ok\r\n250 2.0.0 three\r\n" },
+          "250 flushed\r\n250 ok\r\n550 5.1.1 unknown\r\n554 5.5.1 no valid recipients\r\n" ..
+          "250 flushed\r\n250 ok\r\n250 ok\r\n250 2.0.0 three\r\n" },
+        { "C", "MAIL FROM:<a@example.org> SIZE=2\r\nRCPT TO:<bad@example.org>\r\nBDAT 4 LAST\r\nm5\r\n" },
+        { "S", "250 ok\r\n550 5.1.1 unknown\r\n554 5.5.1 no valid recipients\r\n" },
+        { "C", "RSET\r\n" }, { "S", "250 flushed\r\n" },
       }
       local list = {
         { from = "a@example.org", to = "b@example.org", data = "m1" },
         { from = "a@example.org", to = "bad@example.org", data = "m2" },
         { from = "a@example.org", to = "c@example.org", data = "m3" },
         { from = "a@example.org\n", to = "c@example.org", data = "m4" },
+        { from = "a@example.org", to = "bad@example.org", data = "m5" },
       }
       local n = #t.writes
-      local res = assert(s:send_many(list))
+      local res = assert(s:send_many(list, { window = 4 }))
       assert.equal(3, #t.writes - n)
       assert.equal("one", res[1].text)
       assert.equal("smtp", res[2].kind)
       assert.equal(550, res[2].rejected["bad@example.org"].code)
       assert.equal("three", res[3].text)
       assert.equal("config", res[4].kind)
+      -- the window's last message failed: RSET before anything else is said
+      assert.equal(550, res[5].rejected["bad@example.org"].code)
       assert.is_true(t.done())
+    end)
+
+    it("never delivers a message twice or under another sender after a failed one", function()
+      -- Postfix-like: a transaction whose BDAT was refused stays open, so a
+      -- following MAIL is "nested" and its RCPTs join the old transaction
+      local tx, delivered = nil, {}
+      local t = server(function(line)
+        if line:match("^EHLO") then return "250-fake\r\n250-PIPELINING\r\n250 CHUNKING\r\n" end
+        local from = line:match("^MAIL FROM:<(.-)>")
+        if from then
+          if tx then return "503 5.5.1 Error: nested MAIL command\r\n" end
+          tx = { from = from, rcpt = {} }
+          return "250 2.1.0 Ok\r\n"
+        end
+        local to = line:match("^RCPT TO:<(.-)>")
+        if to then
+          if not tx then return "503 5.5.1 Error: need MAIL command\r\n" end
+          if to:match("^bad") then return "550 5.1.1 unknown user\r\n" end
+          tx.rcpt[#tx.rcpt + 1] = to
+          return "250 2.1.5 Ok\r\n"
+        end
+        if line:match("^BDAT %d+ LAST") then
+          if not tx or #tx.rcpt == 0 then return "554 5.5.1 Error: no valid recipients\r\n" end
+          delivered[#delivered + 1] = tx.from .. " -> " .. table.concat(tx.rcpt, ",")
+          tx = nil
+          return "250 2.0.0 Ok: queued\r\n"
+        end
+        if line == "RSET" then
+          tx = nil
+          return "250 2.0.0 Ok\r\n"
+        end
+        if line == "QUIT" then return "221 bye\r\n" end
+        return "500 5.5.2 what?\r\n"
+      end)
+      local s = assert(smtp.open { transport = t, tls = "none" })
+      local res = s:send_many {
+        { from = "alice@x.example", to = { "bad@y.example" }, data = "Subject: one\r\n\r\nfirst\r\n" },
+        { from = "bob@x.example", to = { "carol@y.example" }, data = "Subject: two\r\n\r\nsecond\r\n" },
+        { from = "dave@x.example", to = { "bad2@y.example", "erin@y.example" }, data = "three\r\n" },
+        { from = "frank@x.example", to = { "bad3@y.example" }, data = "four\r\n" },
+      }
+      assert.equal("smtp", res[1].kind)
+      assert.equal(550, res[1].rejected["bad@y.example"].code)
+      assert.equal(250, res[2].code)
+      assert.equal(250, res[3].code)
+      assert.same({ "erin@y.example" }, res[3].accepted)
+      assert.equal("smtp", res[4].kind)
+      assert.same({ "bob@x.example -> carol@y.example", "dave@x.example -> erin@y.example" }, delivered)
+      -- the session is left without an open transaction
+      assert.is_nil(tx)
     end)
 
     it("marks every unconfirmed message failed when the connection drops mid-batch", function()
       local s, t = fake_session {
         CAPS_FULL,
         { "C", "MAIL FROM:<a@example.org> SIZE=2\r\nRCPT TO:<b@example.org>\r\nBDAT 4 LAST\r\nm1\r\n" ..
-          "MAIL FROM:<a@example.org> SIZE=2\r\nRCPT TO:<b@example.org>\r\nBDAT 4 LAST\r\nm2\r\n" },
-        { "S", "250 ok\r\n250 ok\r\n250 2.0.0 one\r\n250 ok\r\n" },
+          "RSET\r\nMAIL FROM:<a@example.org> SIZE=2\r\nRCPT TO:<b@example.org>\r\nBDAT 4 LAST\r\nm2\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n250 2.0.0 one\r\n250 flushed\r\n250 ok\r\n" },
       }
       local res = s:send_many {
         { from = "a@example.org", to = "b@example.org", data = "m1" },

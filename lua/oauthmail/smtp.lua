@@ -66,11 +66,21 @@ function Session:_flush()
   return true
 end
 
+local function settimeout(conn, seconds)
+  if conn.settimeout then conn:settimeout(seconds) end
+end
+
 -- The one place that waits: the next reply, reading more bytes as needed.
+-- One deadline covers the whole reply, so a server that dribbles a byte now
+-- and then cannot keep it alive for max_reply waits.
 function Session:_reply()
+  local deadline, shortened
   while true do
     local r, err = self.eng:reply()
     self:_trace()
+    if r or err then
+      if shortened then settimeout(self.conn, self.timeout) end
+    end
     if r and r.command == "IDLE" then
       -- a reply nobody asked for: a 421 shutdown, or a server out of step
       if r.code == 421 then return self:_broken(reply_error("smtp", "server closed the session", r)) end
@@ -78,6 +88,18 @@ function Session:_reply()
     end
     if r then return r end
     if err then return self:_broken(err) end
+    local now = core.monotime()
+    if not deadline then
+      deadline = now + self.timeout
+    else
+      local left = deadline - now
+      if left <= 0 then
+        return self:_broken(errors.new("network", string.format("no complete reply from the server within %g s",
+          self.timeout), { reason = "timeout", retryable = true }))
+      end
+      settimeout(self.conn, left)
+      shortened = true
+    end
     local data, rerr = self.conn:receive_some(RECV_MAX)
     if not data then return self:_broken(rerr) end
     self.eng:feed(data)
@@ -129,6 +151,9 @@ local function check_opts(opts)
   if type(opts) ~= "table" then error("oauthmail.smtp.open: expected a table of options", 3) end
   if opts.transport == nil and type(opts.host) ~= "string" then error("oauthmail.smtp.open: 'host' must be a string", 3) end
   if opts.port ~= nil and type(opts.port) ~= "number" then error("oauthmail.smtp.open: 'port' must be a number", 3) end
+  if opts.timeout ~= nil and (type(opts.timeout) ~= "number" or opts.timeout <= 0) then
+    error("oauthmail.smtp.open: 'timeout' must be a positive number", 3)
+  end
   if opts.tls ~= nil and not DEFAULT_PORT[opts.tls] then
     error("oauthmail.smtp.open: 'tls' must be \"starttls\", \"implicit\" or \"none\"", 3)
   end
@@ -145,7 +170,7 @@ function M.open(opts)
   local tls = opts.tls or "starttls"
   local self = setmetatable({
     host = opts.host or "localhost", port = opts.port or DEFAULT_PORT[tls], tls = tls,
-    helo = opts.helo or "localhost", trace = opts.trace,
+    helo = opts.helo or "localhost", trace = opts.trace, timeout = opts.timeout or 30,
     allow_plaintext_auth = opts.allow_plaintext_auth == true,
     opts = opts, capabilities = {},
   }, Session)
@@ -153,7 +178,7 @@ function M.open(opts)
   local conn, err = opts.transport
   if not conn then
     local c = tls_options(opts)
-    c.host, c.port, c.timeout = self.host, self.port, opts.timeout or 30
+    c.host, c.port, c.timeout = self.host, self.port, self.timeout
     c.tls = tls == "implicit" and "implicit" or "none"
     conn, err = require("oauthmail.conn").connect(c)
     if not conn then return nil, as_error(err) end
@@ -211,11 +236,28 @@ local MECHS = { xoauth2 = "XOAUTH2", oauthbearer = "OAUTHBEARER", plain = "PLAIN
 local function decode_challenge(json)
   local t = { json = json }
   for _, k in ipairs { "status", "schemes", "scope", "openid-configuration" } do
-    local v = json:match('"' .. k .. '"%s*:%s*"([^"]*)"') or json:match('"' .. k .. '"%s*:%s*(%d+)')
+    local q = k:gsub("%p", "%%%0")
+    local v = json:match('"' .. q .. '"%s*:%s*"([^"]*)"') or json:match('"' .. q .. '"%s*:%s*(%d+)')
     t[k] = v
   end
   return t
 end
+
+-- Where allow_plaintext_auth may apply: this machine, by name or literal.
+local function is_loopback(host)
+  host = tostring(host):lower()
+  if host == "localhost" or host == "::1" or host == "[::1]" then return true end
+  local a, b, c, d = host:match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$")
+  if a then
+    a, b, c, d = tonumber(a), tonumber(b), tonumber(c), tonumber(d)
+    return a == 127 and b <= 255 and c <= 255 and d <= 255
+  end
+  return false
+end
+
+-- More 334s than any mechanism here needs (two-step XOAUTH2 with an error
+-- challenge, LOGIN) means a server out of step; the engine stops sooner.
+local MAX_SASL_ROUNDS = 4
 
 -- session:auth{mechanism=, user=, token= | password=, two_step=} -> true | nil, err
 function Session:auth(o)
@@ -230,6 +272,11 @@ function Session:auth(o)
   if not self.secure and not self.allow_plaintext_auth then
     return errors.fail("config", "refusing to authenticate over a connection without TLS " ..
       "(allow_plaintext_auth exists for loopback test servers only)", { reason = "plaintext_auth", retryable = false })
+  end
+  if not self.secure and not is_loopback(self.host) then
+    return errors.fail("config", string.format("refusing to send credentials in clear text to %s: " ..
+      "allow_plaintext_auth applies only to a loopback host (127.0.0.0/8, ::1, localhost)", self.host),
+      { reason = "plaintext_auth", retryable = false })
   end
   local offered = self.capabilities.AUTH or {}
   if not offered[mech] and not o.force then
@@ -247,9 +294,19 @@ function Session:auth(o)
   })
   if ok == nil then return nil, err end
   local r, challenge
+  local rounds = 0
   r, err = self:_ask()
   while r and r.continue do
-    if r.challenge then challenge = decode_challenge(r.challenge) end
+    rounds = rounds + 1
+    if rounds > MAX_SASL_ROUNDS then
+      return self:_broken(errors.new("smtp", "the server keeps sending 334 challenges; abandoning the exchange",
+        { reason = "malformed", code = r.code, retryable = false }))
+    end
+    if r.challenge then
+      challenge = decode_challenge(r.challenge)
+    elseif r.challenge_text then
+      challenge = { text = r.challenge_text }
+    end
     r, err = self:_ask()
   end
   if not r then return nil, err end
@@ -321,16 +378,30 @@ function Session:_prepare(msg)
     err.retryable = false
     return nil, err
   end
+  if msg.size ~= nil and (type(msg.size) ~= "number" or msg.size < 0 or msg.size % 1 ~= 0) then
+    error("session:send: 'size' must be a whole number of octets", 3)
+  end
+  if msg.eight_bit ~= nil and type(msg.eight_bit) ~= "boolean" then
+    error("session:send: 'eight_bit' must be a boolean", 3)
+  end
   local params = {}
   local data = msg.data
-  if type(data) == "string" and type(caps.SIZE) == "number" then
-    if caps.SIZE > 0 and #data > caps.SIZE then
-      return errors.fail("smtp", string.format("message is %d bytes; the server accepts at most %d", #data, caps.SIZE),
+  local size = type(data) == "string" and #data or msg.size
+  if size and type(caps.SIZE) == "number" then
+    if caps.SIZE > 0 and size > caps.SIZE then
+      return errors.fail("smtp", string.format("message is %d bytes; the server accepts at most %d", size, caps.SIZE),
         { reason = "too_large", retryable = false })
     end
-    params[#params + 1] = "SIZE=" .. #data
+    params[#params + 1] = string.format("SIZE=%d", size)
   end
-  if caps["8BITMIME"] and (type(data) ~= "string" or data:find("[\128-\255]")) then
+  -- a string is looked at; a stream is taken at its word, or assumed 8-bit
+  local eight
+  if type(data) == "string" then
+    eight = msg.eight_bit == true or data:find("[\128-\255]") ~= nil
+  else
+    eight = msg.eight_bit ~= false
+  end
+  if caps["8BITMIME"] and eight then
     params[#params + 1] = "BODY=8BITMIME"
   end
   if utf8 then params[#params + 1] = "SMTPUTF8" end
@@ -441,8 +512,10 @@ function Session:send(msg)
   if not ret[1] then
     if type(ret[2]) == "table" and ret[2].reader_error then
       -- a half-sent message must never be completed: drop the connection
-      return self:_broken(errors.new("config", "reading the message failed: " .. tostring(ret[2].reader_error),
-        { reason = "reader", retryable = false }))
+      local why = ret[2].reader_error
+      if type(why) == "table" and why.message ~= nil then why = why.message end
+      return self:_broken(errors.new("config", "reading the message failed: " .. tostring(why),
+        { reason = "reader", retryable = false, cause = ret[2].reader_error }))
     end
     -- a raising reader (or a bug) left the dialogue at an unknown point
     self:_broken(errors.new("config", "sending stopped by an error: " .. tostring(ret[2]), { reason = "reader" }))
@@ -535,7 +608,12 @@ end
 -- ---------------------------------------------------------------- batches
 
 -- One window of messages pipelined as MAIL/RCPT/BDAT LAST each, written in
--- one send and matched back to the messages in order.
+-- one send and matched back to the messages in order. Every MAIL after the
+-- first is preceded by RSET (RFC 2920 lets RSET sit in a pipelined group):
+-- after a refused RCPT or BDAT the server's transaction state is unknown
+-- (RFC 3030 3), and a MAIL that met an open transaction would be refused as
+-- nested while its RCPTs and data joined that transaction. With RSET each
+-- message's replies tell its own fate, so nothing is ever sent twice.
 function Session:_window(list, idx, results)
   local queued = {}
   for k = 1, #idx do
@@ -545,40 +623,46 @@ function Session:_window(list, idx, results)
     if not to then
       results[i] = params
     else
+      local rset = #queued > 0
+      if rset then self.eng:rset() end
       local ok, err = self:_envelope(msg, to, params)
-      if not ok then
-        results[i] = err
-      else
-        self.eng:bdat(msg.data, true)
-        queued[#queued + 1] = { i = i, to = to }
-      end
+      -- _prepare made the engine's checks already; should they disagree, the
+      -- queued commands no longer match the replies to come
+      if not ok then return self:_broken(err) end
+      self.eng:bdat(msg.data, true)
+      queued[#queued + 1] = { i = i, to = to, rset = rset }
     end
   end
   local ok, err = self:_flush()
   if not ok then return nil, err end
-  local retry, open_tx = {}, false
+  local open_tx, rset_failed = false, nil
   for _, q in ipairs(queued) do
+    if q.rset then
+      local rr
+      rr, err = self:_reply()
+      if not rr then return nil, err end
+      if rr.code >= 300 then rset_failed = rr end
+    end
     local mr, accepted, rejected = self:_envelope_replies(q.to, true)
     if not mr then return nil, accepted end
     local fr
     fr, err = self:_reply()
     if not fr then return nil, err end
-    if mr.code == 503 and open_tx then
-      -- a transaction left open by an earlier failure made this MAIL a
-      -- "nested MAIL"; send it again after RSET
-      retry[#retry + 1] = q.i
-    else
-      local receipt
-      receipt, err = outcome(mr, accepted, rejected, fr)
-      results[q.i] = receipt or err
-      if not receipt and mr.code < 300 then open_tx = true end
-    end
+    local receipt
+    receipt, err = outcome(mr, accepted, rejected, fr)
+    results[q.i] = receipt or err
+    open_tx = not receipt
+  end
+  if rset_failed then
+    -- without a working RSET the next transaction could inherit this one
+    return self:_broken(reply_error("smtp", "RSET refused in a pipelined batch", rset_failed,
+      { reason = "rset_refused", retryable = true }))
   end
   if open_tx then
     local rok, rerr = self:_rset()
     if rok == nil then return nil, rerr end
   end
-  return retry
+  return true
 end
 
 -- session:send_many(list [, {window=64}]) -> list of receipts or errors, aligned with list.
@@ -605,17 +689,7 @@ function Session:_send_many(list, window, results)
   local i = 1
   local pending = {}
   local function run(idx)
-    local retry, werr = self:_window(list, idx, results)
-    if not retry then return nil, werr end
-    if #retry > 0 then
-      local again
-      again, werr = self:_window(list, retry, results)
-      if not again then return nil, werr end
-      for _, r in ipairs(again) do
-        results[r] = errors.new("smtp", "sender refused twice in a pipelined batch", { retryable = true })
-      end
-    end
-    return true
+    return self:_window(list, idx, results)
   end
   while i <= #list do
     local msg = list[i]
