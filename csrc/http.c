@@ -468,8 +468,16 @@ static int http_request(lua_State *L) {
                                                                    : (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
 #endif
   }
-  if ((s = om_opt_string(L, 1, "ca_file", NULL))) SETOPT(CURLOPT_CAINFO, s);
-  if ((s = om_opt_string(L, 1, "ca_path", NULL))) SETOPT(CURLOPT_CAPATH, s);
+  {
+    /* As in conn.c: a CA file or path given replaces the system store rather
+     * than adding to it, so pinning a private CA really pins it. */
+    const char *ca_file = om_opt_string(L, 1, "ca_file", NULL);
+    const char *ca_path = om_opt_string(L, 1, "ca_path", NULL);
+    if (ca_file || ca_path) {
+      SETOPT(CURLOPT_CAINFO, ca_file);
+      SETOPT(CURLOPT_CAPATH, ca_path);
+    }
+  }
   if ((s = om_opt_string(L, 1, "client_cert", NULL))) SETOPT(CURLOPT_SSLCERT, s);
   if ((s = om_opt_string(L, 1, "client_key", NULL))) SETOPT(CURLOPT_SSLKEY, s);
   if ((s = om_opt_string(L, 1, "client_key_passphrase", NULL))) SETOPT(CURLOPT_KEYPASSWD, s);
