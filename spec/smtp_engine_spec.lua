@@ -593,6 +593,44 @@ describe("smtp engine", function()
       end
     end)
 
+    it("leaks nothing when an option is refused half-way (ASan leak check in a child)", function()
+      local preload = os.getenv("LD_PRELOAD") or ""
+      if not preload:find("libasan", 1, true) then
+        pending("runs under make asan, where leaks can be seen")
+        return
+      end
+      local dir = h.tmpdir()
+      h.write_file(dir .. "/leak.lua", [[
+        local core = require "oauthmail.core"
+        for _ = 1, 3 do
+          for _, o in ipairs {
+            { "oauthbearer", { user = "u@example.org", host = "smtp.example.org", token = "bad\r\ntoken" } },
+            { "oauthbearer", { user = "u@example.org", host = "smtp.example.org", token = 12 } },
+            { "xoauth2", { user = "u@example.org", token = string.rep("t", 70000) } },
+            { "login", { user = "u@example.org" } },
+          } do
+            local e = core.smtp.engine {}
+            assert(not pcall(e.auth, e, o[1], o[2]))
+            e:close()
+          end
+          local e = core.smtp.engine {}
+          e:auth("login", { user = "u@example.org", password = "pw-secret" })
+          e:output()
+          e:feed("334 VXNlcm5hbWU6\r\n")
+          e:reply()
+        end
+        collectgarbage()
+        print("done")
+      ]])
+      local cmd = string.format("LD_PRELOAD=%s ASAN_OPTIONS=detect_leaks=1 %s %s 2>&1",
+        h.quote(preload), h.lua_bin, h.quote(dir .. "/leak.lua"))
+      local p = assert(io.popen(cmd))
+      local out = p:read("*a")
+      p:close()
+      assert.truthy(out:find("done", 1, true), out)
+      assert.falsy(out:find("leaked", 1, true), out)
+    end)
+
     it("raises for credentials that would break the line, and for pipelined AUTH", function()
       assert.has_error(function() engine():auth("xoauth2", { user = "u", token = "a\r\nQUIT" }) end)
       assert.has_error(function() engine():auth("xoauth2", { user = "u\1x", token = "t" }) end)
