@@ -862,6 +862,36 @@ describe("smtp session against smtp-server (node)", function()
     assert.equal("batch 200\r\n", msgs[before + 1200].data)
   end)
 
+  it("delivers each message of a batch once, under its own sender, around refused ones", function()
+    local s = assert(open(starttls_peer))
+    assert.is_true(s:auth { user = USER, token = TOKEN })
+    local before = #starttls_peer.messages()
+    local list = {}
+    for i = 1, 30 do
+      local refused = i % 3 == 1
+      list[i] = { from = "sender" .. i .. "@example.org", to = refused and "nobody@example.org" or "bob@example.org",
+        data = "Subject: " .. i .. "\r\n\r\nbatch " .. i .. "\r\n" }
+    end
+    local res = assert(s:send_many(list, { window = 8 }))
+    s:close()
+    local want = {}
+    for i = 1, 30 do
+      if i % 3 == 1 then
+        assert.equal(550, res[i].rejected["nobody@example.org"].code, tostring(res[i]))
+      else
+        assert.equal(250, res[i].code, tostring(res[i]))
+        want[#want + 1] = { from = "sender" .. i .. "@example.org", data = "Subject: " .. i .. "\r\n\r\nbatch " .. i .. "\r\n" }
+      end
+    end
+    local got = {}
+    local msgs = starttls_peer.messages()
+    for k = before + 1, #msgs do
+      got[#got + 1] = { from = msgs[k].from, data = msgs[k].data }
+      assert.same({ "bob@example.org" }, msgs[k].to)
+    end
+    assert.same(want, got)
+  end)
+
   it("uses PLAIN when asked, for servers without OAuth", function()
     local s = assert(open(starttls_peer))
     assert.is_true(s:auth { mechanism = "plain", user = USER, password = "correct horse" })
