@@ -60,6 +60,7 @@ describe("oauth2 against oidc-provider", function()
       assert.equal("Bearer", tok.token_type)
       assert.equal("mail.send", tok.scope)
       assert.is_true(near_now(tok.expires_at, 3600))
+      assert.matches("^%d+$", tostring(tok.expires_at))  -- whole epoch seconds, no "1.7e9" or ".0"
       local _, claims = crypto.jwt_decode(tok.access_token)
       assert.equal(RESOURCE, claims.aud)
       assert.equal("cc-basic", claims.client_id)

@@ -418,7 +418,7 @@ function M.token(doc, what)
   local t = {
     access_token = doc.access_token,
     token_type = type(doc.token_type) == "string" and doc.token_type or "Bearer",
-    expires_at = os.time() + expires_in,
+    expires_at = math.floor(os.time() + expires_in),  -- whole epoch seconds (an integer on 5.3+)
   }
   if type(doc.refresh_token) == "string" and doc.refresh_token ~= "" then t.refresh_token = doc.refresh_token end
   if type(doc.scope) == "string" then t.scope = doc.scope end
