@@ -146,6 +146,45 @@ function M.wait_port(port, host, timeout)
   error("nothing listens on port " .. port)
 end
 
+-- One HTTP/1.0 exchange with a test peer (control routes, token endpoints of
+-- stubs): {host="127.0.0.1", port=, ca_file= (then TLS), method="GET", path=,
+-- body= (string), content_type=, timeout=10} -> status, body text | nil, err.
+function M.http_exchange(o)
+  local conn = require "oauthmail.conn"
+  local host = o.host or "127.0.0.1"
+  local c, err = conn.connect { host = host, port = o.port, tls = o.ca_file and "implicit" or "none",
+                                ca_file = o.ca_file, timeout = o.timeout or 10 }
+  if not c then return nil, err end
+  local body = o.body or ""
+  local ok, serr = c:send(string.format("%s %s HTTP/1.0\r\nHost: %s:%d\r\nContent-Type: %s\r\n"
+    .. "Content-Length: %d\r\n\r\n%s", o.method or "GET", o.path, host, o.port,
+    o.content_type or "application/json", #body, body))
+  if not ok then c:close() return nil, serr end
+  local chunks = {}
+  for _ = 1, 100000 do  -- bounded: 6.5 GB at most, far beyond any peer's answer
+    local s, rerr = c:receive_some(65536)
+    if not s then
+      if rerr.reason ~= "closed" then c:close() return nil, rerr end
+      break
+    end
+    chunks[#chunks + 1] = s
+  end
+  c:close()
+  local raw = table.concat(chunks)
+  return tonumber(raw:match("^HTTP/1%.%d (%d+)")), raw:match("\r\n\r\n(.*)$") or ""
+end
+
+-- The same with JSON both ways: returns status, decoded body (or its text);
+-- raises when the peer cannot be reached (a harness failure, not a test result).
+function M.http_json(o, method, path, body)
+  local cjson = require "cjson"
+  local status, text = M.http_exchange { host = o.host, port = o.port, ca_file = o.ca_file, timeout = o.timeout,
+    method = method, path = path, body = body and cjson.encode(body) or nil }
+  if not status then error("test peer on port " .. tostring(o.port) .. ": " .. tostring(text), 2) end
+  local ok, doc = pcall(cjson.decode, text)
+  return status, ok and doc or text
+end
+
 -- Every form a secret may take in a trace: itself, base64, base64url, URL-encoded.
 local function b64(s)
   local alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"

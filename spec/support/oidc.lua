@@ -36,26 +36,7 @@ end
 -- /test/*, fault_http's /_scenario); returns status, decoded JSON body.
 -- srv needs .port and .ca.
 local function request(srv, method, path, body)
-  local conn = require "oauthmail.conn"
-  local c = assert(conn.connect { host = "127.0.0.1", port = srv.port, tls = "implicit", ca_file = srv.ca, timeout = 20 })
-  local payload = body and cjson.encode(body) or ""
-  assert(c:send(method .. " " .. path .. " HTTP/1.0\r\nHost: 127.0.0.1:" .. srv.port
-    .. "\r\nContent-Type: application/json\r\nContent-Length: " .. #payload .. "\r\n\r\n" .. payload))
-  local chunks = {}
-  while true do
-    local s, err = c:receive_some(65536)
-    if not s then
-      assert(err.reason == "closed", tostring(err))
-      break
-    end
-    chunks[#chunks + 1] = s
-  end
-  c:close()
-  local raw = table.concat(chunks)
-  local status = tonumber(raw:match("^HTTP/1%.%d (%d+)"))
-  local text = raw:match("\r\n\r\n(.*)$") or ""
-  local ok, doc = pcall(cjson.decode, text)
-  return status, ok and doc or text
+  return h.http_json({ port = srv.port, ca_file = srv.ca, timeout = 20 }, method, path, body)
 end
 
 M.request = request

@@ -10,26 +10,7 @@ local M = {}
 
 -- One HTTP/1.0 exchange with the plain-HTTP control port.
 local function request(port, method, path, body)
-  local conn = require "oauthmail.conn"
-  local c = assert(conn.connect { host = "127.0.0.1", port = port, tls = "none", timeout = 10 })
-  local payload = body and cjson.encode(body) or ""
-  assert(c:send(method .. " " .. path .. " HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-    .. "Content-Length: " .. #payload .. "\r\n\r\n" .. payload))
-  local chunks = {}
-  while true do
-    local s, err = c:receive_some(65536)
-    if not s then
-      assert(err.reason == "closed", tostring(err))
-      break
-    end
-    chunks[#chunks + 1] = s
-  end
-  c:close()
-  local raw = table.concat(chunks)
-  local status = tonumber(raw:match("^HTTP/1%.%d (%d+)"))
-  local text = raw:match("\r\n\r\n(.*)$") or ""
-  local ok, doc = pcall(cjson.decode, text)
-  return status, ok and doc or text
+  return h.http_json({ port = port }, method, path, body)
 end
 
 -- sandbox.start{user=, tokens={...}, jwks_uri=, ca=, tls="starttls", maildir=}

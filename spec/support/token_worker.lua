@@ -41,7 +41,7 @@ end
 -- the counting endpoint, so these tests do not wait for oauthmail.http.
 local function mini_oauth2()
   local cjson = require "cjson.safe"
-  local conn = require "oauthmail.conn"
+  local h = require "spec.support.helpers"
   local errors = require "oauthmail.errors"
   local function form(t)
     local parts = {}
@@ -52,26 +52,11 @@ local function mini_oauth2()
   end
   local function post(cfg, fields)
     local host, port, path = cfg.token_endpoint:match("^https://([^:/]+):(%d+)(/.*)$")
-    local c, err = conn.connect { host = host, port = tonumber(port), tls = "implicit", ca_file = cfg.ca_file, timeout = 20 }
-    if not c then return nil, err end
     fields.client_id, fields.client_secret = cfg.client_id, cfg.client_secret
-    local body = form(fields)
-    local ok, serr = c:send("POST " .. path .. " HTTP/1.0\r\nHost: " .. host .. "\r\nContent-Type: "
-      .. "application/x-www-form-urlencoded\r\nContent-Length: " .. #body .. "\r\n\r\n" .. body)
-    if not ok then c:close() return nil, serr end
-    local chunks = {}
-    for _ = 1, 1000 do
-      local s, rerr = c:receive_some(65536)
-      if not s then
-        if rerr.reason ~= "closed" then c:close() return nil, rerr end
-        break
-      end
-      chunks[#chunks + 1] = s
-    end
-    c:close()
-    local raw = table.concat(chunks)
-    local status = tonumber(raw:match("^HTTP/1%.%d (%d+)"))
-    local doc = cjson.decode(raw:match("\r\n\r\n(.*)$") or "")
+    local status, text = h.http_exchange { host = host, port = tonumber(port), ca_file = cfg.ca_file, timeout = 20,
+      method = "POST", path = path, content_type = "application/x-www-form-urlencoded", body = form(fields) }
+    if not status then return nil, text end
+    local doc = cjson.decode(text)
     if status ~= 200 or type(doc) ~= "table" or not doc.access_token then
       local code = type(doc) == "table" and doc.error or nil
       return errors.fail("oauth", "token endpoint answered " .. tostring(status) .. " " .. tostring(code),
