@@ -234,6 +234,24 @@ describe("message.compose", function()
     assert.equal(sha256_hex(data), py.parts[3].sha256)
   end)
 
+  it("does not add name= when the caller's content_type already has one", function()
+    for _, ct in ipairs { "text/csv; name=given.csv", "text/csv; charset=utf-8; NAME=\"given.csv\"",
+      "text/csv;name*=UTF-8''given.csv" } do
+      local s = compose_ok({ from = "a@example.org", to = "b@example.net", text = "x",
+        attachments = { { data = "a,b\n", filename = "report.csv", content_type = ct } } }):tostring()
+      local v = header(s:sub((s:find("Content-Type: text/csv", 1, true))), "Content-Type")
+      local n = 0
+      for _ in (";" .. v:lower()):gmatch(";%s*name[%*%d]*%s*=") do n = n + 1 end
+      assert.equal(1, n, v)
+      assert.truthy(s:find('filename="?report.csv', 1, false), s)
+    end
+    -- a filename= parameter in the type is not a name=: name= is still added
+    local s = compose_ok({ from = "a@example.org", to = "b@example.net", text = "x",
+      attachments = { { data = "x", filename = "r.bin", content_type = "application/x-thing; filename=o" } } })
+      :tostring()
+    assert.truthy(s:find("application/x-thing; filename=o; name=r.bin", 1, true), s)
+  end)
+
   it("continues a long non-ASCII filename over several RFC 2231 segments within 78 columns", function()
     local name = string.rep("Größenverhältnisse ", 8) .. ".xlsx"
     local m = compose_ok {
@@ -285,6 +303,26 @@ describe("message.compose", function()
     assert.truthy(raw:find("\r\n ", 1, true))
     assert_lines_within(raw, 78)
     assert.equal(subj, header_section(s):match("\r\nSubject: (.-)\r\n[^ \t]"):gsub("\r\n", ""))
+  end)
+
+  it("keeps a subject's leading white space (readers drop only the one space after the colon)", function()
+    for _, subj in ipairs { " x", "  two", "\tTab", " ", " é lead", "  =?not?= encoded" } do
+      local s = compose_ok({ from = "a@example.org", to = "b@example.net", subject = subj, text = "x" }):tostring()
+      local raw = header_section(s):match("\r\nSubject:(.-)\r\n[^ \t]"):gsub("\r\n([ \t])", "%1")
+      assert.equal(" ", raw:sub(1, 1))
+      assert.equal(subj, decode_2047(raw:sub(2)))
+    end
+    assert.equal(" x", message.encode_header(" x"))
+  end)
+
+  it("encodes a subject with a bare LF-class control (needs_encoding covers \\10)", function()
+    local encode = require "oauthmail.message.encode"
+    assert.is_true(encode.needs_encoding("a\nb"))
+    assert.is_true(encode.needs_encoding("a\rb"))
+    assert.is_false(encode.needs_encoding("a\tb"))
+    local field = encode.unstructured("Subject", "a\nb")
+    assert.is_nil(field:find("\n", 1, true))
+    assert.truthy(field:find("=?UTF-8?", 1, true))
   end)
 
   it("encodes display names: RFC 2047 when non-ASCII, quoted when they hold specials", function()
@@ -751,7 +789,8 @@ describe("message.from_raw", function()
     local dir = h.tmpdir()
     -- mixed line endings, with a CRLF split across the 64 KB read boundary
     local head = "From: a@example.org\nTo: b@example.net\nBcc: secret@example.com\nSubject: file\n\n"
-    local filler = string.rep("x", 64 * 1024 - #head - 1)
+    local fill = 64 * 1024 - #head - 1   -- in lines of 100 bytes: none over 998 octets
+    local filler = string.rep(string.rep("x", 99) .. "\n", math.floor(fill / 100)) .. string.rep("x", fill % 100)
     local body = filler .. "\r\nsecond\rthird\nfourth\r\n" .. string.rep("line\n", 30000) .. "no final newline"
     local path = h.write_file(dir .. "/msg.eml", head .. body)
     local m = assert(message.from_raw({ path = path }, OPTS))
@@ -760,7 +799,7 @@ describe("message.from_raw", function()
     assert.equal(#s, m:size())
     assert.equal(s, read_all(m:reader()))
     assert.is_nil(s:find("secret", 1, true))
-    local expect_body = filler .. "\r\nsecond\r\nthird\r\nfourth\r\n" .. string.rep("line\r\n", 30000) ..
+    local expect_body = crlf(filler) .. "\r\nsecond\r\nthird\r\nfourth\r\n" .. string.rep("line\r\n", 30000) ..
       "no final newline\r\n"
     assert.equal(expect_body, s:sub(#s - #expect_body + 1))
     local expect_head = "From: a@example.org\r\nTo: b@example.net\r\nSubject: file\r\n"
@@ -798,6 +837,40 @@ describe("message.from_raw", function()
     assert.equal("to: address contains a line break", fails("From: a@example.org\n\nx\n", { to = "b@x.org\n" }))
     assert.equal("path: cannot open '/nonexistent/m.eml': No such file or directory",
       fails({ path = "/nonexistent/m.eml" }))
+  end)
+end)
+
+describe("message.from_raw line limit", function()
+  local LONG = string.rep("y", 999)
+  local function fails(src)
+    local m, err = message.from_raw(src, OPTS)
+    assert.is_nil(m)
+    assert.equal("config", err.kind)
+    assert.equal("too_long", err.reason)
+    return err.message
+  end
+
+  it("refuses a header or body line over 998 octets, naming the line", function()
+    assert.equal("message: line 3 of the header section is longer than 998 octets (RFC 5322 2.1.1)",
+      fails("From: a@example.org\nTo: b@example.net\nX-Long: " .. LONG .. "\n\nx\n"))
+    assert.equal("message: line 2 of the body is longer than 998 octets (RFC 5322 2.1.1); "
+      .. "encode it (quoted-printable or base64) first",
+      fails("From: a@example.org\nTo: b@example.net\n\nok\n" .. LONG .. "\nend\n"))
+    -- exactly 998 octets is allowed, in the header and in the body
+    local ok998 = string.rep("z", 998)
+    assert(message.from_raw("From: a@example.org\nTo: b@example.net\nX-L: " .. ok998:sub(6) .. "\n\n" .. ok998, OPTS))
+  end)
+
+  it("checks body lines of a file while measuring it, across the 64 KB chunk edge", function()
+    local dir = h.tmpdir()
+    local head = "From: a@example.org\nTo: b@example.net\n\n"
+    -- short lines up to 500 bytes before the 64 KB read edge, then a line across it
+    local filler = string.rep("a\n", 32518)   -- 65036 bytes
+    local path = h.write_file(dir .. "/long.eml", head .. filler .. string.rep("q", 1100) .. "\nend\n")
+    assert.equal("message: line 32519 of the body is longer than 998 octets "
+      .. "(RFC 5322 2.1.1); encode it (quoted-printable or base64) first", fails({ path = path }))
+    local okpath = h.write_file(dir .. "/ok.eml", head .. filler .. string.rep("q", 998) .. "\nend\n")
+    assert(message.from_raw({ path = okpath }, OPTS))
   end)
 end)
 

@@ -413,7 +413,10 @@ local function attachments_of(list, ids, host)
       cid = "part" .. i .. "." .. ids(8) .. "@" .. host
     end
     local params = {}
-    if filename then params[1] = { "name", filename } end
+    -- a name= the caller wrote into content_type wins; a second one would
+    -- leave readers to pick either
+    local has_name = cparams and (";" .. cparams:lower()):find(";%s*name[%*%d]*%s*=") ~= nil
+    if filename and not has_name then params[1] = { "name", filename } end
     local ct_value = ctype .. (cparams and cparams ~= "" and ("; " .. cparams) or "")
     local disp = a.inline and "inline" or "attachment"
     local ct_line = encode.param_field("Content-Type", ct_value, params)
@@ -660,12 +663,35 @@ local function read_raw_header(f, path)
   end
 end
 
+-- RFC 5322 2.1.1: no line over 998 octets. state = {line=, len=} carries a
+-- line across chunks (CRLF is never split: the streams carry a lone CR);
+-- returns the number of the first line that is too long, or nil.
+local function long_line(state, c)
+  local pos = 1
+  while true do
+    local s = c:find("\r\n", pos, true)
+    state.len = state.len + (s or (#c + 1)) - pos
+    if state.len > encode.HARD_LINE then return state.line end
+    if not s then return nil end
+    state.line, state.len, pos = state.line + 1, 0, s + 2
+  end
+end
+
+local function too_long_body(n)
+  bad("message", "line " .. n .. " of the body is longer than " .. encode.HARD_LINE
+    .. " octets (RFC 5322 2.1.1); encode it (quoted-printable or base64) first", "too_long")
+end
+
 -- Header fields of a CRLF header section: {name=, lines={...}, value=unfolded}.
 local function parse_fields(head)
   local fields = {}
   local n = 0
   for line in (head .. "\r\n"):gmatch("(.-)\r\n") do
     n = n + 1
+    if #line > encode.HARD_LINE then
+      bad("message", "line " .. n .. " of the header section is longer than " .. encode.HARD_LINE
+        .. " octets (RFC 5322 2.1.1)", "too_long")
+    end
     local mbox = n == 1 and line:find("^From ")   -- an mbox separator, not a field
     if not mbox and line:find("^[ \t]") and #fields > 0 then
       local fl = fields[#fields]
@@ -721,6 +747,8 @@ local function from_raw(src, opts)
       head, body = t:gsub("\r\n$", ""), ""
     end
     if body ~= "" and body:sub(-2) ~= "\r\n" then body = body .. "\r\n" end
+    local n = long_line({ line = 1, len = 0 }, body)
+    if n then too_long_body(n) end
   elseif type(src) == "table" and type(src.path) == "string" then
     local path = src.path
     local f, msg = io.open(path, "rb")
@@ -733,6 +761,7 @@ local function from_raw(src, opts)
       local ok2, serr = f:seek("set", off)
       if not ok2 then f:close(); bad("path", "cannot read '" .. path .. "': " .. tostring(serr), "open") end
       local stream, size, eight = raw_body_stream(f), 0, false
+      local lines = { line = 1, len = 0 }
       while true do
         local c, rerr = stream()
         if c == nil then
@@ -741,6 +770,8 @@ local function from_raw(src, opts)
         end
         size = size + #c
         eight = eight or c:find("[\128-\255]") ~= nil
+        local n = long_line(lines, c)
+        if n then f:close(); too_long_body(n) end
       end
       raw_seg = { raw = true, path = path, offset = off, size = size, field = "path", eight = eight }
     end

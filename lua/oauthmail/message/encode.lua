@@ -230,7 +230,7 @@ end
 -- Does an unstructured value need encoded-words? Non-ASCII, controls, and
 -- literal text that a reader would take for an encoded-word.
 local function needs_encoding(s)
-  return s:find("[%z\1-\8\11-\31\127-\255]") ~= nil or s:find("=?", 1, true) ~= nil
+  return s:find("[%z\1-\8\10-\31\127-\255]") ~= nil or s:find("=?", 1, true) ~= nil
 end
 M.needs_encoding = needs_encoding
 
@@ -257,9 +257,13 @@ end
 
 -- The value of an unstructured header as a folded field "Name: value"
 -- (no CRLF at the end): literal when it can be, encoded-words otherwise.
+-- Readers drop the one space after the colon, so a value's own leading
+-- white space is written after that space, not in its place.
 function M.unstructured(name, s)
   if not needs_encoding(s) then
-    local field = M.fold(name, text_items(s))
+    local items = text_items(s)
+    if items[1] then items[1][1] = " " .. items[1][1] end
+    local field = M.fold(name, items)
     if field then return field end
   end
   local ws = words(s, first_budget(#name + 2))
