@@ -75,11 +75,19 @@ typedef struct {
   char errbuf[CURL_ERROR_SIZE];
 } request;
 
+/* The header list holds "Authorization: Bearer ..." in curl's own copies. */
+static void headers_free(struct curl_slist *list) {
+  struct curl_slist *l;
+  for (l = list; l; l = l->next)
+    if (l->data) OPENSSL_cleanse(l->data, strlen(l->data));
+  curl_slist_free_all(list);
+}
+
 static void request_release(request *r) {
   size_t i;
   if (r->curl) curl_easy_cleanup(r->curl);
   r->curl = NULL;
-  if (r->headers) curl_slist_free_all(r->headers);
+  if (r->headers) headers_free(r->headers);
   r->headers = NULL;
   buf_free(&r->body);
   buf_free(&r->head);
@@ -297,12 +305,12 @@ static void push_events(lua_State *L, request *r) {
     lua_setfield(L, -2, "type");
     lua_pushlstring(L, r->evs[i].text.p ? r->evs[i].text.p : "", r->evs[i].text.n);
     lua_setfield(L, -2, "text");
-    lua_pushnumber(L, (lua_Number)r->evs[i].omitted);
+    lua_pushinteger(L, (lua_Integer)r->evs[i].omitted);
     lua_setfield(L, -2, "omitted");
     lua_rawseti(L, -2, (int)i + 1);
   }
   if (r->trace_dropped) {
-    lua_pushnumber(L, (lua_Number)r->trace_dropped);
+    lua_pushinteger(L, (lua_Integer)r->trace_dropped);
     lua_setfield(L, -2, "dropped");
   }
 }

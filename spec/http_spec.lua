@@ -362,10 +362,61 @@ describe("oauthmail.http", function()
       h.assert_no_secrets(trace.text(), {})
     end)
 
+    it("counts dropped events as integers (no \"3.0 trace events dropped\" on 5.3+)", function()
+      local many = {}
+      for i = 1, 2100 do many["X-H" .. i] = "v" end
+      scenario("/many", { { status = 200, headers = many, body = "ok" } }, true)
+      local url = base .. "/many"
+      local trace = h.trace_collector()
+      assert(http.request { url = url, ca_file = ca, trace = trace })
+      local text = trace.text()
+      assert.matches("text=%d+ trace events dropped %(limit reached%)", text)
+      assert.is_nil(text:find("%d%.0 trace events dropped"), "float count in the trace")
+      local core = require "oauthmail.core"
+      local resp, events = core.http.request { url = url, ca_file = ca, trace = true }
+      assert.are.equal(200, resp.status)
+      assert.is_true(events.dropped > 0)
+      if math.type then
+        assert.are.equal("integer", math.type(events.dropped))
+        assert.are.equal("integer", math.type(events[1].omitted))
+      end
+    end)
+
     it("a trace function that raises becomes an error value after the transfer", function()
       local no, err = http.request { url = base .. "/echo", ca_file = ca, trace = function() error("boom") end }
       expect_err("config", "trace", no, err)
       assert.matches("boom", err.message)
+    end)
+  end)
+
+  describe("over HTTP/2", function()
+    local h2stub, h2base
+
+    setup(function() h2stub, h2base = start_stub(c.server, "--h2") end)
+    teardown(function() if h2stub then h2stub.stop() end end)
+
+    -- libcurl lists every HTTP/2 request header as an informational line
+    -- ("h2h3 [authorization: Basic ...]"), outside header_out.
+    it("keeps Basic and Bearer credentials, cookies and form secrets out of the trace", function()
+      local function secret(tag) return tag .. "-" .. crypto.hex(crypto.random(12)) end
+      local cs, at, code, sid = secret("cs"), secret("at"), secret("code"), secret("sid")
+      local basic = crypto.b64encode("client-id:" .. cs)
+      for _, auth in ipairs { "Basic " .. basic, "Bearer " .. at } do
+        local trace = h.trace_collector()
+        local r = assert(http.request { url = h2base .. "/echo?code=" .. code, ca_file = ca, trace = trace,
+          headers = { Authorization = auth, Cookie = "sid=" .. sid }, form = { client_secret = cs } })
+        assert.are.equal(200, r.status)
+        local echo = cjson.decode(r.body)
+        assert.are.equal("2.0", echo.http_version)
+        assert.are.equal(auth, echo.headers.authorization)
+        local text = trace.text()
+        h.assert_no_secrets(text, { cs, at, code, sid, basic })
+        -- The HTTP/2 header lines stay in the trace, redacted like header_out.
+        assert.matches("%[authorization: " .. auth:match("^%a+") .. " <redacted>%]", text)
+        assert.matches("%[cookie: <redacted>%]", text)
+        assert.matches("%[:path: /echo%?code=<redacted>%]", text)
+        assert.matches("%[:method: POST%]", text)
+      end
     end)
   end)
 
@@ -435,12 +486,31 @@ describe("oauthmail.redact", function()
   it("stays linear on hostile input (a trace event can hold 64 KiB)", function()
     local t0 = h.now()
     for _, s in ipairs({ string.rep("x", 1e6), string.rep("a=", 5e5), string.rep('"', 1e6),
-                         string.rep('"a":', 2e5), string.rep("code=", 2e5), "X: " .. string.rep(" ", 1e6) .. "a" }) do
+                         string.rep('"a":', 2e5), string.rep("code=", 2e5), "X: " .. string.rep(" ", 1e6) .. "a",
+                         string.rep("Bearer ", 2e5), string.rep("authorization: cookie:", 1e5),
+                         string.rep("Basic a=b ", 1e5), "cookie:" .. string.rep("authorization:x", 1e5) }) do
       redact.body(nil, s)
+      redact.text(s)
       redact.url(s)
       redact.header_line(s)
     end
     assert.is_true(h.now() - t0 < 20, "redaction took " .. (h.now() - t0) .. " s")
+  end)
+
+  it("text() masks credential headers and scheme credentials quoted in free text", function()
+    assert.are.equal("h2h3 [authorization: Basic <redacted>]", redact.text("h2h3 [authorization: Basic Q0xJRU5UOlNFQ1JFVA==]"))
+    assert.are.equal("[HTTP/2] [1] [proxy-authorization: Bearer <redacted>]",
+      redact.text("[HTTP/2] [1] [proxy-authorization: Bearer eyJ0.eyJ1.c2ln]"))
+    assert.are.equal("> Cookie: <redacted>\nSet-Cookie: <redacted>", redact.text("> Cookie: sid=abc; x=1\nSet-Cookie: t=zz; Path=/"))
+    assert.are.equal('{"hdr":"Authorization: Bearer <redacted>"}', redact.text('{"hdr":"Authorization: Bearer tok-1"}'))
+    assert.are.equal("sent Bearer <redacted> to graph", redact.text("sent Bearer EwBwA8l6BAAU.x_y-z~1+2/3= to graph"))
+    assert.are.equal("basic <redacted>, then", redact.text("basic dXNlcjpwYXNz, then"))
+    -- Words and auth-params are not credentials.
+    assert.are.equal("Basic authentication failed; Bearer token expired",
+      redact.text("Basic authentication failed; Bearer token expired"))
+    assert.are.equal('WWW-Authenticate: Bearer realm="x", error="invalid_token"',
+      redact.text('WWW-Authenticate: Bearer realm="x", error="invalid_token"'))
+    assert.are.equal('"token_type":"Bearer"', redact.text('"token_type":"Bearer"'))
   end)
 
   it("body() redacts whatever the declared type", function()

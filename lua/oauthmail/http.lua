@@ -85,6 +85,22 @@ local OPT_TYPES = {
   follow_redirects = "boolean", max_body = "number", trace = "function", allow_http = "boolean",
 }
 
+-- Over HTTP/2 libcurl lists every request header as an informational line
+-- ("h2h3 [name: value]" in 7.88, "[HTTP/2] [1] [name: value]" from 8.x),
+-- Authorization included: those get header redaction, :path URL redaction.
+local H2_HEADER_LINES = { "^(h2h3 %[)([^%]]-): (.*)(%])$", "^(%[HTTP/2%] %[%d+%] %[)([^%]]-): (.*)(%])$" }
+
+local function info_line(line)
+  for _, pat in ipairs(H2_HEADER_LINES) do
+    local pre, name, value, post = line:match(pat)
+    if pre then
+      value = name == ":path" and redact.url(value) or redact.header(name, value)
+      return pre .. name .. ": " .. value .. post
+    end
+  end
+  return redact.text(line)
+end
+
 -- Turn the raw events collected in C into redacted trace events, in order.
 local function emit_trace(trace, events, request_ct)
   local response_ct
@@ -99,7 +115,7 @@ local function emit_trace(trace, events, request_ct)
   for _, ev in ipairs(events) do
     local t = ev.type
     if t == "info" then
-      for line in ev.text:gmatch("[^\r\n]+") do calls[#calls + 1] = { "info", redact.text(line) } end
+      for line in ev.text:gmatch("[^\r\n]+") do calls[#calls + 1] = { "info", info_line(line) } end
     elseif t == "header_out" then
       local first = true
       for line in ev.text:gmatch("[^\r\n]+") do
@@ -130,7 +146,7 @@ local function emit_trace(trace, events, request_ct)
       calls[#calls + 1] = { "recv", note(redact.body(response_ct, ev.text), ev.omitted) }
     end
   end
-  if events.dropped then calls[#calls + 1] = { "info", events.dropped .. " trace events dropped (limit reached)" } end
+  if events.dropped then calls[#calls + 1] = { "info", string.format("%d", events.dropped) .. " trace events dropped (limit reached)" } end
   for _, c in ipairs(calls) do
     local ok, err = pcall(emit, c[1], c[2])
     if not ok then

@@ -15,6 +15,7 @@ M.FIELDS = {
   device_code = true, assertion = true, token = true, subject_token = true,
   actor_token = true, id_token_hint = true, logout_token = true, passphrase = true,
   authorization = true, client_key = true, private_key = true,
+  ["proxy-authorization"] = true, cookie = true, ["set-cookie"] = true,
 }
 
 -- Headers whose whole value is a credential.
@@ -145,9 +146,74 @@ function M.body(content_type, s)
   return M.form(M.json(s))
 end
 
--- redact.text(s): free text of unknown origin (log lines, error bodies).
+-- Header names that may be quoted in free text ("authorization:" also finds
+-- "proxy-authorization:", "cookie:" also "set-cookie:"), lower-case.
+local TEXT_HEADERS = { "authorization:", "cookie:" }
+
+-- "Authorization: Bearer x" / "cookie: sid=x" anywhere in a text (libcurl's
+-- HTTP/2 lines, a log line quoting a request): the value up to the end of
+-- the line or a closing quote/bracket goes through M.header. Linear: each
+-- name's next occurrence is searched once per step forward.
+local function mask_header_mentions(s)
+  local low, out, pos, nextpos = s:lower(), {}, 1, {}
+  while true do
+    local best, bname
+    for _, name in ipairs(TEXT_HEADERS) do
+      local at = nextpos[name]
+      if at == nil or (at and at < pos) then
+        at = low:find(name, pos, true) or false
+        nextpos[name] = at
+      end
+      if at and (not best or at < best) then best, bname = at, name end
+    end
+    if not best then break end
+    local vs = s:match("^[ \t]*()", best + #bname)
+    local ve = (s:find("[\r\n\"'%]]", vs) or #s + 1) - 1
+    local value = s:sub(vs, ve)
+    out[#out + 1] = s:sub(pos, vs - 1)
+    if value:find("%S") then
+      out[#out + 1] = M.header(bname:sub(1, -2), value)
+    else
+      out[#out + 1] = value
+    end
+    pos = ve + 1
+  end
+  out[#out + 1] = s:sub(pos)
+  return table.concat(out)
+end
+
+local function anycase(word)
+  return (word:gsub("%a", function(c) return "[" .. c:upper() .. c:lower() .. "]" end))
+end
+-- RFC 6750 b64token / RFC 7617 token68 after the scheme name.
+local SCHEME_PATTERNS = {}
+for i, scheme in ipairs { "bearer", "basic" } do
+  SCHEME_PATTERNS[i] = "(" .. anycase(scheme) .. "%s+)([%w%-%._~%+/]+)(=*)()"
+end
+
+-- "Bearer <token>" / "Basic <credentials>" anywhere. Left alone: an
+-- auth-param ('Bearer realm="x"', 'Bearer error=invalid_token') and a plain
+-- lower-case word ("Basic authentication", "Bearer token"), which no issued
+-- token or base64 credential looks like in practice.
+local function mask_scheme_credentials(s)
+  for _, pat in ipairs(SCHEME_PATTERNS) do
+    local src = s
+    s = src:gsub(pat, function(pre, tok, eqs, after)
+      local nextc = src:sub(after, after)
+      if #eqs == 1 and nextc ~= "" and not nextc:find("[%s,;]") then return nil end
+      if eqs == "" and tok:find("^%l+$") then return nil end
+      return pre .. M.MASK
+    end)
+  end
+  return s
+end
+
+-- redact.text(s): free text of unknown origin (log lines, error bodies,
+-- libcurl's informational lines): form and JSON secrets, credential headers
+-- quoted in the text, and scheme credentials ("Bearer ...", "Basic ...").
 function M.text(s)
-  return M.body(nil, s)
+  if type(s) ~= "string" then return s end
+  return mask_scheme_credentials(mask_header_mentions(M.body(nil, s)))
 end
 
 return M

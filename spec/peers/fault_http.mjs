@@ -2,14 +2,16 @@
 // the http and OAuth specs. Run from spec/peers:
 //
 //   node fault_http.mjs --cert server.crt --key server.key [--ca ca.crt --request-cert | --require-cert]
-//                       [--plain] [--port 0] [--host 127.0.0.1]
+//                       [--plain | --h2] [--port 0] [--host 127.0.0.1]
 //
 // It prints "fault_http listening on port N" once it accepts connections.
 // --request-cert asks for a client certificate and lets the route decide;
 // --require-cert makes TLS itself refuse clients without a trusted one.
+// --h2 serves HTTP/2 over TLS (ALPN "h2", HTTP/1.1 still accepted), as
+// Microsoft's and Google's endpoints do.
 //
 // Built-in routes (any method):
-//   /echo                  200 JSON {method, path, query, headers, body, client_cert}
+//   /echo                  200 JSON {method, path, query, headers, body, client_cert, http_version}
 //   /status/NNN            status NNN; ?retry_after=S adds Retry-After, ?body=... sets the body
 //   /redirect?to=URL       302 (or ?status=301/303/307/308) with Location: URL
 //   /big?mb=N[&length=1]   streams N MiB of "x" (Content-Length only with length=1)
@@ -32,16 +34,17 @@
 //          answering the last spec when repeat_last is true.
 //   DELETE /_scenario  forget every queue
 //   GET    /_requests  JSON list of the requests received so far
-//                      [{method, path, query, headers, body}], newest last (max 500)
+//                      [{method, path, query, headers, body, http_version}], newest last (max 500)
 //   DELETE /_requests  forget them
 import https from 'node:https';
 import http from 'node:http';
+import http2 from 'node:http2';
 import fs from 'node:fs';
 
 const args = { port: '0', host: '127.0.0.1' };
 for (let i = 2; i < process.argv.length; i++) {
   const a = process.argv[i];
-  if (a === '--plain' || a === '--request-cert' || a === '--require-cert') args[a.slice(2)] = true;
+  if (a === '--plain' || a === '--h2' || a === '--request-cert' || a === '--require-cert') args[a.slice(2)] = true;
   else if (a.startsWith('--')) args[a.slice(2)] = process.argv[++i];
 }
 
@@ -120,7 +123,8 @@ async function handle(req, res) {
     return json(200, requests);
   }
 
-  requests.push({ method: req.method, path, query, headers: req.headers, body: body.slice(0, 65536) });
+  requests.push({ method: req.method, path, query, headers: req.headers, body: body.slice(0, 65536),
+                  http_version: req.httpVersion });
   if (requests.length > 500) requests.shift();
 
   if (query.scenario) {
@@ -135,7 +139,8 @@ async function handle(req, res) {
   }
 
   if (path === '/echo') {
-    return json(200, { method: req.method, path, query, headers: req.headers, body, client_cert: clientCert(req) });
+    return json(200, { method: req.method, path, query, headers: req.headers, body, client_cert: clientCert(req),
+                       http_version: req.httpVersion });
   }
   let m = path.match(/^\/status\/(\d{3})$/);
   if (m) {
@@ -170,7 +175,8 @@ if (args.plain) {
   if (args.ca) opts.ca = fs.readFileSync(args.ca);
   if (args['request-cert']) { opts.requestCert = true; opts.rejectUnauthorized = false; }
   if (args['require-cert']) { opts.requestCert = true; opts.rejectUnauthorized = true; }
-  server = https.createServer(opts, onRequest);
+  if (args.h2) server = http2.createSecureServer({ ...opts, allowHTTP1: true }, onRequest);
+  else server = https.createServer(opts, onRequest);
 }
 server.keepAliveTimeout = 1000;
 server.listen(Number(args.port), args.host, () => {
