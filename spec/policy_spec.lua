@@ -32,6 +32,30 @@ describe("policy.classify", function()
   end)
 end)
 
+describe("policy arguments", function()
+  it("raises on numbers that would break the send loop or the windows, naming them", function()
+    local function raises(fn, pattern)
+      local ok, err = pcall(fn)
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find(pattern, 1, true), tostring(err))
+    end
+    for _, v in ipairs { 0, 2.5, -1, 0 / 0, math.huge } do
+      raises(function() policy.governor { messages_per_minute = v } end,
+        "policy.governor: messages_per_minute must be a positive whole number or false")
+      raises(function() policy.new { attempts = v } end, "policy.new: attempts must be a positive whole number")
+    end
+    raises(function() policy.governor { connections = 0 } end, "connections must be a positive whole number or false")
+    raises(function() policy.governor { max_wait = -1 } end, "max_wait must be a finite number of seconds >= 0")
+    raises(function() policy.new { jitter = 2 } end, "jitter must be a number from 0 to 1")
+    raises(function() policy.new { max_time = 0 / 0 } end, "max_time must be a finite number of seconds >= 0")
+    -- false turns a limit off, and the governor then never waits for it
+    local t = fake_time()
+    local g = policy.governor({ messages_per_minute = false, on_limit = "fail" }, t)
+    for _ = 1, 100 do g:record(1) end
+    assert.is_true(g:admit(1))
+  end)
+end)
+
 describe("policy backoff", function()
   it("doubles up to the cap and applies jitter", function()
     local p = policy.new { backoff_base = 1, backoff_max = 8, jitter = 0.5, random = function() return 0 end }

@@ -41,15 +41,63 @@ describe("profile validation", function()
 
   it("names a field of the wrong type with what was expected", function()
     local err = refused(with(MS, { smtp = { port = "abc" } }))
-    assert.equals("smtp.port: expected a number, got 'abc'", err.message)
+    assert.equals("smtp.port: expected a port number (1-65535), got 'abc'", err.message)
     err = refused(with(MS, { margin = true }))
-    assert.equals("margin: expected a number, got boolean true", err.message)
+    assert.equals("margin: expected a finite number of seconds >= 0, got boolean true", err.message)
     err = refused(with(MS, { smtp = { tls = "ssl" } }))
     assert.equals('smtp.tls: expected one of "starttls", "implicit", "none", got \'ssl\'', err.message)
     err = refused(with(MS, { limits = { messages_per_minute = "30" } }))
-    assert.equals("limits.messages_per_minute: expected a number or false, got '30'", err.message)
+    assert.equals("limits.messages_per_minute: expected a positive whole number or false, got '30'", err.message)
     err = refused(with(MS, { on_token = "print" }))
     assert.equals("on_token: expected a function, got 'print'", err.message)
+  end)
+
+  it("checks the range of every number, naming the field", function()
+    local cases = {
+      { { policy = { attempts = 0 / 0 } }, "policy.attempts: expected a positive whole number, got nan" },
+      { { policy = { attempts = 0 } }, "policy.attempts: expected a positive whole number, got number 0" },
+      { { policy = { attempts = 2.5 } }, "policy.attempts: expected a positive whole number, got number 2.5" },
+      { { policy = { max_messages_per_session = -1 } },
+        "policy.max_messages_per_session: expected a positive whole number, got number -1" },
+      { { policy = { jitter = 1.5 } }, "policy.jitter: expected a number from 0 to 1, got number 1.5" },
+      { { policy = { max_time = math.huge } }, "policy.max_time: expected a finite number of seconds >= 0, got number "
+        .. tostring(math.huge) },
+      { { policy = { backoff_base = -1 } }, "policy.backoff_base: expected a finite number of seconds >= 0, got number -1" },
+      { { limits = { messages_per_minute = 0 } },
+        "limits.messages_per_minute: expected a positive whole number or false, got number 0" },
+      { { limits = { messages_per_minute = 2.5 } },
+        "limits.messages_per_minute: expected a positive whole number or false, got number 2.5" },
+      { { limits = { recipients_per_message = -1 } },
+        "limits.recipients_per_message: expected a positive whole number or false, got number -1" },
+      { { limits = { connections = 0 / 0 } }, "limits.connections: expected a positive whole number or false, got nan" },
+      { { limits = { max_wait = -5 } }, "limits.max_wait: expected a finite number of seconds >= 0, got number -5" },
+      { { margin = -1 }, "margin: expected a finite number of seconds >= 0, got number -1" },
+      { { smtp = { port = 70000 } }, "smtp.port: expected a port number (1-65535), got number 70000" },
+      { { smtp = { timeout = 0 } }, "smtp.timeout: expected a finite number of seconds > 0, got number 0" },
+      { { oauth = { timeout = -1 } }, "oauth.timeout: expected a finite number of seconds > 0, got number -1" },
+    }
+    for _, c in ipairs(cases) do
+      local err = refused(with(MS, c[1]))
+      assert.equals(c[2], err.message)
+      assert.equals("profile", err.reason)
+    end
+    -- the documented ways to turn a limit off, and edge values, still pass
+    assert(oauthmail.new(with(MS, { limits = { messages_per_minute = false, connections = false },
+      policy = { attempts = 1, jitter = 0, max_time = 0 }, margin = 0 })))
+  end)
+
+  it("names the option tokens.new refused instead of blaming the store", function()
+    local tokens = require "oauthmail.tokens"
+    local real = tokens.new
+    tokens.new = function() error("tokens.new: 'margin' must be a non-negative number of seconds", 2) end
+    local ok, err = pcall(refused, MS)
+    tokens.new = real
+    assert(ok, err)
+    assert.equals("margin", err.field)
+    assert.equals("margin: 'margin' must be a non-negative number of seconds", err.message)
+    err = refused(with(MS, { store = { kind = "nope" } }))
+    assert.equals("store", err.field)
+    assert.truthy(err.message:find("^store: oauthmail.store: unknown kind 'nope'"), err.message)
   end)
 
   it("refuses a bad provider and a flow the provider does not offer", function()

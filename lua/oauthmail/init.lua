@@ -44,9 +44,19 @@ function M.format_event(ev)
   return what .. " " .. tostring(ev.event or "") .. (rest ~= "" and (" " .. rest) or "")
 end
 
--- A trace given as a path appends one line per event to that file.
+-- A trace given as a path appends one line per event to that file. A file
+-- that does not exist yet is made 0600 (fs.atomic_write sets the mode
+-- whatever the umask) before anything is written to it; an existing file
+-- keeps its mode, which is then the owner's choice.
 local function file_trace(path)
+  local checked = false
   return function(ev)
+    if not checked then
+      checked = true
+      local fs = require("oauthmail.core").fs
+      local st, serr = fs.stat(path)
+      if not st and serr and serr.reason == "missing" then fs.atomic_write(path, "", 384) end
+    end
     local f = io.open(path, "a")
     if not f then return end
     f:write(os.date("!%Y-%m-%dT%H:%M:%SZ "), M.format_event(ev), "\n")
@@ -54,11 +64,18 @@ local function file_trace(path)
   end
 end
 
+-- The user's trace function is called protected: a trace that raises must
+-- not turn a delivered message into an exception (a caller that retries on
+-- exceptions would send it again). Its first error of a send is kept for
+-- the receipt (or the error) as trace_error; later events still go to it.
 function Mailer:_trace(ev)
   if self.trace then
     if not ev.proto and not ev.kind then ev.type = ev.type or "mailer" end
     ev.profile = self.name
-    self.trace(ev)
+    local ok, terr = pcall(self.trace, ev)
+    if not ok and not self.trace_error then
+      self.trace_error = (tostring(terr):gsub("^[^:]*:%d+: ", ""))
+    end
   end
 end
 
@@ -95,7 +112,13 @@ function M.new(profile)
     trace = self.trace and function(ev) self:_trace(ev) end,
   })
   if not ok then
-    return errors.fail("config", "store: " .. tostring(mgr):gsub("^[^:]*:%d+: ", ""), { reason = "profile", field = "store" })
+    -- name the option tokens.new refused; only store problems are the store's
+    local msg = tostring(mgr):gsub("^[^:]*:%d+: ", "")
+    local field = msg:match("^tokens%.new: '([%w_]+)'")
+    if msg:find("store", 1, true) then field = "store" end
+    field = field or "profile"
+    return errors.fail("config", field .. ": " .. msg:gsub("^tokens%.new: ", ""),
+      { reason = "profile", field = field, retryable = false })
   end
   self.tokens = mgr
   self.clock = clock
@@ -269,10 +292,13 @@ local function rejected_list(map)
   return out
 end
 
+local ACTIONS = { reauth = true, reconnect = true, throttle = true, retry = true, fail = true }
+
 -- mailer:send(message) -> receipt | nil, err
 -- receipt = {message_id, accepted, rejected, attempts, transport="smtp", reply={code, enhanced, text}}
 function Mailer:send(msg)
   if self.closed then error("mailer:send: the mailer is closed", 2) end
+  self.trace_error = nil
   if self.hooks.before_send then
     local r, why = self.hooks.before_send(msg)
     if r == false then
@@ -300,21 +326,30 @@ function Mailer:send(msg)
       local receipt
       receipt, err = s:send { from = m.from, to = m.to, data = m.data() }
       if receipt then
-        self.session_sent = self.session_sent + 1
-        self.sent = self.sent + 1
-        self.governor:record(#m.to)
-        self:_trace { event = "sent", message_id = m.message_id, attempts = attempt, code = receipt.code }
-        return {
+        -- delivered: from here on nothing may raise (the receipt is built
+        -- first, the trace is protected), or a retry would send it twice
+        local out = {
           message_id = m.message_id, accepted = receipt.accepted, rejected = rejected_list(receipt.rejected),
           attempts = attempt, transport = "smtp",
           reply = { code = receipt.code, enhanced = receipt.enhanced, text = receipt.text },
         }
+        self.session_sent = self.session_sent + 1
+        self.sent = self.sent + 1
+        self.governor:record(#m.to)
+        self:_trace { event = "sent", message_id = m.message_id, attempts = attempt, code = receipt.code }
+        out.trace_error = self.trace_error
+        return out
       end
     end
     self:_explain(err)
     action = policy_mod.classify(err)
     if self.hooks.classify then
       local custom = self.hooks.classify(err, { attempt = attempt, stage = s and "send" or "open" })
+      if custom ~= nil and not ACTIONS[custom] then
+        -- a typo must not become a silent retry loop: give up, and say why
+        self:_trace { event = "classify_invalid", returned = tostring(custom), action = "fail" }
+        custom = "fail"
+      end
       if custom ~= nil then action = custom end
     end
     -- a 535 that survived the refresh inside _open is final
@@ -345,6 +380,7 @@ function Mailer:send(msg)
   if self.session and self.session.broken then self:_drop_session("broken") end
   last.attempts = attempt
   if last.retryable == nil then last.retryable = false end
+  last.trace_error = self.trace_error
   return nil, last
 end
 

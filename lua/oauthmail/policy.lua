@@ -50,6 +50,28 @@ function M.classify(err)
   return "fail"
 end
 
+-- ------------------------------------------------------------ arguments
+
+-- Numbers are checked here too (the profile checks them first, with field
+-- names): a zero, fractional or NaN limit would index a window that is not
+-- there, and %d refuses a fraction on 5.3+.
+local function finite(v) return type(v) == "number" and v == v and v > -math.huge and v < math.huge end
+
+local function need(fn, name, v, ok, what)
+  if not ok then error(string.format("%s: %s must be %s, got %s", fn, name, what, tostring(v)), 3) end
+end
+
+local function count(fn, name, v, allow_off)
+  if v == nil or (allow_off and v == false) then return end
+  need(fn, name, v, finite(v) and v >= 1 and v == math.floor(v),
+    "a positive whole number" .. (allow_off and " or false" or ""))
+end
+
+local function seconds(fn, name, v)
+  if v == nil then return end
+  need(fn, name, v, finite(v) and v >= 0, "a finite number of seconds >= 0")
+end
+
 -- ------------------------------------------------------------ policy object
 
 local Policy = {}
@@ -64,7 +86,11 @@ function M.new(opts)
   self.clock = opts.clock or M.default_clock()
   self.sleep = opts.sleep or core.sleep
   self.random = opts.random or math.random
-  if self.attempts < 1 then error("policy: attempts must be at least 1", 2) end
+  count("policy.new", "attempts", self.attempts)
+  count("policy.new", "max_messages_per_session", self.max_messages_per_session)
+  for _, k in ipairs { "max_time", "backoff_base", "backoff_max" } do seconds("policy.new", k, self[k]) end
+  need("policy.new", "jitter", self.jitter, finite(self.jitter) and self.jitter >= 0 and self.jitter <= 1,
+    "a number from 0 to 1")
   return self
 end
 
@@ -88,6 +114,11 @@ M.Governor = Governor
 function M.governor(limits, opts)
   limits = limits or {}
   opts = opts or {}
+  for _, k in ipairs { "messages_per_minute", "messages_per_day", "recipients_per_day", "recipients_per_message",
+    "connections" } do
+    count("policy.governor", k, limits[k], true)
+  end
+  seconds("policy.governor", "max_wait", limits.max_wait)
   return setmetatable({
     limits = limits,
     connections = limits.connections,     -- lowered by 432 4.3.2

@@ -13,6 +13,8 @@ local function enum(...) return { enum = { ... } } end
 local GRANTS = enum("client_credentials", "authorization_code", "device_code", "refresh_token", "jwt_bearer", "password")
 
 -- Each field: a type list ("string|table") or {enum=...} or {fields=...} (a nested table).
+-- Number fields name their range (NUMBERS below): a count is a whole number
+-- >= 1, seconds are finite and >= 0, a duration finite and > 0.
 M.SCHEMA = {
   name = "string",
   provider = enum("microsoft", "google", "generic"),
@@ -42,30 +44,30 @@ M.SCHEMA = {
   refresh_token = "string",
   allow_password_grant = "boolean",
   oauth = { fields = {
-    timeout = "number", retry = "table", proxy = "string", verify = "boolean", tls_client_cert = "string",
+    timeout = "duration", retry = "table", proxy = "string", verify = "boolean", tls_client_cert = "string",
     tls_client_key = "string", redirect_uri = "string", redirect_path = "string", open_url = "function",
-    browser_command = "string", on_prompt = "function", wait_timeout = "number", manual = "boolean",
+    browser_command = "string", on_prompt = "function", wait_timeout = "duration", manual = "boolean",
     read_line = "function", prompt = "string", login_hint = "string", authorization_params = "table",
-    on_device_code = "function", assertion_lifetime = "number", sleep = "function",
+    on_device_code = "function", assertion_lifetime = "duration", sleep = "function",
   } },
   smtp = { fields = {
-    host = "string", port = "number", tls = enum("starttls", "implicit", "none"), timeout = "number",
+    host = "string", port = "port", tls = enum("starttls", "implicit", "none"), timeout = "duration",
     ca_file = "string", ca_path = "string", verify = "boolean", min_tls = "string", client_cert = "string",
     client_key = "string", servername = "string", helo = "string",
     mechanism = enum("xoauth2", "oauthbearer"), two_step = "boolean", allow_plaintext_auth = "boolean",
   } },
   store = "table",
-  margin = "number",
+  margin = "seconds",
   interactive = "boolean|function",
   trace = "string|function",
   limits = { fields = {
-    messages_per_minute = "number|false", messages_per_day = "number|false",
-    recipients_per_day = "number|false", recipients_per_message = "number|false",
-    connections = "number|false", on_limit = enum("wait", "fail"), max_wait = "number",
+    messages_per_minute = "count|false", messages_per_day = "count|false",
+    recipients_per_day = "count|false", recipients_per_message = "count|false",
+    connections = "count|false", on_limit = enum("wait", "fail"), max_wait = "seconds",
   } },
   policy = { fields = {
-    reuse = "boolean", max_messages_per_session = "number", attempts = "number", max_time = "number",
-    backoff_base = "number", backoff_max = "number", jitter = "number", reauth = "boolean",
+    reuse = "boolean", max_messages_per_session = "count", attempts = "count", max_time = "seconds",
+    backoff_base = "seconds", backoff_max = "seconds", jitter = "fraction", reauth = "boolean",
     clock = "function", sleep = "function", random = "function", governor = "table",
   } },
   on_token = "function",
@@ -116,15 +118,32 @@ local function bad(path, text)
   return errors.new("config", path .. ": " .. text, { reason = "profile", field = path, retryable = false })
 end
 
+local function finite(v) return v == v and v > -math.huge and v < math.huge end
+local function whole(v) return finite(v) and v == math.floor(v) end
+
+-- Ranged numbers: the test and the words of the error.
+local NUMBERS = {
+  count = { function(v) return whole(v) and v >= 1 end, "a positive whole number" },
+  seconds = { function(v) return finite(v) and v >= 0 end, "a finite number of seconds >= 0" },
+  duration = { function(v) return finite(v) and v > 0 end, "a finite number of seconds > 0" },
+  fraction = { function(v) return finite(v) and v >= 0 and v <= 1 end, "a number from 0 to 1" },
+  port = { function(v) return whole(v) and v >= 1 and v <= 65535 end, "a port number (1-65535)" },
+}
+
 local function check(path, spec, v)
   if type(spec) == "string" then
+    local wants = {}
     for t in spec:gmatch("[^|]+") do
       if t == "false" and v == false then return true end
       if t == "function" and is_callable(v) then return true end
-      if type(v) == t then return true end
+      local num = NUMBERS[t]
+      if num and type(v) == "number" and num[1](v) then return true end
+      if not num and type(v) == t then return true end
+      local w = num and num[2] or ((t:match("^[aeiou]") and "an " or "a ") .. t)
+      wants[#wants + 1] = t == "false" and "false" or w
     end
-    local want = spec:gsub("|false", " or false"):gsub("|", " or ")
-    return nil, bad(path, "expected " .. (want:match("^[aeiou]") and "an " or "a ") .. want .. ", got " .. show(v))
+    local got = (type(v) == "number" and v ~= v) and "nan" or show(v)
+    return nil, bad(path, "expected " .. table.concat(wants, " or ") .. ", got " .. got)
   end
   if spec.enum then
     for _, e in ipairs(spec.enum) do if v == e then return true end end
