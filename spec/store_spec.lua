@@ -83,6 +83,44 @@ describe("store.new", function()
     assert.has_error(function() store.file { path = "/tmp/t.json", encryption = { keyenv = "A" } } end)
     assert.has_error(function() store.command { get = "true" } end)
   end)
+
+  -- review finding 3: a misspelt option must not silently drop encryption
+  it("refuses unknown options of every kind, naming the closest known one", function()
+    local function raises(spec, pattern)
+      local ok, msg = pcall(store.new, spec)
+      assert.is_false(ok)
+      assert.matches(pattern, tostring(msg), 1, true)
+    end
+    raises({ kind = "file", path = "/tmp/x/t.json", encrypton = { key_env = "K" } },
+      "store.file: unknown option 'encrypton' (did you mean 'encryption'?)")
+    raises({ kind = "file", path = "/tmp/x/t.json", lock_timout = 3 }, "did you mean 'lock_timeout'?")
+    raises({ kind = "file", path = "/tmp/x/t.json", create_dir = "no" }, "store.file: 'create_dir' must be a boolean")
+    raises({ kind = "file", path = "/tmp/x/t.json", encryption = { key_evn = "K" } },
+      "store encryption: unknown option 'key_evn' (did you mean 'key_env'?)")
+    raises({ kind = "file", path = "/tmp/x/t.json", encryption = { passphrase = "p", scrypt = { n = 1024 } } },
+      "did you mean 'N'?")
+    raises({ kind = "file", path = "/tmp/x/t.json", encryption = { passphrase = "p", scrypt = { N = 2 ^ 24 } } },
+      "store encryption: scrypt 'N' must be a power of two from 2 to 1048576")
+    raises({ kind = "command", get = "true", put = "true", lockdir = "/run" },
+      "store.command: unknown option 'lockdir' (did you mean 'lock_dir'?)")
+    raises({ kind = "command", get = "true", put = "true", lock_timeout = "5" }, "'lock_timeout' must be a number")
+    raises({ kind = "memory", path = "/tmp/x" }, "store.memory: unknown option 'path'")
+    assert.has_error(function() store.file { path = "/tmp/x/t.json", encrypton = {} } end)
+  end)
+
+  it("makes a misspelt store option a config error of oauthmail.new", function()
+    local oauthmail = require "oauthmail"
+    local dir = h.tmpdir()
+    local m, err = oauthmail.new {
+      provider = "microsoft", tenant = "contoso.onmicrosoft.com", client_id = "c", client_secret = "s",
+      user = "u@contoso.com",
+      store = { kind = "file", path = dir .. "/t.json", encrypton = { key_env = "K" } },
+    }
+    assert.is_nil(m)
+    assert.equals("config", err.kind)
+    assert.matches("unknown option 'encrypton' (did you mean 'encryption'?)", err.message, 1, true)
+    assert.is_nil(fs.stat(dir .. "/t.json"))
+  end)
 end)
 
 describe("store.file", function()
@@ -306,6 +344,77 @@ describe("store.file", function()
       refused(path, store.file { path = path }, "is not an oauthmail token file", "corrupt")
     end)
 
+    -- review finding 2: a damaged header must be refused before scrypt runs,
+    -- never raise and never spend minutes or gigabytes on a tampered cost
+    for _, case in ipairs {
+      { "N with a fraction", { N = 1024.5 } },
+      { "N as a string", { N = "big" } },
+      { "a cost far beyond what oauthmail writes", { N = 16777216, r = 64 } },
+      { "r of zero", { r = 0 } },
+      { "p too large", { p = 1000 } },
+      { "N not a power of two", { N = 1000 } },
+      { "a salt that is not a string", { salt = 12345 } },
+      { "a missing salt", { salt = cjson.null } },
+    } do
+      it("a damaged encryption header: " .. case[1], function()
+        local dir = h.tmpdir()
+        local path = dir .. "/tokens.json"
+        local enc = { passphrase = "pw-0123", scrypt = FAST }
+        assert(store.file { path = path, encryption = enc }:save(KEY, record("old")))
+        local env = cjson.decode(h.read_file(path))
+        for k, v in pairs(case[2]) do env.encryption[k] = v end
+        h.write_file(path, cjson.encode(env), "600")
+        local s = store.file { path = path, encryption = enc }
+        local ok, got, err = pcall(s.load, s, KEY)
+        assert.is_true(ok, tostring(got))
+        assert.is_nil(got)
+        assert.equals("corrupt", err.reason)
+        refused(path, s, "has a damaged encryption header", "corrupt")
+      end)
+    end
+
+    it("a damaged header of a file sealed with a key (no scrypt fields allowed)", function()
+      local dir = h.tmpdir()
+      local s = encrypted_store(dir)
+      assert(s:save(KEY, record("old")))
+      local env = cjson.decode(h.read_file(s.path))
+      env.encryption.N = 1024.5
+      h.write_file(s.path, cjson.encode(env), "600")
+      local ok = pcall(s.load, s, KEY)
+      assert.is_true(ok)
+      refused(s.path, encrypted_store(dir), "has a damaged encryption header", "corrupt")
+    end)
+
+    it("a parent folder writable by others (checked up to $HOME or /, as ssh does)", function()
+      local top = h.tmpdir()
+      local open_dir = top .. "/shared"
+      local dir = open_dir .. "/mine"
+      assert(fs.mkdir_private(dir))
+      local s = store.file { path = dir .. "/tokens.json" }
+      assert(s:save(KEY, record("old")))
+      h.exec("chmod 777 " .. h.quote(open_dir))
+      refused(s.path, s, "folder " .. open_dir .. " above token file " .. s.path
+        .. " is writable by others (mode 0777)", "permissions")
+      -- a sticky world-writable parent (like /tmp) cannot be used to swap our folder
+      h.exec("chmod 1777 " .. h.quote(open_dir))
+      assert.same(record("old"), s:load(KEY))
+    end)
+
+    it("a folder or file that belongs to another user", function()
+      if fs.uid() ~= 0 then pending("needs root to give a folder to another user") return end
+      local dir = h.tmpdir()
+      local s = store.file { path = dir .. "/tokens.json" }
+      assert(s:save(KEY, record("old")))
+      h.exec("chown 65534 " .. h.quote(dir))
+      refused(s.path, s, "folder " .. dir .. " of token file " .. s.path .. " belongs to another user (uid 65534)",
+        "permissions")
+      local lk, err = s:lock(KEY, 0.1)
+      assert.is_nil(lk)
+      assert.equals("permissions", err.reason)
+      h.exec("chown 0 " .. h.quote(dir) .. " && chown 65534 " .. h.quote(s.path))
+      refused(s.path, s, "token file " .. s.path .. " belongs to another user (uid 65534)", "permissions")
+    end)
+
     it("a missing folder when creating folders is off", function()
       local dir = h.tmpdir() .. "/not-there"
       local s = store.file { path = dir .. "/tokens.json", create_dir = false }
@@ -343,6 +452,64 @@ describe("store.command", function()
     assert.is_nil(l2)
     assert.equals("timeout", err.reason)
     release()
+  end)
+
+  -- review finding 6: JSON null in a record is an absent field, not a userdata
+  it("reads JSON null fields as absent", function()
+    local s = store.command { get = [[printf '%s' '{"access_token":"x-at","expires_at":null,"scope":null}']],
+      put = "cat >/dev/null", lock_dir = h.tmpdir() }
+    local got = assert(s:load(KEY))
+    assert.same({ access_token = "x-at" }, got)
+    local dir = h.tmpdir()
+    local path = h.write_file(dir .. "/tokens.json", cjson.encode {
+      format = "oauthmail-tokens", version = 1,
+      accounts = { [KEY] = { access_token = "f-at", expires_at = cjson.null } } }, "600")
+    assert.same({ access_token = "f-at" }, store.file { path = path }:load(KEY))
+  end)
+
+  -- review finding 10: no predictable shared lock path
+  it("refuses a lock folder that others can write or that belongs to another user", function()
+    local dir = h.tmpdir()
+    h.exec("chmod 777 " .. h.quote(dir))
+    local s = manager(dir)
+    local lk, err = s:lock(KEY, 0.1)
+    assert.is_nil(lk)
+    assert.equals("store", err.kind)
+    assert.equals("permissions", err.reason)
+    assert.matches("lock folder " .. dir .. " is writable by others (mode 0777); run chmod 700 " .. dir,
+      err.message, 1, true)
+    h.exec("chmod 1777 " .. h.quote(dir))
+    assert.is_nil((manager(dir):lock(KEY, 0.1)))
+    if fs.uid() == 0 then
+      local other = h.tmpdir()
+      h.exec("chown 65534 " .. h.quote(other))
+      lk, err = manager(other):lock(KEY, 0.1)
+      assert.is_nil(lk)
+      assert.matches("lock folder " .. other .. " belongs to another user (uid 65534)", err.message, 1, true)
+    end
+  end)
+
+  it("keeps its locks in a private per-user folder by default", function()
+    local function lock_in_child(env)
+      local code = [[
+        local s = require("oauthmail.store").command { get = "true", put = "cat >/dev/null" }
+        local release, err = s:lock("acct", 1)
+        if not release then print("ERR " .. tostring(err)) os.exit(1) end
+        release()
+        print("OK " .. s.key_id("acct"))]]
+      local ok, out = h.exec(env .. " " .. h.lua_bin .. " -e " .. h.quote(code))
+      assert(ok, out)
+      return out:match("OK (%x+)")
+    end
+    local home = h.tmpdir()
+    local id = lock_in_child("env -u XDG_RUNTIME_DIR HOME=" .. h.quote(home))
+    local locks = home .. "/.cache/oauthmail/locks"
+    assert.equals(tonumber("700", 8), fs.stat(locks).mode)
+    assert.equals("file", fs.stat(locks .. "/oauthmail-" .. id .. ".lock").type)
+    local run = h.tmpdir()
+    lock_in_child("env XDG_RUNTIME_DIR=" .. h.quote(run) .. " HOME=" .. h.quote(home))
+    assert.equals(tonumber("700", 8), fs.stat(run .. "/oauthmail").mode)
+    assert.equals("file", fs.stat(run .. "/oauthmail/oauthmail-" .. id .. ".lock").type)
   end)
 
   it("reports failing commands and bad output without showing the output", function()

@@ -15,6 +15,47 @@ local function is_store(v)
 end
 M.is_store = is_store
 
+local function distance(a, b)
+  local prev = {}
+  for j = 0, #b do prev[j] = j end
+  for i = 1, #a do
+    local cur = { [0] = i }
+    for j = 1, #b do
+      local cost = a:sub(i, i) == b:sub(j, j) and 0 or 1
+      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+    end
+    prev = cur
+  end
+  return prev[#b]
+end
+
+local function closest(key, fields)
+  local best, bestd
+  for k in pairs(fields) do
+    local d = distance(key:lower(), k:lower())
+    if not bestd or d < bestd or (d == bestd and k < best) then best, bestd = k, d end
+  end
+  if best and bestd <= math.max(2, math.floor(#key / 3)) then return best end
+  return nil
+end
+
+-- check_options(where, opts, fields, level): every key of opts must be in
+-- fields (name -> Lua type name); a misspelt option is an error, because
+-- ignoring it can mean tokens written in clear text ("encrypton").
+function M.check_options(where, opts, fields, level)
+  level = (level or 1) + 1
+  for k, v in pairs(opts) do
+    if type(k) ~= "string" or fields[k] == nil then
+      local near = type(k) == "string" and closest(k, fields)
+      error(string.format("%s: unknown option '%s'%s", where, tostring(k),
+        near and (" (did you mean '" .. near .. "'?)") or ""), level)
+    end
+    if type(v) ~= fields[k] then
+      error(string.format("%s: '%s' must be a %s", where, k, fields[k]), level)
+    end
+  end
+end
+
 function M.memory(opts) return require(KINDS.memory).new(opts) end
 function M.file(opts) return require(KINDS.file).new(opts) end
 function M.command(opts) return require(KINDS.command).new(opts) end
@@ -32,7 +73,9 @@ function M.new(spec)
   end
   local opts = {}
   for k, v in pairs(spec) do if k ~= "kind" then opts[k] = v end end
-  return require(mod).new(opts)
+  local ok, st = pcall(require(mod).new, opts)
+  if not ok then error((tostring(st):gsub("^[^:]*:%d+: ", "")), 2) end
+  return st
 end
 
 return M

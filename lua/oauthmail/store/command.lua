@@ -16,19 +16,21 @@ local function fail(message, reason)
   return errors.fail("store", message, { reason = reason })
 end
 
+local FIELDS = { kind = "string", get = "string", put = "string", lock_dir = "string", lock_timeout = "number" }
+
 function M.new(opts)
   if type(opts) ~= "table" then error("store.command: options must be a table", 2) end
+  require("oauthmail.store").check_options("store.command", opts, FIELDS, 2)
   for _, k in ipairs { "get", "put" } do
     if type(opts[k]) ~= "string" or opts[k] == "" then
       error("store.command: '" .. k .. "' must be a shell command (string)", 2)
     end
   end
-  if opts.lock_dir ~= nil and type(opts.lock_dir) ~= "string" then error("store.command: 'lock_dir' must be a string", 2) end
   return setmetatable({
     kind = "command",
     get_cmd = opts.get,
     put_cmd = opts.put,
-    lock_dir = opts.lock_dir or os.getenv("XDG_RUNTIME_DIR") or "/tmp",
+    lock_dir = opts.lock_dir,   -- nil: a private per-user folder, chosen at lock time
     lock_timeout = opts.lock_timeout or 30,
   }, M)
 end
@@ -53,6 +55,9 @@ function M:load(key)
   if type(record) ~= "table" then
     return fail("command store: get command printed something that is not a JSON token record", "corrupt")
   end
+  for k, v in pairs(record) do
+    if v == cjson.null then record[k] = nil end   -- JSON null is an absent field, not a userdata
+  end
   return record
 end
 
@@ -63,8 +68,37 @@ function M:save(key, record)
   return true
 end
 
+-- Never a shared folder such as /tmp, where another local user could create
+-- the lock file first: $XDG_RUNTIME_DIR/oauthmail or ~/.cache/oauthmail/locks,
+-- created 0700. Whatever the folder, it must be ours and closed to others.
+function M:lock_folder()
+  local dir = self.lock_dir
+  if not dir then
+    local run, home = os.getenv("XDG_RUNTIME_DIR"), os.getenv("HOME")
+    if run and run ~= "" then dir = run .. "/oauthmail"
+    elseif home and home ~= "" then dir = home .. "/.cache/oauthmail/locks"
+    else return fail("command store: neither XDG_RUNTIME_DIR nor HOME is set; give lock_dir", "config") end
+    local ok, err = core.fs.mkdir_private(dir)
+    if not ok then return fail("command store: lock folder: " .. err.message, err.reason) end
+  end
+  local st, err = core.fs.stat(dir)
+  if not st then return fail("command store: lock folder: " .. err.message, err.reason) end
+  if st.type ~= "directory" then return fail("command store: lock folder " .. dir .. " is not a folder", "permissions") end
+  if st.uid ~= core.fs.uid() then
+    return fail(string.format("command store: lock folder %s belongs to another user (uid %d)", dir, st.uid), "permissions")
+  end
+  local group, other = math.floor(st.mode / 8) % 8, st.mode % 8
+  if math.floor(group / 2) % 2 == 1 or math.floor(other / 2) % 2 == 1 then
+    return fail(string.format("command store: lock folder %s is writable by others (mode %04o); run chmod 700 %s",
+      dir, st.mode, dir), "permissions")
+  end
+  return dir
+end
+
 function M:lock(key, timeout)
-  local path = self.lock_dir .. "/oauthmail-" .. M.key_id(key) .. ".lock"
+  local dir, derr = self:lock_folder()
+  if not dir then return nil, derr end
+  local path = dir .. "/oauthmail-" .. M.key_id(key) .. ".lock"
   local lk, err = core.fs.lock(path, { timeout = timeout or self.lock_timeout })
   if not lk then return nil, err end
   return function() return lk:unlock() end

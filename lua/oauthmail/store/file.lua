@@ -44,13 +44,13 @@ local function writable_by_others(mode)
   return math.floor(group / 2) % 2 == 1 or math.floor(other / 2) % 2 == 1
 end
 
+local FIELDS = { kind = "string", path = "string", encryption = "table", lock_timeout = "number", create_dir = "boolean" }
+
 function M.new(opts)
   if type(opts) ~= "table" then error("store.file: options must be a table", 2) end
+  require("oauthmail.store").check_options("store.file", opts, FIELDS, 2)
   if type(opts.path) ~= "string" or opts.path == "" then error("store.file: 'path' must be a non-empty string", 2) end
   if opts.encryption ~= nil then keysource.check(opts.encryption) end
-  for _, k in ipairs { "lock_timeout" } do
-    if opts[k] ~= nil and type(opts[k]) ~= "number" then error("store.file: '" .. k .. "' must be a number", 2) end
-  end
   local path = opts.path
   local home = os.getenv("HOME")
   if path:sub(1, 2) == "~/" and home then path = home .. path:sub(2) end
@@ -68,24 +68,62 @@ end
 
 function M:describe() return "token file " .. self.path end
 
+local function sticky(mode) return math.floor(mode / 512) % 2 == 1 end
+
+-- The folders above the token file's own, up to $HOME (included) or /, as
+-- ssh checks them: owned by us or root, and nobody else may rename entries in
+-- them, unless the sticky bit stops that (as on /tmp).
+function M:check_parents()
+  local home = (os.getenv("HOME") or ""):gsub("/+$", "")
+  local dir = self.dir
+  while dir ~= "/" and dir ~= "." and dir ~= home do
+    dir = dirname(dir)
+    local st, err = fs.stat(dir)
+    if not st then return fail("folder " .. dir .. " above token file " .. self.path .. ": " .. err.message, err.reason) end
+    if st.uid ~= 0 and st.uid ~= fs.uid() then
+      return fail(string.format("folder %s above token file %s belongs to another user (uid %d)",
+        dir, self.path, st.uid), "permissions")
+    end
+    if writable_by_others(st.mode) and not sticky(st.mode) then
+      return fail(string.format("folder %s above token file %s is writable by others (mode %s); run chmod go-w %s",
+        dir, self.path, octal(st.mode), dir), "permissions")
+    end
+  end
+  return true
+end
+
+-- The token file itself, from stat or from the descriptor read_file used.
+function M:check_file(st)
+  if st.type ~= nil and st.type ~= "file" then
+    return fail("token file " .. self.path .. " is not a regular file", "permissions")
+  end
+  if st.uid ~= fs.uid() then
+    return fail("token file " .. self.path .. " belongs to another user (uid " .. st.uid .. ")", "permissions")
+  end
+  if group_other(st.mode) ~= 0 then
+    return fail(string.format("token file %s is accessible by others (mode %s); run chmod 600 %s",
+      self.path, octal(st.mode), self.path), "permissions")
+  end
+  return true
+end
+
 -- Like ssh: a token file that others can read, or a folder others can write
--- into, is refused rather than trusted.
+-- into or that belongs to someone else, is refused rather than trusted.
 function M:check_permissions(st)
   local dst, derr = fs.stat(self.dir)
   if not dst then return fail("folder of token file " .. self.path .. ": " .. derr.message, derr.reason) end
+  if dst.uid ~= fs.uid() then
+    return fail(string.format("folder %s of token file %s belongs to another user (uid %d)",
+      self.dir, self.path, dst.uid), "permissions")
+  end
   if writable_by_others(dst.mode) then
     return fail(string.format("folder %s of token file %s is writable by others (mode %s); run chmod 700 %s",
       self.dir, self.path, octal(dst.mode), self.dir), "permissions")
   end
+  local pok, perr = self:check_parents()
+  if not pok then return nil, perr end
   if st then
-    if st.type ~= "file" then return fail("token file " .. self.path .. " is not a regular file", "permissions") end
-    if st.uid ~= fs.uid() then
-      return fail("token file " .. self.path .. " belongs to another user (uid " .. st.uid .. ")", "permissions")
-    end
-    if group_other(st.mode) ~= 0 then
-      return fail(string.format("token file %s is accessible by others (mode %s); run chmod 600 %s",
-        self.path, octal(st.mode), self.path), "permissions")
-    end
+    return self:check_file(st)
   end
   return true
 end
@@ -137,6 +175,12 @@ function M:read()
   if not ok then return nil, perr end
   local text, rerr = fs.read_file(self.path, MAX_FILE)
   if not text then return fail("token file " .. self.path .. ": " .. rerr.message, rerr.reason) end
+  -- read_file may also report the descriptor's own fstat: checking that
+  -- closes the window between the stat above and the open
+  if type(rerr) == "table" and rerr.uid ~= nil then
+    local fok, ferr = self:check_file(rerr)
+    if not fok then return nil, ferr end
+  end
   local env = cjson.decode(text)
   local function corrupt(what)
     return fail("token file " .. self.path .. " " .. what .. "; it was left as it is", "corrupt")
@@ -152,8 +196,16 @@ function M:read()
   local accounts
   if env.encryption ~= nil then
     local enc = env.encryption
-    if type(enc) ~= "table" or enc.cipher ~= M.CIPHER or (enc.kdf ~= "none" and enc.kdf ~= "scrypt")
-      or type(env.data) ~= "string" then
+    if type(enc) ~= "table" or enc.cipher ~= M.CIPHER or type(env.data) ~= "string" then
+      return corrupt("has a damaged encryption header")
+    end
+    -- checked before any key derivation: a tampered cost must be refused,
+    -- not run (scrypt with a huge N would take minutes and gigabytes)
+    if enc.kdf == "scrypt" then
+      if type(enc.salt) ~= "string" or keysource.scrypt_problem(enc.N, enc.r, enc.p) then
+        return corrupt("has a damaged encryption header")
+      end
+    elseif enc.kdf ~= "none" or enc.salt ~= nil or enc.N ~= nil or enc.r ~= nil or enc.p ~= nil then
       return corrupt("has a damaged encryption header")
     end
     if not self.encryption then
@@ -177,6 +229,9 @@ function M:read()
   end
   for k, v in pairs(accounts) do
     if type(k) ~= "string" or type(v) ~= "table" then return corrupt("has a damaged account entry") end
+    for f, x in pairs(v) do
+      if x == cjson.null then v[f] = nil end   -- JSON null is an absent field, not a userdata
+    end
   end
   return accounts, env
 end

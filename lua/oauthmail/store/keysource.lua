@@ -32,23 +32,56 @@ end
 
 local function first_line(s) return (s:match("^([^\r\n]*)")) end
 
+-- The scrypt costs oauthmail writes and accepts back from a file: a
+-- tampered header must not make scrypt spend minutes or gigabytes before the
+-- AEAD tag refuses it. 128 * N * r bytes of memory, at most 1 GiB.
+M.SCRYPT_MAX = { N = 1048576, r = 32, p = 4, memory = 1024 * 1024 * 1024 }
+
+local function integer_in(v, lo, hi)
+  return type(v) == "number" and v == math.floor(v) and v >= lo and v <= hi
+end
+
+-- scrypt_problem(N, r, p) -> nil when the costs are acceptable, else why not
+function M.scrypt_problem(N, r, p)
+  local max = M.SCRYPT_MAX
+  if not integer_in(N, 2, max.N) then return "'N' must be a power of two from 2 to " .. max.N end
+  local n = N
+  while n > 1 do
+    if n % 2 ~= 0 then return "'N' must be a power of two from 2 to " .. max.N end
+    n = n / 2
+  end
+  if not integer_in(r, 1, max.r) then return "'r' must be an integer from 1 to " .. max.r end
+  if not integer_in(p, 1, max.p) then return "'p' must be an integer from 1 to " .. max.p end
+  if 128 * N * r > max.memory then return "N * r needs more than 1 GiB of memory" end
+  return nil
+end
+
+local ENCRYPTION_FIELDS = {
+  key_env = "string", key_file = "string", key_command = "string",
+  passphrase = "string", passphrase_env = "string", passphrase_command = "string", scrypt = "table",
+}
+
 -- check(spec) raises on a malformed configuration, so mistakes show at setup.
 function M.check(spec)
   if type(spec) ~= "table" then error("store encryption: expected a table of options", 3) end
+  local check_options = require("oauthmail.store").check_options
+  check_options("store encryption", spec, ENCRYPTION_FIELDS, 3)
   local n = 0
   for k, v in pairs(spec) do
     if KEY_SOURCES[k] or PASS_SOURCES[k] then
-      if type(v) ~= "string" or v == "" then error("store encryption: '" .. k .. "' must be a non-empty string", 3) end
+      if v == "" then error("store encryption: '" .. k .. "' must be a non-empty string", 3) end
       n = n + 1
-    elseif k == "scrypt" then
-      if type(v) ~= "table" then error("store encryption: 'scrypt' must be a table {N=, r=, p=}", 3) end
-    else
-      error("store encryption: unknown option '" .. tostring(k) .. "'", 3)
     end
   end
   if n ~= 1 then
     error("store encryption: give exactly one of key_env, key_file, key_command, passphrase, "
       .. "passphrase_env, passphrase_command", 3)
+  end
+  if spec.scrypt then
+    check_options("store encryption: scrypt", spec.scrypt, { N = "number", r = "number", p = "number" }, 3)
+    local d = M.DEFAULT_SCRYPT
+    local why = M.scrypt_problem(spec.scrypt.N or d.N, spec.scrypt.r or d.r, spec.scrypt.p or d.p)
+    if why then error("store encryption: scrypt " .. why, 3) end
   end
 end
 

@@ -15,6 +15,7 @@ end
 
 function M.new(opts)
   if opts ~= nil and type(opts) ~= "table" then error("store.memory: options must be a table", 2) end
+  if opts then require("oauthmail.store").check_options("store.memory", opts, { kind = "string" }, 2) end
   return setmetatable({ kind = "memory", accounts = {}, held = {} }, M)
 end
 
