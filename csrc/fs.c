@@ -2,8 +2,11 @@
  * deadline, crash-safe replacement of a file, permission inspection, private
  * directories and bounded reads. Policy (what is too open, what to lock) lives
  * in lua/oauthmail/store; this file only does the system calls right. */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +20,8 @@
 
 #define FS_LOCK_TYPE "oauthmail.fs.lock"
 #define FS_READ_DEFAULT_MAX (16 * 1024 * 1024)
+#define FS_SECRET_BUF "oauthmail.fs.secretbuf"
+#define FS_LOCK_MAX_WAIT 86400
 
 typedef struct {
   int fd;          /* -1 once unlocked */
@@ -87,7 +92,9 @@ static int fs_lock_open(lua_State *L) {
     exclusive = om_opt_bool(L, 2, "exclusive", 1);
     timeout = om_opt_number(L, 2, "timeout", 10);
   }
-  if (timeout < 0) luaL_argerror(L, 2, "timeout must not be negative");
+  /* NaN and inf would make the deadline unreachable (NaN < 0 is false). */
+  luaL_argcheck(L, isfinite(timeout) && timeout >= 0 && timeout <= FS_LOCK_MAX_WAIT, 2,
+                "timeout must be a number of seconds in [0, 86400]");
   lk = (fs_lock *)lua_newuserdata(L, sizeof *lk);
   lk->fd = -1;   /* closed first: an error below leaves a harmless object */
   om_setmetatable(L, FS_LOCK_TYPE);
@@ -146,13 +153,58 @@ static int fsync_dir_of(const char *path) {
   return rc;
 }
 
-/* fs.atomic_write(path, data, mode [, test_fault]) -> true | nil, err
+/* Temp files "<name>.tmp.<pid>.<hex>" left by a writer that crashed: remove
+ * those whose pid no longer runs. A live pid (or our own: another state in
+ * this process may be writing) keeps its file; a reused pid only delays the
+ * clean-up until that process ends. Failures here never fail the write. */
+static void remove_stale_temps(const char *path) {
+  const char *slash = strrchr(path, '/');
+  const char *base = slash ? slash + 1 : path;
+  size_t baselen = strlen(base), dirlen = slash ? (size_t)(slash - path) : 0;
+  char dir[4096];
+  DIR *d;
+  struct dirent *e;
+  int scanned = 0;
+  if (baselen == 0 || dirlen >= sizeof dir) return;
+  if (!slash) strcpy(dir, ".");
+  else if (dirlen == 0) strcpy(dir, "/");
+  else {
+    memcpy(dir, path, dirlen);
+    dir[dirlen] = '\0';
+  }
+  d = opendir(dir);
+  if (!d) return;
+  /* bounded: a store directory is small; a huge one is not scanned whole */
+  while ((e = readdir(d)) != NULL && scanned++ < 10000) {
+    const char *p = e->d_name;
+    char *end;
+    long pid;
+    if (strncmp(p, base, baselen) != 0 || strncmp(p + baselen, ".tmp.", 5) != 0) continue;
+    p += baselen + 5;
+    if (*p < '0' || *p > '9') continue;
+    errno = 0;
+    pid = strtol(p, &end, 10);
+    if (errno || pid <= 0 || pid == (long)getpid() || *end != '.' || !end[1]) continue;
+    for (p = end + 1; *p; p++)
+      if (!((*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'f'))) break;
+    if (*p) continue;
+    if (kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue;
+    unlinkat(dirfd(d), e->d_name, 0);
+  }
+  closedir(d);
+}
+
+/* fs.atomic_write(path, data, mode [, test_fault]) -> true [, warning] | nil, err
  * Readers see either the old file or the complete new one, never a mix: the
  * data goes to a fresh temp file in the same directory (so rename stays on one
  * file system), is fsynced, renamed over the target, and the directory fsynced.
- * TEST HOOK: test_fault == "during_save" ends the process with _exit(86) after
- * half the data reached the temp file, to prove the old file survives a crash.
- * Production callers never pass it. */
+ * Once the rename succeeded the new data is in place: a failing directory
+ * fsync only means it may not survive a power cut, so it is reported as
+ * true plus a warning string, not as a failed write.
+ * TEST HOOKS: test_fault == "during_save" ends the process with _exit(86) after
+ * half the data reached the temp file, to prove the old file survives a crash;
+ * "dir_sync" makes the directory fsync fail (EIO). Production callers never
+ * pass them. */
 static int fs_atomic_write(lua_State *L) {
   size_t len, plen;
   const char *path = luaL_checklstring(L, 1, &plen);
@@ -163,6 +215,7 @@ static int fs_atomic_write(lua_State *L) {
   int fd = -1, attempt, err;
   size_t tlen = plen + 48;
   if (mode & ~(mode_t)07777) luaL_argerror(L, 3, "mode must be permission bits (e.g. 384 = 0600)");
+  remove_stale_temps(path);
   tmp = (char *)malloc(tlen);
   if (!tmp) return luaL_error(L, "out of memory");
   for (attempt = 0; attempt < 16 && fd < 0; attempt++) {
@@ -190,7 +243,14 @@ static int fs_atomic_write(lua_State *L) {
   fd = -1;
   if (rename(tmp, path) != 0) goto fail;
   free(tmp);
-  if (fsync_dir_of(path) != 0) return fail_errno(L, errno, "cannot sync the directory of", path);
+  if (fault && strcmp(fault, "dir_sync") == 0) errno = EIO;
+  if ((fault && strcmp(fault, "dir_sync") == 0) || fsync_dir_of(path) != 0) {
+    int derr = errno;
+    lua_pushboolean(L, 1);
+    lua_pushfstring(L, "%s was replaced, but its directory could not be synced (%s): "
+                    "the change may not survive a power cut", path, strerror(derr));
+    return 2;
+  }
   lua_pushboolean(L, 1);
   return 1;
 fail:
@@ -266,39 +326,106 @@ static int fs_mkdir_private(lua_State *L) {
   return 1;
 }
 
-/* fs.read_file(path [, max]) -> data | nil, err — never reads more than max bytes */
+/* Read buffers are GC-owned userdata wiped by __gc, so a raise (out of
+ * memory while pushing the result) neither leaks nor leaves key bytes. */
+static int secretbuf_gc(lua_State *L) {
+  void *p = lua_touserdata(L, 1);
+  if (p) OPENSSL_cleanse(p, (size_t)om_rawlen(L, 1));
+  return 0;
+}
+
+static char *secretbuf_new(lua_State *L, size_t n) {
+  char *p = (char *)lua_newuserdata(L, n);
+  om_setmetatable(L, FS_SECRET_BUF);
+  return p;
+}
+
+static void push_stat(lua_State *L, const struct stat *st) {
+  lua_createtable(L, 0, 5);
+  lua_pushinteger(L, (lua_Integer)(st->st_mode & 07777));
+  lua_setfield(L, -2, "mode");
+  lua_pushinteger(L, (lua_Integer)st->st_uid);
+  lua_setfield(L, -2, "uid");
+  lua_pushinteger(L, (lua_Integer)st->st_gid);
+  lua_setfield(L, -2, "gid");
+  lua_pushinteger(L, (lua_Integer)st->st_size);
+  lua_setfield(L, -2, "size");
+  lua_pushstring(L, type_name(st->st_mode));
+  lua_setfield(L, -2, "type");
+}
+
+/* fs.read_file(path [, max [, {follow=false}]]) -> data, stat | nil, err
+ * Never reads more than max bytes. The final path component must not be a
+ * symbolic link (unless follow=true) and must be a regular file: a FIFO or a
+ * device would block or never end. stat ({mode, uid, gid, size, type}) comes
+ * from fstat on the descriptor that was read, so a permission check on it
+ * concerns exactly these bytes (no window between a stat and the open). */
 static int fs_read_file(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   lua_Integer max = luaL_optinteger(L, 2, FS_READ_DEFAULT_MAX);
-  luaL_Buffer b;
-  size_t total = 0;
-  char chunk[8192];
-  int fd;
-  if (max < 0) luaL_argerror(L, 2, "max must not be negative");
-  fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return fail_errno(L, errno, "cannot open", path);
-  luaL_buffinit(L, &b);
+  int follow = 0, fd, err;
+  struct stat st;
+  size_t total = 0, cap;
+  char *buf;
+  luaL_argcheck(L, max >= 0 && (lua_Number)max < 4294967296.0, 2, "max out of range");
+  if (!lua_isnoneornil(L, 3)) {
+    luaL_checktype(L, 3, LUA_TTABLE);
+    follow = om_opt_bool(L, 3, "follow", 0);
+  }
+  fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY | (follow ? 0 : O_NOFOLLOW));
+  if (fd < 0) {
+    err = errno;
+    if (err == ELOOP && !follow)
+      return om_fail(L, "store", "link", "refusing to read %s: it is a symbolic link", path);
+    return fail_errno(L, err, "cannot open", path);
+  }
+  if (fstat(fd, &st) != 0) {
+    err = errno;
+    close(fd);
+    return fail_errno(L, err, "cannot stat", path);
+  }
+  if (!S_ISREG(st.st_mode)) {
+    close(fd);
+    return om_fail(L, "store", "not_file", "refusing to read %s: it is a %s, not a regular file", path,
+                   S_ISDIR(st.st_mode) ? "directory" : S_ISFIFO(st.st_mode) ? "FIFO" : "special file");
+  }
+  /* one byte more than expected shows a file that grew past the bound */
+  cap = (st.st_size >= 0 && (lua_Integer)st.st_size < max ? (size_t)st.st_size : (size_t)max) + 1;
+  buf = secretbuf_new(L, cap);
   for (;;) {
-    ssize_t r = read(fd, chunk, sizeof chunk);
+    ssize_t r;
+    if (total == cap) {
+      char *bigger;
+      size_t ncap;
+      if (total > (size_t)max) break;
+      ncap = cap * 2 > (size_t)max + 1 ? (size_t)max + 1 : cap * 2;
+      bigger = secretbuf_new(L, ncap);
+      memcpy(bigger, buf, total);
+      OPENSSL_cleanse(buf, cap);
+      lua_remove(L, -2);
+      buf = bigger;
+      cap = ncap;
+    }
+    r = read(fd, buf + total, cap - total);
     if (r < 0) {
-      int err = errno;
+      err = errno;
       if (err == EINTR) continue;
       close(fd);
+      OPENSSL_cleanse(buf, cap);
       return fail_errno(L, err, "cannot read", path);
     }
     if (r == 0) break;
     total += (size_t)r;
-    if (total > (size_t)max) {
-      close(fd);
-      OPENSSL_cleanse(chunk, sizeof chunk);
-      return om_fail(L, "store", "too_large", "%s is larger than %ld bytes", path, (long)max);
-    }
-    luaL_addlstring(&b, chunk, (size_t)r);
   }
   close(fd);
-  OPENSSL_cleanse(chunk, sizeof chunk);
-  luaL_pushresult(&b);
-  return 1;
+  if (total > (size_t)max) {
+    OPENSSL_cleanse(buf, cap);
+    return om_fail(L, "store", "too_large", "%s is larger than %ld bytes", path, (long)max);
+  }
+  lua_pushlstring(L, buf, total);
+  OPENSSL_cleanse(buf, cap);
+  push_stat(L, &st);
+  return 2;
 }
 
 /* fs.remove(path) -> true | nil, err (a missing file is not an error) */
@@ -327,6 +454,11 @@ static const luaL_Reg lock_metamethods[] = {
   { NULL, NULL }
 };
 
+static const luaL_Reg secretbuf_metamethods[] = {
+  { "__gc", secretbuf_gc },
+  { NULL, NULL }
+};
+
 static const luaL_Reg fs_funcs[] = {
   { "lock", fs_lock_open },
   { "atomic_write", fs_atomic_write },
@@ -344,6 +476,8 @@ void om_fs_open(lua_State *L) {
     om_newlib(L, lock_methods);
     lua_setfield(L, -2, "__index");
   }
+  lua_pop(L, 1);
+  if (luaL_newmetatable(L, FS_SECRET_BUF)) om_setfuncs(L, secretbuf_metamethods);
   lua_pop(L, 1);
   om_setfuncs(L, fs_funcs);
 }

@@ -88,6 +88,17 @@ describe("core.fs.lock", function()
     assert.has_error(function() fs.lock("/tmp/x", { timeout = "soon" }) end)
     assert.has_error(function() fs.lock("/tmp/x", { timeout = -1 }) end)
   end)
+
+  it("refuses a timeout that would never expire (NaN, inf, over a day)", function()
+    local path = h.tmpdir() .. "/n.lock"
+    for _, t in ipairs { 0 / 0, math.huge, -math.huge, 86401 } do
+      local ok, err = pcall(fs.lock, path, { timeout = t })
+      assert.is_false(ok, "timeout " .. tostring(t) .. " accepted")
+      assert.matches("timeout must be a number of seconds in %[0, 86400%]", err)
+    end
+    local lk = assert(fs.lock(path, { timeout = 86400 }))
+    lk:unlock()
+  end)
 end)
 
 describe("core.fs.atomic_write", function()
@@ -138,6 +149,45 @@ describe("core.fs.atomic_write", function()
     local names = listdir(dir)
     assert.equals("f.json", names[1])
     assert.matches("^f%.json%.tmp%.", names[2])
+  end)
+
+  it("removes temp files left by crashed writers, and only those", function()
+    local dir = h.tmpdir()
+    local path = dir .. "/f.json"
+    local _, _, rc = run_lua("require('oauthmail.core').fs.atomic_write(arg[1], 'half', 384, 'during_save')", path)
+    assert.equals(86, rc)
+    local crashed = listdir(dir)[1]
+    assert.matches("^f%.json%.tmp%.%d+%.%x+$", crashed)  -- that writer's pid is gone now
+    local _, pid_out = h.exec("sh -c 'echo $$'")
+    local dead = tonumber(pid_out:match("%d+"))
+    local keep = {
+      "f.json.tmp.1.abc",                               -- pid 1 runs: maybe a writer at work
+      "f.json.tmp." .. dead,                            -- not our name pattern
+      "f.json.tmpx." .. dead .. ".1",
+      "g.json.tmp." .. dead .. ".1",                    -- another file's temp
+      "f.json.tmp." .. dead .. ".xyz",
+    }
+    for _, name in ipairs(keep) do h.write_file(dir .. "/" .. name, "x") end
+    h.write_file(dir .. "/f.json.tmp." .. dead .. ".7f", "stale")
+    local ok, warning = fs.atomic_write(path, "new", 384)
+    assert.is_true(ok)
+    assert.is_nil(warning)
+    assert.equals("new", h.read_file(path))
+    local want = { "f.json" }
+    for _, name in ipairs(keep) do want[#want + 1] = name end
+    table.sort(want)
+    assert.same(want, listdir(dir))
+  end)
+
+  it("reports a failed directory sync after the rename as success with a warning", function()
+    local dir = h.tmpdir()
+    local path = dir .. "/f.json"
+    assert(fs.atomic_write(path, "old", 384))
+    local ok, warning = fs.atomic_write(path, "new", 384, "dir_sync")
+    assert.is_true(ok)
+    assert.equals(path .. " was replaced, but its directory could not be synced (Input/output error): " ..
+      "the change may not survive a power cut", warning)
+    assert.equals("new", h.read_file(path))
   end)
 
   it("raises on bad arguments", function()
@@ -198,11 +248,51 @@ describe("core.fs.read_file", function()
     assert.equals(20004, #fs.read_file(path, 20004))
   end)
 
+  it("returns the descriptor's fstat with the data", function()
+    local path = h.write_file(h.tmpdir() .. "/r", "secret")
+    assert(os.execute("chmod 640 " .. h.quote(path)))
+    local data, st = fs.read_file(path)
+    assert.equals("secret", data)
+    assert.same({ mode = tonumber("640", 8), uid = fs.uid(), gid = fs.stat(path).gid, size = 6, type = "file" }, st)
+    if math.type then assert.equals("integer", math.type(st.size)) end
+  end)
+
+  it("refuses a symbolic link unless follow=true", function()
+    local dir = h.tmpdir()
+    local target = h.write_file(dir .. "/target", "key")
+    assert(os.execute("ln -s target " .. h.quote(dir .. "/link")))
+    local data, err = fs.read_file(dir .. "/link")
+    assert.is_nil(data)
+    assert.equals("store", err.kind)
+    assert.equals("link", err.reason)
+    assert.equals("refusing to read " .. dir .. "/link: it is a symbolic link", err.message)
+    local followed, st = fs.read_file(dir .. "/link", 100, { follow = true })
+    assert.equals("key", followed)
+    assert.equals(fs.stat(target).mode, st.mode)
+  end)
+
+  it("refuses a FIFO at once (no writer, no blocking) and a directory", function()
+    local dir = h.tmpdir()
+    assert(os.execute("mkfifo " .. h.quote(dir .. "/fifo")))
+    -- in a child under timeout(1): a read_file that blocked would hang the suite
+    local ok, out, rc = h.exec("timeout 10 " .. h.lua_bin .. " -e " .. h.quote(
+      "local d, e = require('oauthmail.core').fs.read_file('" .. dir .. "/fifo') " ..
+      "io.write(tostring(d), ' ', e.reason, ' ', e.message)"))
+    assert.is_true(ok, "rc=" .. tostring(rc) .. " " .. out)
+    assert.equals("nil not_file refusing to read " .. dir .. "/fifo: it is a FIFO, not a regular file", out)
+    local data, err = fs.read_file(dir)
+    assert.is_nil(data)
+    assert.equals("not_file", err.reason)
+    assert.matches("it is a directory", err.message, 1, true)
+  end)
+
   it("refuses a file larger than the bound", function()
     local path = h.write_file(h.tmpdir() .. "/r", string.rep("x", 20000))
     local data, err = fs.read_file(path, 100)
     assert.is_nil(data)
     assert.equals("too_large", err.reason)
+    assert.is_nil(fs.read_file(path, 19999))
+    assert.equals(20000, #fs.read_file(path, 20000))
     assert.matches(path .. " is larger than 100 bytes", err.message, 1, true)
   end)
 
