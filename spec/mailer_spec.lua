@@ -425,6 +425,76 @@ describe("mailer against the oidc-provider and the sandbox", function()
     assert.equals(3, sb.stats().connections - conns)
   end)
 
+  it("returns the receipt, not an exception, when the trace raises after delivery (no double send)", function()
+    local events = {}
+    local function trace(ev)
+      events[#events + 1] = ev.event
+      if ev.event == "sent" then error("trace sink is full") end
+    end
+    local mailer = assert(oauthmail.new(profile { trace = trace }))
+    -- a caller that retries on exceptions: it must not get one
+    local r, err
+    for _ = 1, 3 do
+      local ok, a, b = pcall(mailer.send, mailer, { raw = raw("trace raises", "mtraceraise"), to = "ops@example.org" })
+      if ok then r, err = a, b break end
+    end
+    assert.is_nil(err)
+    assert.equals(250, r.reply.code)
+    assert.equals("mtraceraise@contoso.test", r.message_id)
+    assert.truthy(r.trace_error:find("trace sink is full", 1, true), r.trace_error)
+    -- a trace that raises on every event: the next send still works and delivers once
+    local mailer2 = assert(oauthmail.new(profile { trace = function() error("always") end }))
+    local r2 = assert(mailer2:send { raw = raw("trace always raises", "mtracealways"), to = "ops@example.org" })
+    assert.truthy(r2.trace_error:find("always", 1, true))
+    -- the next send of the first mailer starts clean
+    r = assert(mailer:send { raw = raw("trace ok", "mtraceok"), to = "ops@example.org", }) -- raises on sent again
+    assert.truthy(r.trace_error)
+    mailer:close()
+    mailer2:close()
+    assert.equals(1, count("mtraceraise@contoso.test"))
+    assert.equals(1, count("mtracealways@contoso.test"))
+    assert.equals(1, count("mtraceok@contoso.test"))
+  end)
+
+  it("gives up, with a trace event, when hooks.classify returns an unknown action", function()
+    sb.faults { { stage = "mail", code = 451, enhanced = "4.7.500", text = "Server busy", times = 1 } }
+    local trace = h.trace_collector()
+    local slept, sleep = fake_sleep()
+    local mailer = assert(oauthmail.new(profile {
+      trace = trace, policy = { sleep = sleep, attempts = 3 },
+      classify = function() return "retyr" end,
+    }))
+    local r, err = mailer:send { raw = raw("typo", "mclassify"), to = "ops@example.org" }
+    assert.is_nil(r)
+    assert.equals(451, err.code)
+    assert.equals(1, err.attempts)
+    assert.same({}, slept)
+    local text = trace.text()
+    assert.truthy(text:find("event=classify_invalid", 1, true), text)
+    assert.truthy(text:find("returned=retyr", 1, true), text)
+    -- a known action from the hook is still obeyed
+    sb.faults { { stage = "mail", code = 550, enhanced = "5.7.1", text = "Denied", times = 1 } }
+    mailer.hooks.classify = function() return "retry" end
+    r = assert(mailer:send { raw = raw("retry", "mclassify2"), to = "ops@example.org" })
+    assert.equals(2, r.attempts)
+    mailer:close()
+    assert.equals(0, count("mclassify@contoso.test"))
+    assert.equals(1, count("mclassify2@contoso.test"))
+  end)
+
+  it("creates a trace file 0600 whatever the umask, and writes no secret to it", function()
+    local fs = require("oauthmail.core").fs
+    local path = h.tmpdir() .. "/trace.log"
+    local seen, on_token = catcher()
+    local mailer = assert(oauthmail.new(profile { trace = path, on_token = on_token }))
+    assert(mailer:send { raw = raw("file trace", "mfiletrace"), to = "ops@example.org" })
+    mailer:close()
+    assert.equals(384, fs.stat(path).mode)   -- 0600
+    local text = h.read_file(path)
+    assert.truthy(text:find("AUTH XOAUTH2", 1, true), text)
+    h.assert_no_secrets(text, secrets(seen))
+  end)
+
   it("refuses through before_send and lets the hook rewrite the message", function()
     local mailer = assert(oauthmail.new(profile {
       before_send = function(msg)
