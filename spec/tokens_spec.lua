@@ -358,6 +358,202 @@ describe("tokens (scripted flows)", function()
     end)
   end)
 
+  describe("review fixes", function()
+    -- finding 2: a store that raises is a store error, never an exception out of get()
+    it("turns a raising store into a store error naming the store", function()
+      for _, method in ipairs { "load", "lock", "save" } do
+        local inner = store.memory()
+        local bad = {
+          describe = function() return "vault store" end,
+          load = function(_, k) return inner:load(k) end,
+          save = function(_, k, r) return inner:save(k, r) end,
+          lock = function(_, k, t) return inner:lock(k, t) end,
+        }
+        bad[method] = function() error("vault exploded in " .. method) end
+        local m = manager_for(CC, { store = bad })
+        local ok, tok, err = pcall(m.get, m)
+        assert.is_true(ok, tostring(tok))
+        assert.is_nil(tok)
+        assert.equals("store", err.kind)
+        assert.matches("vault store failed: .*vault exploded in " .. method, err.message)
+        assert.is_nil(inner.held[m.key])  -- the lock was given back
+      end
+    end)
+
+    it("returns a store error for a token file with a tampered scrypt cost", function()
+      local cjson = require "cjson"
+      local dir = h.tmpdir()
+      local path = dir .. "/tokens.json"
+      local enc = { passphrase = "pw-0123", scrypt = { N = 1024, r = 1, p = 1 } }
+      local m, fake = manager_for(CC, { store = store.file { path = path, encryption = enc } })
+      assert(m:get())
+      local env = cjson.decode(h.read_file(path))
+      env.encryption.N, env.encryption.r = 16777216, 64
+      h.write_file(path, cjson.encode(env), "600")
+      local m2 = manager_for(CC, { store = store.file { path = path, encryption = enc } })
+      local ok, tok, err = pcall(m2.get, m2)
+      assert.is_true(ok, tostring(tok))
+      assert.is_nil(tok)
+      assert.equals("corrupt", err.reason)
+      assert.equals(1, fake.runs)
+    end)
+
+    -- finding 4: a raise must not leave the lock or the in-flight marker behind
+    it("releases the lock and the in-flight marker when a refresh raises in a coroutine that lives on", function()
+      local core = require "oauthmail.core"
+      local dir = h.tmpdir()
+      local path = dir .. "/tokens.json"
+      local m, fake, _, st = manager_for(CC, { store = store.file { path = path } })
+      assert(st:save(m.key, { access_token = "AT-expiring-01", refresh_token = "RT-current-001", expires_at = NOW + 10 }))
+      fake.raise = true
+      local co = coroutine.create(function()
+        local ok, msg = pcall(m.get, m)
+        coroutine.yield(ok, msg)
+        return "done"
+      end)
+      local resumed, ok, msg = coroutine.resume(co)
+      assert.is_true(resumed)
+      assert.is_false(ok)
+      assert.matches("flow blew up", tostring(msg), 1, true)
+      assert.equals("suspended", coroutine.status(co))
+      -- another process can take the lock at once
+      local lk, lerr = core.fs.lock(path .. ".lock", { timeout = 0.2 })
+      assert.truthy(lk, tostring(lerr))
+      lk:unlock()
+      -- and the main thread is not told a refresh is in flight
+      fake.raise = false
+      local tok, err = m:get()
+      assert.truthy(tok, tostring(err))
+      assert.equals("AT-secret-refresh-1-xyzzy", tok.access_token)
+    end)
+
+    -- finding 6: record fields of the wrong type make the record unusable, not a raise
+    it("treats a record with unusable fields as needing a refresh", function()
+      for _, bad in ipairs {
+        { access_token = "AT-bad-0001", expires_at = "soon" },
+        { access_token = "AT-bad-0001", expires_at = 0 / 0 },
+        { access_token = "AT-bad-0001", expires_at = math.huge },
+        { access_token = "AT-bad-0001", expires_at = NOW + 3600, obtained_at = "yesterday" },
+        { access_token = 42, expires_at = NOW + 3600 },
+        { access_token = "AT-bad-0001", expires_at = { 1 } },
+      } do
+        bad.refresh_token = "RT-current-001"
+        local inner = store.memory()
+        local m, fake, _, _, trace = manager_for(CC, { store = {
+          load = function() return bad end,
+          save = function(_, k, r) return inner:save(k, r) end,
+          lock = function(_, k, t) return inner:lock(k, t) end,
+        } })
+        local ok, tok, err = pcall(m.get, m)
+        assert.is_true(ok, tostring(tok))
+        assert.truthy(tok, tostring(err))
+        assert.equals("AT-secret-refresh-0-xyzzy", tok.access_token)
+        assert.equals("RT-current-001", fake.seen_rt[1])
+        assert.matches("bad_record", trace.text(), 1, true)
+        h.assert_no_secrets(trace.text(), secrets(fake, { "AT-bad-0001", "RT-current-001" }))
+      end
+    end)
+
+    it("reads a command store record with JSON null fields without raising", function()
+      local m, fake = manager_for(CC, { store = store.command {
+        get = [[printf '%s' '{"access_token":"AT-null-exp","expires_at":null}']], put = "cat >/dev/null",
+        lock_dir = h.tmpdir() } })
+      local ok, tok = pcall(m.get, m)
+      assert.is_true(ok, tostring(tok))
+      assert.equals("AT-null-exp", tok.access_token)
+      assert.equals(0, fake.runs)
+    end)
+
+    -- finding 8: an invalidated token that the server hands out again is accepted once
+    it("accepts the same token again after one fetch following invalidate", function()
+      local clock = { now = NOW }
+      local calls = 0
+      local m = tokens.new {
+        flow = CC, clock = function() return clock.now end,
+        oauth2 = {
+          run = function() calls = calls + 1 return { access_token = "AT-same-secret", expires_at = clock.now + 3600 } end,
+          refresh = function() error("no refresh expected") end,
+        },
+      }
+      local t = assert(m:get())
+      m:invalidate(t)
+      for _ = 1, 5 do assert.equals("AT-same-secret", assert(m:get()).access_token) end
+      assert.equals(2, calls)
+      -- a second refusal is the caller's to judge: one more fetch, then accepted again
+      m:invalidate(t)
+      assert(m:get())
+      assert(m:get())
+      assert.equals(3, calls)
+    end)
+
+    it("forgets invalidated tokens once they have expired", function()
+      local m, _, clock = manager_for(CC)
+      m:invalidate { access_token = "AT-refused-0001", expires_at = NOW + 100 }
+      m:invalidate "AT-refused-0002"
+      assert.truthy(m.invalid["AT-refused-0001"])
+      clock.now = NOW + 101
+      m:invalidate "AT-refused-0003"
+      assert.is_nil(m.invalid["AT-refused-0001"])
+      assert.truthy(m.invalid["AT-refused-0002"])
+      clock.now = NOW + 2 * 86400
+      m:invalidate "AT-refused-0004"
+      assert.is_nil(m.invalid["AT-refused-0002"])
+      assert.is_nil(m.invalid["AT-refused-0003"])
+    end)
+
+    -- finding 11: a kept-back token must not overwrite a newer one
+    it("drops a kept-back unsaved token when the store meanwhile holds a newer one", function()
+      local inner = store.memory()
+      local fail_saves = 1
+      local m, fake, clock = manager_for(AUTH, { store = {
+        load = function(_, k) return inner:load(k) end,
+        save = function(_, k, r)
+          if fail_saves > 0 then fail_saves = fail_saves - 1 return errors.fail("store", "disk full") end
+          return inner:save(k, r)
+        end,
+        lock = function(_, k, t) return inner:lock(k, t) end,
+      } })
+      inner:save(m.key, { access_token = "AT-old-000001", refresh_token = "RT-old-000001", expires_at = NOW - 1,
+        obtained_at = NOW - 3601 })
+      assert.is_nil((m:get()))
+      -- another process refreshes later and saves its (newer) token
+      clock.now = NOW + 5
+      local newer = { access_token = "AT-peer-newer-01", refresh_token = "RT-peer-newer-01",
+        expires_at = NOW + 3605, obtained_at = NOW + 5 }
+      inner:save(m.key, newer)
+      assert.equals("AT-peer-newer-01", assert(m:get()).access_token)
+      assert.same(newer, inner:load(m.key))
+      assert.equals(1, fake.refreshes)
+      assert.is_nil(m.unsaved)
+    end)
+
+    -- finding 12: a waiter gives up after lock_timeout on the manager's clock
+    it("bounds a coroutine's wait for an abandoned refresh by lock_timeout", function()
+      local m, fake, clock, st = manager_for(AUTH)
+      st:save(m.key, { access_token = "AT-expiring-01", refresh_token = "RT-current-001", expires_at = NOW + 10 })
+      fake.yield = true
+      local holder = coroutine.create(function() return m:get() end)
+      assert.equals("in-request", select(2, coroutine.resume(holder)))   -- then never resumed again
+      local waiter = coroutine.create(function() return m:get() end)
+      assert.equals(tokens.WAIT, select(2, coroutine.resume(waiter)))
+      clock.now = clock.now + 29
+      assert.equals(tokens.WAIT, select(2, coroutine.resume(waiter)))
+      clock.now = clock.now + 2
+      local resumed, tok, err
+      for _ = 1, 3 do
+        resumed, tok, err = coroutine.resume(waiter)
+        if coroutine.status(waiter) == "dead" then break end
+      end
+      assert.is_true(resumed)
+      assert.equals("dead", coroutine.status(waiter))
+      assert.is_nil(tok)
+      assert.equals("store", err.kind)
+      assert.equals("timeout", err.reason)
+      assert.matches("timed out after 30 s waiting for another coroutine's token refresh", err.message, 1, true)
+      assert.equals(1, fake.refreshes)
+    end)
+  end)
+
   it("raises on bad options", function()
     assert.has_error(function() tokens.new() end)
     assert.has_error(function() tokens.new { flow = "x" } end)

@@ -11,6 +11,33 @@ local M = {}
 local Manager = {}
 Manager.__index = Manager
 
+local pack = table.pack or function(...) return { n = select("#", ...), ... } end
+local unpack = table.unpack or unpack
+
+-- pcall that a coroutine-aware flow or store may yield across. 5.2+ and
+-- LuaJIT have one; on PUC 5.1 the call runs in a coroutine of its own whose
+-- yields are passed up to our resumer and whose resume values are passed back.
+local protected_call = pcall
+if _VERSION == "Lua 5.1" and not rawget(_G, "jit") then
+  protected_call = function(f, ...)
+    local co = coroutine.create(f)
+    local res = pack(coroutine.resume(co, ...))
+    while true do
+      if not res[1] then return false, res[2] end
+      if coroutine.status(co) == "dead" then return unpack(res, 1, res.n) end
+      if not coroutine.running() then return false, "attempt to yield from outside a coroutine" end
+      res = pack(coroutine.resume(co, coroutine.yield(unpack(res, 2, res.n))))
+    end
+  end
+end
+
+local function finite(v)
+  return type(v) == "number" and v == v and v ~= math.huge and v ~= -math.huge
+end
+
+-- How long an access token stays in the refused set when its expiry is unknown.
+local INVALID_TTL = 86400
+
 -- Yielded by get() from a coroutine while another coroutine of this manager
 -- is refreshing (only possible when the flow's I/O itself yields): the
 -- scheduler resumes the waiter later, and get() then returns the shared result.
@@ -121,6 +148,20 @@ function Manager:trace(ev)
   end
 end
 
+-- store:<method>(...) with a raise turned into a store error: a broken store
+-- (or a custom one with a bug) must not throw out of get() or mailer:send().
+function Manager:store_call(method, ...)
+  local st = self.store
+  local res = pack(protected_call(st[method], st, ...))
+  if res[1] then return unpack(res, 2, res.n) end
+  local name = "token store"
+  if type(st.describe) == "function" then
+    local ok, d = pcall(st.describe, st)
+    if ok and type(d) == "string" then name = d end
+  end
+  return errors.fail("store", string.format("%s failed: %s", name, tostring(res[2])), { reason = "raised" })
+end
+
 function Manager:api()
   if not self.oauth2 then self.oauth2 = require "oauthmail.oauth2" end
   return self.oauth2
@@ -154,8 +195,21 @@ function Manager:margin_for(rec)
   return m
 end
 
+-- A record from a store is checked before any arithmetic on it: a command
+-- store may print "expires_at": "soon", a custom one may hand back anything.
+-- A malformed record is treated as absent (its refresh token is still tried).
+function Manager:well_formed(rec)
+  if type(rec) ~= "table" or rec.access_token == nil then return false end
+  if type(rec.access_token) ~= "string" or (rec.expires_at ~= nil and not finite(rec.expires_at))
+    or (rec.obtained_at ~= nil and not finite(rec.obtained_at)) then
+    self:trace { event = "bad_record", account = self.key }
+    return false
+  end
+  return true
+end
+
 function Manager:usable(rec)
-  if type(rec) ~= "table" or type(rec.access_token) ~= "string" then return false end
+  if not self:well_formed(rec) then return false end
   if self.invalid[rec.access_token] then return false end
   if rec.expires_at == nil then return true end
   return rec.expires_at - self.clock() >= self:margin_for(rec)
@@ -213,6 +267,10 @@ function Manager:fetch(rec, allow_interactive)
   end
   local new = copy(tok)
   new.obtained_at = self.clock()
+  -- freshly issued: even if it is a token refused before (a server that
+  -- caches client-credentials tokens hands out the same one), it is used;
+  -- whether a second refusal is final is the caller's decision
+  self.invalid[new.access_token] = nil
   return new
 end
 
@@ -220,7 +278,7 @@ end
 -- save before anything else (a rotated refresh token must not be lost).
 function Manager:commit(new)
   fault("before_save")
-  local ok, err = self.store:save(self.key, new)
+  local ok, err = self:store_call("save", self.key, new)
   fault("after_save")
   if not ok then
     self.unsaved = new
@@ -235,24 +293,41 @@ function Manager:commit(new)
   return new
 end
 
+-- Is the stored record newer than (or the same as) the one kept back unsaved?
+local function supersedes(stored, unsaved)
+  if type(stored) ~= "table" or type(stored.access_token) ~= "string" then return false end
+  if stored.access_token == unsaved.access_token then return true end
+  return finite(stored.obtained_at) and finite(unsaved.obtained_at) and stored.obtained_at >= unsaved.obtained_at
+end
+
+function Manager:release_held()
+  if self.held_release then self.held_release() end
+end
+
 -- Under the store's lock: re-read, refresh only if still needed, save, release.
 function Manager:locked_obtain(force_flow)
-  local raw_release, lerr = self.store:lock(self.key, self.lock_timeout)
+  local raw_release, lerr = self:store_call("lock", self.key, self.lock_timeout)
   if not raw_release then return nil, lerr end
   -- remembered so a refresh that raised does not leave the lock held
   local function release()
     self.held_release = nil
-    return raw_release()
+    pcall(raw_release)
   end
   self.held_release = release
-  local result, err
-  if self.unsaved then
-    result, err = self:commit(self.unsaved)
-    if result and not force_flow and self:usable(result) then release() return result end
-    if not result then release() return nil, err end
-  end
-  local rec, rerr = self.store:load(self.key)
+  local rec, rerr = self:store_call("load", self.key)
   if rerr then release() return nil, rerr end
+  if self.unsaved then
+    -- a token kept back after a failed save is written only if the store
+    -- does not meanwhile hold a newer one (another process refreshed)
+    if supersedes(rec, self.unsaved) then
+      self.unsaved = nil
+      self:trace { event = "unsaved_dropped", account = self.key }
+    else
+      local result, err = self:commit(self.unsaved)
+      if not result then release() return nil, err end
+      rec = result
+    end
+  end
   if not force_flow and self:usable(rec) then
     self:trace { event = "from_store", account = self.key, after_lock = true }
     self.cached = rec
@@ -262,7 +337,7 @@ function Manager:locked_obtain(force_flow)
   local new, ferr = self:fetch(not force_flow and rec or nil, force_flow or self:may_interact())
   if not new then release() return nil, ferr end
   fault("after_token")
-  result, err = self:commit(new)
+  local result, err = self:commit(new)
   release()
   return result, err
 end
@@ -272,24 +347,45 @@ function Manager:single_flight(fn, ...)
   local co, ismain = coroutine.running()
   local me = (co == nil or ismain) and MAIN or co
   local holder = self.inflight
-  if holder and (holder == me or (holder ~= MAIN and coroutine.status(holder) == "dead")) then
-    -- left over from a refresh that raised; nothing is in flight
+  if holder and holder ~= MAIN and coroutine.status(holder) == "dead" then
+    -- its coroutine was closed while suspended in the refresh: nothing is in flight
     holder = nil
     self.inflight = nil
-    if self.held_release then self.held_release() end
+    self:release_held()
   end
   if holder then
+    -- the holder is running (it is us, or main, which cannot be suspended) or
+    -- it resumed us: a trace hook or the flow called get() again
+    if holder == me or holder == MAIN or coroutine.status(holder) == "normal" then
+      return errors.fail("policy", "get() was called from inside this account's own token refresh "
+        .. "(a trace hook or the flow calling back)", { reason = "busy" })
+    end
     if me == MAIN then
       return errors.fail("policy", "a token refresh for this account is already in progress in this "
         .. "process; call get() from a coroutine to wait for it", { reason = "busy" })
     end
-    repeat coroutine.yield(M.WAIT) until self.inflight == nil
+    -- bounded like the store's lock: a holder that is never resumed again
+    -- must not keep its waiters forever
+    local deadline = self.clock() + self.lock_timeout
+    repeat
+      coroutine.yield(M.WAIT)
+      if self.inflight ~= nil and self.clock() >= deadline then
+        return errors.fail("store", string.format("timed out after %g s waiting for another coroutine's "
+          .. "token refresh (the coroutine refreshing was not resumed)", self.lock_timeout), { reason = "timeout" })
+      end
+    until self.inflight == nil
     return nil, nil, true
   end
   self.inflight = me
-  local rec, err = fn(self, ...)
+  local res = pack(protected_call(fn, self, ...))
   self.inflight = nil
-  return rec, err
+  if not res[1] then
+    -- a raise (flow, trace hook, programming error) gives back the lock
+    -- before it goes on to the caller
+    self:release_held()
+    error(res[2], 0)
+  end
+  return res[2], res[3]
 end
 
 -- manager:get() -> token | nil, err
@@ -297,7 +393,7 @@ function Manager:get()
   for _ = 1, 3 do
     if not self.unsaved and self:usable(self.cached) then return public(self.cached) end
     if not self.unsaved then
-      local rec, err = self.store:load(self.key)
+      local rec, err = self:store_call("load", self.key)
       if err then return nil, err end
       if self:usable(rec) then
         self:trace { event = "from_store", account = self.key }
@@ -319,7 +415,14 @@ end
 function Manager:invalidate(token)
   local at = type(token) == "table" and token.access_token or token
   if type(at) ~= "string" then error("manager:invalidate: expected a token table or an access token string", 2) end
-  self.invalid[at] = true
+  -- entries live until the token would have expired anyway, so the set
+  -- stays small in a long-running process
+  local now = self.clock()
+  for k, until_t in pairs(self.invalid) do
+    if until_t <= now then self.invalid[k] = nil end
+  end
+  local exp = type(token) == "table" and finite(token.expires_at) and token.expires_at or now + INVALID_TTL
+  self.invalid[at] = exp
   self:trace { event = "invalidated", account = self.key }
   return true
 end
@@ -335,10 +438,10 @@ end
 
 -- manager:logout() -> true | nil, err: forget this account's tokens here and in the store.
 function Manager:logout()
-  local release, lerr = self.store:lock(self.key, self.lock_timeout)
+  local release, lerr = self:store_call("lock", self.key, self.lock_timeout)
   if not release then return nil, lerr end
-  local ok, err = self.store:save(self.key, nil)
-  release()
+  local ok, err = self:store_call("save", self.key, nil)
+  pcall(release)
   self.cached, self.unsaved = nil, nil
   if not ok then return nil, err end
   return true
