@@ -2,6 +2,7 @@
  * SHA-256/HMAC, strict base64, JWS signatures (RS256/PS256/ES256),
  * certificate thumbprints, AES-256-GCM sealing and scrypt.
  * Key material and plaintexts held in C buffers are wiped before release. */
+#include <limits.h>
 #include <stdint.h>
 #include <string.h>
 #include <openssl/bio.h>
@@ -20,6 +21,8 @@
 #define GCM_NONCE 12
 #define GCM_TAG 16
 #define MAX_RANDOM (1024 * 1024)
+/* An RSA-16384 signature; EC P-256 DER signatures are at most 72 bytes. */
+#define MAX_SIGNATURE 2048
 
 /* Scratch memory owned by the Lua GC, so a raise (out of memory while pushing
  * a result) never leaks it; callers wipe it once the result is pushed. */
@@ -68,6 +71,7 @@ static int crypto_hmac_sha256(lua_State *L) {
   const char *s = luaL_checklstring(L, 2, &n);
   unsigned char out[EVP_MAX_MD_SIZE];
   unsigned int len = 0;
+  luaL_argcheck(L, kn <= INT_MAX, 1, "key too large");
   if (!HMAC(EVP_sha256(), k, (int)kn, (const unsigned char *)s, n, out, &len))
     return luaL_error(L, "hmac_sha256 failed");
   lua_pushlstring(L, (const char *)out, len);
@@ -269,6 +273,10 @@ static int crypto_sign(lua_State *L) {
   unsigned char *sig = NULL;
   int ok = 0;
 
+  /* Allocated before any OpenSSL object: a raise (out of memory) here
+   * leaks nothing, while one after load_key would leak the key. */
+  sig = scratch(L, MAX_SIGNATURE);
+  luaL_argcheck(L, keyn <= INT_MAX, 2, "key too large");
   pkey = load_key(L, key, keyn, pass, passn);
   if (!pkey) return 2;
   if (alg == 2 ? !key_is_p256(pkey) : !(EVP_PKEY_is_a(pkey, "RSA") || (alg == 1 && EVP_PKEY_is_a(pkey, "RSA-PSS")))) {
@@ -285,11 +293,8 @@ static int crypto_sign(lua_State *L) {
       ok = EVP_PKEY_CTX_set_rsa_padding(pctx, RSA_PKCS1_PSS_PADDING) > 0 &&
            EVP_PKEY_CTX_set_rsa_pss_saltlen(pctx, 32) > 0 &&
            EVP_PKEY_CTX_set_rsa_mgf1_md(pctx, EVP_sha256()) > 0;
-    ok = ok && EVP_DigestSign(md, NULL, &siglen, (const unsigned char *)in, inn) == 1;
-    if (ok) {
-      sig = scratch(L, siglen);
-      ok = EVP_DigestSign(md, sig, &siglen, (const unsigned char *)in, inn) == 1;
-    }
+    ok = ok && EVP_DigestSign(md, NULL, &siglen, (const unsigned char *)in, inn) == 1 && siglen <= MAX_SIGNATURE;
+    ok = ok && EVP_DigestSign(md, sig, &siglen, (const unsigned char *)in, inn) == 1;
   }
   EVP_MD_CTX_free(md);
   EVP_PKEY_free(pkey);
@@ -316,7 +321,9 @@ static int crypto_thumbprint(lua_State *L) {
   unsigned char *der = NULL;
   int derlen;
   X509 *x;
-  BIO *bio = BIO_new_mem_buf(pem, (int)n);
+  BIO *bio;
+  luaL_argcheck(L, n <= INT_MAX, 1, "certificate text too large");
+  bio = BIO_new_mem_buf(pem, (int)n);
   if (!bio) return luaL_error(L, "out of memory");
   x = PEM_read_bio_X509(bio, NULL, NULL, NULL);
   BIO_free(bio);
@@ -366,7 +373,9 @@ static int crypto_aead_seal(lua_State *L) {
   const char *pt = luaL_checklstring(L, 2, &ptn);
   const char *aad = luaL_optlstring(L, 3, "", &aadn);
   unsigned char nonce[GCM_NONCE];
-  luaL_argcheck(L, ptn < 0x7fffffff - GCM_NONCE - GCM_TAG, 2, "plaintext too large");
+  /* OpenSSL takes int lengths: a bigger one would be cut, not refused. */
+  luaL_argcheck(L, ptn < INT_MAX - GCM_NONCE - GCM_TAG, 2, "plaintext too large");
+  luaL_argcheck(L, aadn <= INT_MAX, 3, "additional data too large");
   if (RAND_bytes(nonce, sizeof nonce) != 1)
     return luaL_error(L, "aead_seal: the system random generator failed");
   return gcm_seal(L, key, nonce, pt, ptn, aad, aadn);
@@ -381,6 +390,8 @@ static int crypto_gcm_seal_with_nonce(lua_State *L) {
   const char *pt = luaL_checklstring(L, 3, &ptn);
   const char *aad = luaL_optlstring(L, 4, "", &aadn);
   luaL_argcheck(L, nn == GCM_NONCE, 2, "nonce must be 12 bytes");
+  luaL_argcheck(L, ptn < INT_MAX - GCM_NONCE - GCM_TAG, 3, "plaintext too large");
+  luaL_argcheck(L, aadn <= INT_MAX, 4, "additional data too large");
   return gcm_seal(L, key, (const unsigned char *)nonce, pt, ptn, aad, aadn);
 }
 
@@ -395,6 +406,8 @@ static int crypto_aead_open(lua_State *L) {
   if (n < GCM_NONCE + GCM_TAG)
     return om_fail(L, "config", "auth_failed", "decryption failed: the data is too short to be sealed data");
   ptn = n - GCM_NONCE - GCM_TAG;
+  luaL_argcheck(L, ptn <= INT_MAX, 2, "sealed data too large");
+  luaL_argcheck(L, aadn <= INT_MAX, 3, "additional data too large");
   pt = scratch(L, ptn);
   c = EVP_CIPHER_CTX_new();
   ok = c && EVP_DecryptInit_ex(c, EVP_aes_256_gcm(), NULL, NULL, NULL) == 1 &&

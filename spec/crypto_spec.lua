@@ -193,6 +193,30 @@ describe("crypto AES-256-GCM", function()
     assert.has_error(function() crypto.aead_seal("short", "x") end)
     assert.has_error(function() crypto.aead_open(string.rep("k", 31), string.rep("x", 40)) end)
   end)
+
+  -- OpenSSL takes int lengths; 2^31 bytes of additional data must be refused,
+  -- not cut or turned negative. LuaJIT strings cannot be that long.
+  if not jit then
+    it("refuses additional data over INT_MAX bytes", function()
+      local key = crypto.random(32)
+      local parts, mb = {}, string.rep("a", 2 ^ 20)
+      for i = 1, 2 ^ 11 do parts[i] = mb end
+      local big = table.concat(parts)  -- string.rep stops at INT_MAX on 5.4
+      parts = nil  -- luacheck: ignore
+      assert.are.equal(2 ^ 31, #big)
+      local blob = crypto.aead_seal(key, "x", "aad")
+      local function expect_raise(f, ...)
+        local ok, err = pcall(f, ...)
+        assert.is_false(ok)
+        assert.matches("additional data too large", tostring(err), 1, true)
+      end
+      expect_raise(crypto.aead_seal, key, "x", big)
+      expect_raise(crypto.aead_open, key, blob, big)
+      expect_raise(crypto._gcm_seal_with_nonce, key, string.rep("n", 12), "x", big)
+      big = nil  -- luacheck: ignore
+      collectgarbage()
+    end)
+  end
 end)
 
 describe("crypto scrypt", function()
