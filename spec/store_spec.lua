@@ -400,6 +400,15 @@ describe("store.file", function()
       assert.same(record("old"), s:load(KEY))
     end)
 
+    it("a token file that is a symbolic link (checked on the descriptor read, no stat-then-open window)", function()
+      local dir = h.tmpdir()
+      local s = store.file { path = dir .. "/tokens.json" }
+      assert(s:save(KEY, record("old")))
+      h.exec("mv " .. h.quote(s.path) .. " " .. h.quote(dir .. "/real.json") .. " && ln -s real.json "
+        .. h.quote(s.path))
+      refused(s.path, s, "is a symbolic link", "link")
+    end)
+
     it("a folder or file that belongs to another user", function()
       if fs.uid() ~= 0 then pending("needs root to give a folder to another user") return end
       local dir = h.tmpdir()

@@ -166,21 +166,16 @@ end
 
 -- read() -> accounts, envelope | {} when there is no file yet | nil, err
 function M:read()
-  local st, serr = fs.stat(self.path)
-  if not st then
-    if serr.reason == "missing" then return {}, nil end
-    return fail("token file " .. self.path .. ": " .. serr.message, serr.reason)
+  -- read_file refuses a symbolic link or a non-file and reports the fstat of
+  -- the descriptor it read, so the permission check concerns exactly these
+  -- bytes (no window between a stat by path and the open)
+  local text, st = fs.read_file(self.path, MAX_FILE)
+  if not text then
+    if st.reason == "missing" then return {}, nil end
+    return fail("token file " .. self.path .. ": " .. st.message, st.reason)
   end
   local ok, perr = self:check_permissions(st)
   if not ok then return nil, perr end
-  local text, rerr = fs.read_file(self.path, MAX_FILE)
-  if not text then return fail("token file " .. self.path .. ": " .. rerr.message, rerr.reason) end
-  -- read_file may also report the descriptor's own fstat: checking that
-  -- closes the window between the stat above and the open
-  if type(rerr) == "table" and rerr.uid ~= nil then
-    local fok, ferr = self:check_file(rerr)
-    if not fok then return nil, ferr end
-  end
   local env = cjson.decode(text)
   local function corrupt(what)
     return fail("token file " .. self.path .. " " .. what .. "; it was left as it is", "corrupt")

@@ -98,14 +98,14 @@ function M.material(spec)
     if not v or v == "" then return fail("environment variable " .. spec.key_env .. " (the token file key) is not set") end
     return parse_key(v, "environment variable " .. spec.key_env, false)
   elseif spec.key_file then
-    local st, serr = core.fs.stat(spec.key_file)
-    if not st then return fail("key file: " .. serr.message) end
+    -- a key file may be a link (e.g. into /run/secrets); the mode checked is
+    -- the one of the descriptor that was read
+    local data, st = core.fs.read_file(spec.key_file, 4096, { follow = true })
+    if not data then return fail("key file: " .. st.message) end
     if st.mode % 64 ~= 0 then
       return fail(string.format("key file %s is accessible by others (mode %04o); run chmod 600 %s",
         spec.key_file, st.mode, spec.key_file), "permissions")
     end
-    local data, err = core.fs.read_file(spec.key_file, 4096)
-    if not data then return fail("key file: " .. err.message) end
     return parse_key(data, "key file " .. spec.key_file, true)
   elseif spec.key_command then
     local out, rc = shell.capture(spec.key_command)
