@@ -387,6 +387,24 @@ describe("mailer against the oidc-provider and the sandbox", function()
     assert.falsy(m.data:find("audit@example.org", 1, true))   -- Bcc stays out of the headers
   end)
 
+  it("declares a composed message's exact size, and no 8BITMIME for an encoded one", function()
+    local trace = h.trace_collector()
+    local mailer = assert(oauthmail.new(profile { trace = trace }))
+    local tbl = { to = "ops@example.org", subject = "Grüße", text = "Grüße aus Köln\n" }
+    local r = assert(mailer:send(tbl))
+    mailer:close()
+    local text = trace.text()
+    local size = text:match("MAIL FROM:<[^>]*> ([^\n]*)")
+    assert.truthy(size, text)
+    local declared = tonumber(size:match("SIZE=(%d+)"))
+    assert.truthy(declared, size)
+    local m = sb.messages()[#sb.messages()]
+    assert.equals(1, count(r.message_id))
+    -- the sandbox's copy is the data as received: the same byte count as declared
+    assert.equals(declared, #m.data)
+    assert.falsy(size:find("BODY=8BITMIME", 1, true), size)  -- the composer encoded the UTF-8
+  end)
+
   it("returns token endpoint refusals with the AADSTS code and its hint", function()
     srv.inject("/token", { { status = 401, body = { error = "invalid_client",
       error_description = "AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the "

@@ -146,7 +146,10 @@ function Mailer:_prepare(msg)
   if type(msg.reader) == "function" and type(msg.envelope) == "table" then
     -- a message composed by oauthmail.message: a new reader for every attempt
     local env = msg.envelope
+    -- its exact size goes into SIZE= (an oversized message is refused before
+    -- any data is sent), and BODY=8BITMIME only when it really has 8-bit bytes
     return { from = env.from, to = list_of(env.to), message_id = msg.message_id,
+      size = msg.size and msg:size() or nil, eight_bit = msg.has_8bit and true or false,
       data = function() return msg:reader() end }
   end
   local raw = msg.raw or msg.data
@@ -324,7 +327,7 @@ function Mailer:send(msg)
       err = oerr
     else
       local receipt
-      receipt, err = s:send { from = m.from, to = m.to, data = m.data() }
+      receipt, err = s:send { from = m.from, to = m.to, data = m.data(), size = m.size, eight_bit = m.eight_bit }
       if receipt then
         -- delivered: from here on nothing may raise (the receipt is built
         -- first, the trace is protected), or a retry would send it twice
