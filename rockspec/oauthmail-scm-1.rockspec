@@ -41,6 +41,7 @@ build = {
     ["oauthmail.message"] = "lua/oauthmail/message.lua",
     ["oauthmail.message.address"] = "lua/oauthmail/message/address.lua",
     ["oauthmail.message.encode"] = "lua/oauthmail/message/encode.lua",
+    ["oauthmail.names"] = "lua/oauthmail/names.lua",
     ["oauthmail.oauth2"] = "lua/oauthmail/oauth2.lua",
     ["oauthmail.oauth2.browser"] = "lua/oauthmail/oauth2/browser.lua",
     ["oauthmail.oauth2.device"] = "lua/oauthmail/oauth2/device.lua",

@@ -78,29 +78,7 @@ M.SCHEMA = {
 
 -- ------------------------------------------------------------ validation
 
-local function distance(a, b)
-  local prev = {}
-  for j = 0, #b do prev[j] = j end
-  for i = 1, #a do
-    local cur = { [0] = i }
-    for j = 1, #b do
-      local cost = a:sub(i, i) == b:sub(j, j) and 0 or 1
-      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
-    end
-    prev = cur
-  end
-  return prev[#b]
-end
-
-local function closest(key, fields)
-  local best, bestd
-  for k in pairs(fields) do
-    local d = distance(key:lower(), k)
-    if not bestd or d < bestd or (d == bestd and k < best) then best, bestd = k, d end
-  end
-  if best and bestd <= math.max(2, math.floor(#key / 3)) then return best end
-  return nil
-end
+local closest = require("oauthmail.names").closest
 
 local function is_callable(v)
   if type(v) == "function" then return true end

@@ -15,29 +15,7 @@ local function is_store(v)
 end
 M.is_store = is_store
 
-local function distance(a, b)
-  local prev = {}
-  for j = 0, #b do prev[j] = j end
-  for i = 1, #a do
-    local cur = { [0] = i }
-    for j = 1, #b do
-      local cost = a:sub(i, i) == b:sub(j, j) and 0 or 1
-      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
-    end
-    prev = cur
-  end
-  return prev[#b]
-end
-
-local function closest(key, fields)
-  local best, bestd
-  for k in pairs(fields) do
-    local d = distance(key:lower(), k:lower())
-    if not bestd or d < bestd or (d == bestd and k < best) then best, bestd = k, d end
-  end
-  if best and bestd <= math.max(2, math.floor(#key / 3)) then return best end
-  return nil
-end
+local closest = require("oauthmail.names").closest
 
 -- check_options(where, opts, fields, level): every key of opts must be in
 -- fields (name -> Lua type name); a misspelt option is an error, because
