@@ -308,6 +308,28 @@ describe("oauth2 against oidc-provider", function()
       assert.is_false(err.retryable)
     end)
 
+    it("fails with invalid_grant when the code has expired before the exchange", function()
+      -- a provider of its own whose codes live one second
+      local short = oidc.start { code_ttl = 1 }
+      local ok, err_or_tok = pcall(function()
+        local cfg = short.cfg("native", { manual = true })
+        local url
+        cfg.on_prompt = function(_, u) url = u end
+        cfg.read_line = function()
+          local redirect = short.browse(url, "approve", false).location
+          h.sleep(2.5)  -- the person pastes the URL too late
+          return redirect
+        end
+        return { oauth2.authorization_code(cfg) }
+      end)
+      short.stop()
+      assert(ok, err_or_tok)
+      local tok, err = err_or_tok[1], err_or_tok[2]
+      assert.is_nil(tok)
+      assert.equal("invalid_grant", err.oauth_error)
+      assert.is_false(err.retryable)
+    end)
+
     it("fails with invalid_grant when the verifier does not match the challenge", function()
       local other = crypto.b64url_encode(crypto.sha256("some-other-verifier-not-ours-0123456789abcdef"))
       local tok, err = oauth2.authorization_code(srv.cfg("native", {

@@ -88,6 +88,8 @@ function main() {
       claims: async () => ({ sub, email: 'testuser@example.test' }),
     } : undefined),
     interactions: { url: (_ctx, interaction) => `/interaction/${interaction.uid}` },
+    // conf.code_ttl (seconds) shortens authorization codes, for the expired-code test.
+    ...(conf.code_ttl ? { ttl: { AuthorizationCode: conf.code_ttl } } : {}),
     // PKCE on every authorization request, so a client that forgets it fails here.
     pkce: { required: () => true },
     // Issue refresh tokens whenever the client may use them (not only with

@@ -76,7 +76,9 @@ function M.start_fault()
 end
 
 -- Start the provider with one client per flow. Returns a server table.
-function M.start()
+-- oidc.start([opts]): opts.code_ttl shortens authorization codes (seconds).
+function M.start(opts)
+  opts = opts or {}
   local dir = h.tmpdir()
   local c = certs.get()
   local srv = { dir = dir, ca = c.ca, secrets = {}, keys = {} }
@@ -106,7 +108,8 @@ function M.start()
       redirect_uris = {} },
   }
   local conf = dir .. "/oidc.json"
-  h.write_file(conf, cjson.encode { cert = c.server.cert, key = c.server.key, ca = c.ca, clients = clients })
+  h.write_file(conf, cjson.encode { cert = c.server.cert, key = c.server.key, ca = c.ca, clients = clients,
+                                    code_ttl = opts.code_ttl })
   srv.proc = h.spawn("node " .. h.quote(h.peers .. "/oidc.mjs") .. " " .. h.quote(conf), {
     cwd = h.peers, ready = "OIDC READY (https://127%.0%.0%.1:(%d+))", timeout = 30,
   })
