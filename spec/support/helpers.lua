@@ -76,7 +76,7 @@ end
 
 local children = {}
 
--- Start a peer: M.spawn(cmd, {ready = "lua pattern", timeout = 15, cwd = dir, env = {K=V}, lifetime = 900})
+-- Start a peer: M.spawn(cmd, {ready = "lua pattern", timeout = 60, cwd = dir, env = {K=V}, lifetime = 900})
 -- The command runs under `timeout`, so it dies on its own even if a test crashes.
 -- Returns a process {pid, log, output(), stop(), match} once `ready` shows in its output;
 -- `match` holds the pattern's captures (e.g. a port the peer printed).
@@ -112,7 +112,8 @@ function M.spawn(cmd, opts)
   end
   children[#children + 1] = proc
   if opts.ready then
-    local deadline = core.monotime() + (opts.timeout or 15)
+    -- an upper bound only: peers start in a second or two, but a busy 2-core machine can be slow
+    local deadline = core.monotime() + (opts.timeout or 60)
     while true do
       local out = proc.output()
       local caps = { out:match(opts.ready) }
@@ -122,7 +123,7 @@ function M.spawn(cmd, opts)
       end
       if core.monotime() > deadline then
         proc.stop()
-        error("peer not ready after " .. (opts.timeout or 15) .. " s: " .. cmd .. "\n" .. out, 2)
+        error("peer not ready after " .. (opts.timeout or 60) .. " s: " .. cmd .. "\n" .. out, 2)
       end
       core.sleep(0.05)
     end

@@ -111,7 +111,7 @@ function M.start(opts)
   h.write_file(conf, cjson.encode { cert = c.server.cert, key = c.server.key, ca = c.ca, clients = clients,
                                     code_ttl = opts.code_ttl })
   srv.proc = h.spawn("node " .. h.quote(h.peers .. "/oidc.mjs") .. " " .. h.quote(conf), {
-    cwd = h.peers, ready = "OIDC READY (https://127%.0%.0%.1:(%d+))", timeout = 30,
+    cwd = h.peers, ready = "OIDC READY (https://127%.0%.0%.1:(%d+))", timeout = 90,  -- node starts slowly on a busy 2-core machine
   })
   srv.issuer = srv.proc.match[1]
   srv.port = tonumber(srv.proc.match[2])

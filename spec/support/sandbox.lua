@@ -26,7 +26,7 @@ function M.start(opts)
   }
   h.write_file(dir .. "/sandbox.json", cjson.encode(cfg))
   local proc = h.spawn("node " .. h.quote(h.peers .. "/sandbox.mjs") .. " " .. h.quote(dir .. "/sandbox.json"), {
-    cwd = h.peers, ready = "SANDBOX READY smtp=(%d+) control=(%d+)", timeout = 20,
+    cwd = h.peers, ready = "SANDBOX READY smtp=(%d+) control=(%d+)", timeout = 60,
   })
   local sb = { proc = proc, ca = c.ca, maildir = cfg.maildir }
   sb.port = tonumber(proc.match[1])

@@ -83,7 +83,7 @@ function M.node_smtp(opts)
   h.write_file(dir .. "/config.json", json.encode(cfg))
   local proc = h.spawn("node " .. h.quote(h.peers .. "/smtp.mjs") .. " " .. h.quote(dir .. "/config.json"),
     { ready = opts.introspect and "introspection on (%d+).-listening on (%d+)" or "listening on (%d+)",
-      cwd = h.peers, timeout = 20 })
+      cwd = h.peers, timeout = 60 })
   proc.port = tonumber(proc.match[#proc.match])
   proc.introspect_port = opts.introspect and tonumber(proc.match[1])
   proc.ca = certs.ca
@@ -126,7 +126,7 @@ function M.dovecot(opts)
   render("dovecot.conf.in", dir .. "/dovecot.conf")
   render("dovecot-oauth2.conf.ext.in", dir .. "/dovecot-oauth2.conf.ext")
   local proc = h.spawn("/usr/sbin/dovecot -F -c " .. h.quote(dir .. "/dovecot.conf"),
-    { ready = "(starting up)", timeout = 20 })
+    { ready = "(starting up)", timeout = 60 })
   h.wait_port(subst.PORT)
   proc.port, proc.tls_port, proc.sink, proc.ca = subst.PORT, subst.TLS_PORT, sink, certs.ca
   local stop = proc.stop
