@@ -620,6 +620,58 @@ describe("smtp session (fake transport)", function()
       assert.truthy(err.message:find("this is not SMTP", 1, true))
     end)
 
+    -- only 354 leads to the body; a 2xx to DATA is no receipt (nothing was sent)
+    for _, reply in ipairs { "250 2.0.0 ok\r\n", "221 2.0.0 bye\r\n" } do
+      it("never counts a DATA answered with " .. reply:sub(1, 3) .. " as delivered (pipelined)", function()
+        local s, t = fake_session {
+          { "S", "250-mx.test\r\n250 PIPELINING\r\n" },
+          { "C", "MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n" },
+          { "S", "250 ok\r\n250 ok\r\n" .. reply },
+        }
+        local r, err = s:send { from = "a@example.org", to = "b@example.org", data = "the body\r\n" }
+        assert.is_nil(r)
+        assert.equal("smtp", err.kind)
+        assert.equal(tonumber(reply:sub(1, 3)), err.code)
+        assert.truthy(err.message:find("instead of 354", 1, true))
+        assert.truthy(err.message:find("not sent", 1, true))
+        assert.is_true(t.done())          -- not one byte of the body went out
+        assert.is_true(t.closed)          -- the dialogue is out of step: dropped
+        local r2, err2 = s:send { from = "a@example.org", to = "b@example.org", data = "x" }
+        assert.is_nil(r2)
+        assert.equal(err, err2)
+      end)
+
+      it("never counts a DATA answered with " .. reply:sub(1, 3) .. " as delivered (lock-step)", function()
+        local s, t = fake_session {
+          { "S", "250 mx.test\r\n" },
+          { "C", "MAIL FROM:<a@example.org>\r\n" }, { "S", "250 ok\r\n" },
+          { "C", "RCPT TO:<b@example.org>\r\n" }, { "S", "250 ok\r\n" },
+          { "C", "DATA\r\n" }, { "S", reply },
+        }
+        local r, err = s:send { from = "a@example.org", to = "b@example.org", data = "the body\r\n" }
+        assert.is_nil(r)
+        assert.equal(tonumber(reply:sub(1, 3)), err.code)
+        assert.truthy(err.message:find("instead of 354", 1, true))
+        assert.is_true(t.done())
+        assert.is_true(t.closed)
+      end)
+    end
+
+    it("reports a refused DATA (554) as the message refused, and stays usable", function()
+      local s, t = fake_session {
+        { "S", "250 mx.test\r\n" },
+        { "C", "MAIL FROM:<a@example.org>\r\n" }, { "S", "250 ok\r\n" },
+        { "C", "RCPT TO:<b@example.org>\r\n" }, { "S", "250 ok\r\n" },
+        { "C", "DATA\r\n" }, { "S", "554 5.6.0 no\r\n" },
+        { "C", "RSET\r\n" }, { "S", "250 ok\r\n" },
+      }
+      local r, err = s:send { from = "a@example.org", to = "b@example.org", data = "x" }
+      assert.is_nil(r)
+      assert.equal(554, err.code)
+      assert.is_true(t.done())
+      assert.is_falsy(t.closed)
+    end)
+
     it("reports a 421 shutdown as retryable", function()
       local s = fake_session {
         { "S", "250 mx.test\r\n421 4.4.2 idle too long\r\n" }, { "C", "NOOP\r\n" },

@@ -524,77 +524,106 @@ function Session:send(msg)
   return ret[2], ret[3]
 end
 
+-- BDAT: the envelope's replies, then one per chunk; the last chunk's reply
+-- is the final one. Pipelined, the envelope and every chunk go out before
+-- anything is read. Returns mr, accepted, rejected, fr | nil, err.
+function Session:_bdat_transaction(to, pipelined, next_chunk)
+  local mr, accepted, rejected, fr
+  if pipelined then
+    local sent, err = self:_bdat_body(next_chunk, true)
+    if not sent then return nil, err end
+    mr, accepted, rejected = self:_envelope_replies(to, true)
+    if not mr then return nil, accepted end
+    for _ = 1, sent do
+      local r
+      r, err = self:_reply()
+      if not r then return nil, err end
+      if not fr or fr.code < 300 then fr = r end  -- keep the first refusal
+    end
+    return mr, accepted, rejected, fr
+  end
+  mr, accepted, rejected = self:_envelope_replies(to, false)
+  if not mr then return nil, accepted end
+  if mr.code < 300 and #accepted > 0 then
+    local sent, last = self:_bdat_body(next_chunk, false)
+    if sent then
+      local err
+      fr, err = self:_reply()
+      if not fr then return nil, err end
+    elseif type(last) == "table" and last.command then
+      fr = last
+    else
+      return nil, last
+    end
+  end
+  return mr, accepted, rejected, fr
+end
+
+-- DATA: only a 354 leads to the body (RFC 5321 4.1.1.4). Any other positive
+-- reply means the dialogue is out of step and nothing was sent, so it is an
+-- error that drops the session, never a receipt. Returns as above.
+function Session:_data_transaction(to, pipelined, next_chunk)
+  local ok, err, dr
+  if pipelined then
+    self.eng:data()
+    ok, err = self:_flush()
+    if not ok then return nil, err end
+  end
+  local mr, accepted, rejected = self:_envelope_replies(to, pipelined)
+  if not mr then return nil, accepted end
+  local envelope_ok = mr.code < 300 and #accepted > 0
+  if pipelined then
+    dr, err = self:_reply()
+    if not dr then return nil, err end
+  elseif envelope_ok then
+    self.eng:data()
+    dr, err = self:_ask()
+    if not dr then return nil, err end
+  else
+    return mr, accepted, rejected, nil
+  end
+  if dr.code >= 400 then return mr, accepted, rejected, dr end
+  if dr.code ~= 354 then
+    return self:_broken(reply_error("smtp",
+      string.format("server answered DATA with %d instead of 354, the message was not sent", dr.code),
+      dr, { reason = "protocol", retryable = dr.code == 221 }))
+  end
+  if envelope_ok then
+    local n
+    n, err = self:_data_body(next_chunk)
+    if not n then return nil, err end
+  else
+    -- RFC 2920 3.1: a server that said 354 anyway gets an empty message
+    self.eng:body_end()
+    ok, err = self:_flush()
+    if not ok then return nil, err end
+  end
+  local fr
+  fr, err = self:_reply()
+  if not fr then return nil, err end
+  if not envelope_ok then fr = nil end
+  return mr, accepted, rejected, fr
+end
+
+-- One message: MAIL (with the envelope pipelined when offered), then DATA or
+-- BDAT. A message counts as sent only after the 2xx to the end of its data.
 function Session:_transaction(msg, to, params, next_chunk)
   local caps = self.capabilities
   local pipelined = caps.PIPELINING ~= nil
-  local chunking = msg.chunking == true and caps.CHUNKING ~= nil
-  local ok, err, mr, accepted, rejected, fr
+  local ok, err
   if pipelined then
     ok, err = self:_envelope(msg, to, params)
   else
     ok, err = self.eng:mail(msg.from, params)
   end
   if not ok then return nil, err end
-  if chunking then
-    if pipelined then
-      local sent, berr = self:_bdat_body(next_chunk, true)
-      if not sent then return nil, berr end
-      mr, accepted, rejected = self:_envelope_replies(to, true)
-      if not mr then return nil, accepted end
-      for _ = 1, sent do
-        local r
-        r, err = self:_reply()
-        if not r then return nil, err end
-        if not fr or fr.code < 300 then fr = r end  -- keep the first refusal
-      end
-    else
-      mr, accepted, rejected = self:_envelope_replies(to, false)
-      if not mr then return nil, accepted end
-      if mr.code < 300 and #accepted > 0 then
-        local sent, last = self:_bdat_body(next_chunk, false)
-        if not sent then
-          if type(last) == "table" and last.command then fr = last else return nil, last end
-        else
-          fr, err = self:_reply()
-          if not fr then return nil, err end
-        end
-      end
-    end
+  local mr, accepted, rejected, fr
+  if msg.chunking == true and caps.CHUNKING ~= nil then
+    mr, accepted, rejected, fr = self:_bdat_transaction(to, pipelined, next_chunk)
   else
-    if pipelined then
-      self.eng:data()
-      ok, err = self:_flush()
-      if not ok then return nil, err end
-    end
-    mr, accepted, rejected = self:_envelope_replies(to, pipelined)
-    if not mr then return nil, accepted end
-    local dr
-    if pipelined then
-      dr, err = self:_reply()
-      if not dr then return nil, err end
-    elseif mr.code < 300 and #accepted > 0 then
-      self.eng:data()
-      dr, err = self:_ask()
-      if not dr then return nil, err end
-    end
-    if dr and dr.code == 354 then
-      if mr.code >= 300 or #accepted == 0 then
-        -- RFC 2920 3.1: a server that said 354 anyway gets an empty message
-        self.eng:body_end()
-        ok, err = self:_flush()
-        if not ok then return nil, err end
-      else
-        local n
-        n, err = self:_data_body(next_chunk)
-        if not n then return nil, err end
-      end
-      fr, err = self:_reply()
-      if not fr then return nil, err end
-      if mr.code >= 300 or #accepted == 0 then fr = nil end
-    elseif dr then
-      fr = dr
-    end
+    mr, accepted, rejected, fr = self:_data_transaction(to, pipelined, next_chunk)
   end
+  if not mr then return nil, accepted end
   local receipt
   receipt, err = outcome(mr, accepted, rejected, fr or mr)
   if not receipt and not self.broken then
