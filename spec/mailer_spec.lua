@@ -583,3 +583,111 @@ describe("mailer against the smtp-server peer", function()
     assert(ok, e)
   end)
 end)
+
+-- Issue 12, defect 2: nothing may raise between taking a governor slot and
+-- giving it back; bad bytes in the user or in a token are clear errors.
+describe("mailer with hostile input around the governor", function()
+  local stub, peer
+  local policy = require "oauthmail.policy"
+
+  setup(function()
+    stub = oidc.start_fault()
+    peer = smtp_peers.node_smtp { token = "the-good-token-0123456789", user = USER, auth = { "XOAUTH2" } }
+  end)
+
+  teardown(function()
+    if peer then peer.stop() end
+    if stub then stub.stop() end
+  end)
+
+  before_each(function() stub.reset() end)
+
+  local function profile(extra)
+    local p = {
+      provider = "generic", token_endpoint = stub.url .. "/token", flow = "client_credentials",
+      client_id = "cc", client_secret = "hostile-secret-42", ca_file = stub.ca, user = USER,
+      smtp = { host = "127.0.0.1", port = peer.port, ca_file = peer.ca, timeout = 5 },
+      policy = { attempts = 1, sleep = function() end },
+    }
+    for k, v in pairs(extra or {}) do p[k] = v end
+    return p
+  end
+
+  for name, user in pairs { CR = "a\rb@example.org", LF = "a\nb@example.org", NUL = "a\0b@example.org",
+    SOH = "a\1b@example.org", DEL = "a\127b@example.org" } do
+    it("refuses a user with " .. name .. " at new, naming the field", function()
+      local m, err = oauthmail.new(profile { user = user })
+      assert.is_nil(m)
+      assert.equals("config", err.kind)
+      assert.equals("user", err.field)
+      assert.truthy(err.message:find("control", 1, true))
+    end)
+  end
+
+  local bad_tokens = {
+    ["CR LF"] = "abc\r\nQUIT\r\n", NUL = "abc\0def", SOH = "abc\1def", space = "abc def",
+    ["70,000 bytes"] = string.rep("A", 70000),
+  }
+  for name, token in pairs(bad_tokens) do
+    it("refuses an access_token with " .. name .. " from the token endpoint, and frees the slot", function()
+      stub.queue("/token", { { json = { access_token = token, token_type = "Bearer", expires_in = 3600 } },
+        { json = { access_token = token, token_type = "Bearer", expires_in = 3600 } } })
+      local gov = policy.governor({ connections = 1, max_wait = 0 }, { sleep = function() end })
+      local trace = h.trace_collector()
+      local m = assert(oauthmail.new(profile { policy = { attempts = 1, governor = gov, sleep = function() end },
+        trace = trace }))
+      local ok, r, err = pcall(m.send, m, { raw = raw("x", "mbad"), to = "ops@example.org" })
+      assert.is_true(ok, r)                 -- a value, never a raise
+      assert.is_nil(r)
+      assert.equals("oauth", err.kind)
+      assert.equals("malformed", err.reason)
+      assert.truthy(err.message:find("access_token", 1, true))
+      assert.equals(0, gov.open)            -- the slot is free again
+      m:close()
+      assert.equals(0, #peer.messages())
+      if #token < 1000 then h.assert_no_secrets(trace.text() .. tostring(err), { token, "hostile-secret-42" }) end
+    end)
+  end
+
+  it("refuses a stored access_token with control bytes instead of raising, and frees the slot", function()
+    stub.queue("/token", { { json = { access_token = "abc\1def", expires_in = 3600 } } })
+    local gov = policy.governor({ connections = 1, max_wait = 0 }, { sleep = function() end })
+    local store = {
+      load = function() return { access_token = "stored\r\nRSET", expires_at = os.time() + 3600 } end,
+      save = function() return true end, lock = function() return function() return true end end,
+    }
+    local m = assert(oauthmail.new(profile { store = store,
+      policy = { attempts = 1, governor = gov, sleep = function() end } }))
+    local ok, r, err = pcall(m.send, m, { raw = raw("x", "mbad2"), to = "ops@example.org" })
+    assert.is_true(ok, r)
+    assert.is_nil(r)
+    assert.equals("oauth", err.kind)
+    assert.equals(0, gov.open)
+    m:close()
+  end)
+
+  it("gives the slot back even when something below raises", function()
+    local gov = policy.governor({ connections = 1, max_wait = 0 }, { sleep = function() end })
+    local store = {
+      load = function() return { access_token = "the-good-token-0123456789", expires_at = os.time() + 3600 } end,
+      save = function() return true end, lock = function() return function() return true end end,
+    }
+    local m = assert(oauthmail.new(profile { store = store,
+      policy = { attempts = 1, governor = gov, sleep = function() end } }))
+    local smtp = require "oauthmail.smtp"
+    local real = smtp.Session.auth
+    smtp.Session.auth = function() error("boom in auth") end
+    local ok, e = pcall(m.send, m, { raw = raw("x", "mraise"), to = "ops@example.org" })
+    smtp.Session.auth = real
+    assert.is_false(ok)
+    assert.truthy(tostring(e):find("boom in auth", 1, true))
+    assert.equals(0, gov.open)
+    -- the mailer and the governor are still good for the next message
+    local r, err = m:send { raw = raw("y", "mafter"), to = "ops@example.org" }
+    assert.is_nil(err)
+    assert.equals(250, r.reply.code)
+    assert.equals(1, gov.open)
+    m:close()
+    assert.equals(0, gov.open)
+  end)
+end)

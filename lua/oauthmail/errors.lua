@@ -41,4 +41,25 @@ function M.is(v)
   return type(v) == "table" and getmetatable(v) == mt
 end
 
+local pack = table.pack or function(...) return { n = select("#", ...), ... } end
+local unpack = table.unpack or unpack
+
+-- errors.pcall(f, ...): pcall that a coroutine-aware flow, store or waiter may
+-- yield across. 5.2+ and LuaJIT have one; on PUC 5.1 the call runs in a
+-- coroutine of its own whose yields are passed up to our resumer and whose
+-- resume values are passed back.
+M.pcall = pcall
+if _VERSION == "Lua 5.1" and not rawget(_G, "jit") then
+  M.pcall = function(f, ...)
+    local co = coroutine.create(f)
+    local res = pack(coroutine.resume(co, ...))
+    while true do
+      if not res[1] then return false, res[2] end
+      if coroutine.status(co) == "dead" then return unpack(res, 1, res.n) end
+      if not coroutine.running() then return false, "attempt to yield from outside a coroutine" end
+      res = pack(coroutine.resume(co, coroutine.yield(unpack(res, 2, res.n))))
+    end
+  end
+end
+
 return M

@@ -228,8 +228,37 @@ function Mailer:_connect()
   return smtp.open(o)
 end
 
--- A session authenticated with a token that has margin left. On a refused
--- authentication the token is invalidated, refreshed once, and tried once more.
+-- Connect and authenticate while holding a governor slot. On a refused
+-- authentication the token is invalidated, refreshed once, and tried once
+-- more. Returns s, tok | nil, err; self.opening is the session to close
+-- when it does not return one.
+function Mailer:_connect_auth(tok)
+  local s, err = self:_connect()
+  if not s then return nil, self:_explain(err) end
+  self.opening = s
+  local ok
+  ok, err = self:_auth(s, tok)
+  if not ok and self.policy.reauth and policy_mod.classify(err) == "reauth" then
+    self:_trace { event = "reauth", code = err.code, enhanced = err.enhanced }
+    self.tokens:invalidate(tok)
+    local terr
+    tok, terr = self:_token()
+    if not tok then return nil, terr, s end
+    if s.broken then
+      s:close()
+      s, err = self:_connect()
+      if not s then return nil, self:_explain(err) end
+      self.opening = s
+    end
+    ok, err = self:_auth(s, tok)
+  end
+  if not ok then return nil, self:_explain(err), s end
+  return s, tok
+end
+
+-- A session authenticated with a token that has margin left. The governor
+-- slot taken here is given back on every path that does not keep the
+-- session, a raise below included (re-raised once the slot is free).
 function Mailer:_open()
   if self:_session_usable() then return self.session end
   if self.session then self:_drop_session("renew") end
@@ -238,38 +267,17 @@ function Mailer:_open()
   local ok
   ok, err = self.governor:acquire()
   if not ok then return nil, err end
-  local s
-  s, err = self:_connect()
-  if not s then
+  self.opening = nil
+  local done, s, tok2 = errors.pcall(self._connect_auth, self, tok)
+  local opened = self.opening
+  self.opening = nil
+  if not done or not s then
+    if opened then pcall(opened.close, opened) end
     self.governor:release()
-    return nil, self:_explain(err)
+    if not done then error(s, 0) end
+    return nil, tok2
   end
-  ok, err = self:_auth(s, tok)
-  if not ok and self.policy.reauth and policy_mod.classify(err) == "reauth" then
-    self:_trace { event = "reauth", code = err.code, enhanced = err.enhanced }
-    self.tokens:invalidate(tok)
-    local tok2, terr = self:_token()
-    if not tok2 then
-      s:close()
-      self.governor:release()
-      return nil, terr
-    end
-    tok = tok2
-    if s.broken then
-      s:close()
-      s, err = self:_connect()
-      if not s then
-        self.governor:release()
-        return nil, self:_explain(err)
-      end
-    end
-    ok, err = self:_auth(s, tok)
-  end
-  if not ok then
-    s:close()
-    self.governor:release()
-    return nil, self:_explain(err)
-  end
+  tok = tok2
   self.session, self.session_sent = s, 0
   self.session_token_expires = tok.expires_at
   -- like the token manager: a token that lives shorter than the margin is

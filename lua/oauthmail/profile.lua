@@ -272,8 +272,16 @@ function M.resolve(p)
   if flow == "refresh_token" and not p.refresh_token then
     return nil, bad("refresh_token", "required for the refresh_token flow")
   end
-  if type(p.user) ~= "string" then
+  if type(p.user) ~= "string" or p.user == "" then
     return nil, bad("user", "required: the mailbox that authenticates to the SMTP server (e.g. noreply@contoso.com)")
+  end
+  -- the user goes into the SASL message and the trace: no byte that could
+  -- end or forge a line or a SASL field, and a bound an address can meet
+  if p.user:find("[%z\1-\31\127]") then
+    return nil, bad("user", "contains a control character (CR, LF, NUL, ^A, ...): " .. string.format("%q", p.user))
+  end
+  if #p.user > 320 then
+    return nil, bad("user", string.format("is %d bytes long; a mailbox name is at most 320", #p.user))
   end
   if p.client_certificate and not (p.client_certificate.cert and p.client_certificate.key) then
     return nil, bad("client_certificate", "expected {cert=<path>, key=<path>}")

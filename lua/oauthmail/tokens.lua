@@ -6,6 +6,7 @@
 local cjson = require "cjson.safe"
 local errors = require "oauthmail.errors"
 local store_mod = require "oauthmail.store"
+local endpoint = require "oauthmail.oauth2.endpoint"
 
 local M = {}
 local Manager = {}
@@ -14,22 +15,7 @@ Manager.__index = Manager
 local pack = table.pack or function(...) return { n = select("#", ...), ... } end
 local unpack = table.unpack or unpack
 
--- pcall that a coroutine-aware flow or store may yield across. 5.2+ and
--- LuaJIT have one; on PUC 5.1 the call runs in a coroutine of its own whose
--- yields are passed up to our resumer and whose resume values are passed back.
-local protected_call = pcall
-if _VERSION == "Lua 5.1" and not rawget(_G, "jit") then
-  protected_call = function(f, ...)
-    local co = coroutine.create(f)
-    local res = pack(coroutine.resume(co, ...))
-    while true do
-      if not res[1] then return false, res[2] end
-      if coroutine.status(co) == "dead" then return unpack(res, 1, res.n) end
-      if not coroutine.running() then return false, "attempt to yield from outside a coroutine" end
-      res = pack(coroutine.resume(co, coroutine.yield(unpack(res, 2, res.n))))
-    end
-  end
-end
+local protected_call = errors.pcall
 
 local function finite(v)
   return type(v) == "number" and v == v and v ~= math.huge and v ~= -math.huge
@@ -200,7 +186,7 @@ end
 -- A malformed record is treated as absent (its refresh token is still tried).
 function Manager:well_formed(rec)
   if type(rec) ~= "table" or rec.access_token == nil then return false end
-  if type(rec.access_token) ~= "string" or (rec.expires_at ~= nil and not finite(rec.expires_at))
+  if endpoint.access_token_problem(rec.access_token) or (rec.expires_at ~= nil and not finite(rec.expires_at))
     or (rec.obtained_at ~= nil and not finite(rec.obtained_at)) then
     self:trace { event = "bad_record", account = self.key }
     return false

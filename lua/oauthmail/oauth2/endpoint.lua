@@ -403,10 +403,31 @@ function M.call(cfg, url, params, opts)
   end
 end
 
+-- An access token travels in an AUTH line and an Authorization header: it
+-- must be visible ASCII (RFC 6750's b64token and every opaque token in use
+-- fit) and of a size a server takes. Entra's are about 2-3 KB.
+M.MAX_ACCESS_TOKEN = 16384
+
+-- endpoint.access_token_problem(s) -> nil when s can be sent, else why not
+-- (the why never quotes the token).
+function M.access_token_problem(s)
+  if type(s) ~= "string" or s == "" then return "is missing" end
+  if #s > M.MAX_ACCESS_TOKEN then
+    return string.format("is %d bytes long (at most %d are accepted)", #s, M.MAX_ACCESS_TOKEN)
+  end
+  if s:find("[^\33-\126]") then return "contains a byte that is not visible ASCII (a control character or space)" end
+  return nil
+end
+
 -- Decode a token answer into the token table every flow returns.
 function M.token(doc, what)
   if type(doc.access_token) ~= "string" or doc.access_token == "" then
     return errors.fail("oauth", (what or "token request") .. ": the answer has no access_token", { reason = "malformed" })
+  end
+  local problem = M.access_token_problem(doc.access_token)
+  if problem then
+    return errors.fail("oauth", (what or "token request") .. ": the access_token in the answer " .. problem,
+      { reason = "malformed", retryable = false })
   end
   -- Absent: one hour (RFC 6749 makes it optional). A day at most, so a
   -- server's Infinity or 1e300 cannot make a token look eternal.
