@@ -417,6 +417,91 @@ describe("oauth2 against the fault stub", function()
     h.assert_no_secrets(tostring(err), { RT, SECRET })
   end)
 
+  -- Issue 12, defect 3: a server that echoes what it was given (in
+  -- error_description, an HTML page, a plain-text body, trace_id) must not
+  -- get any secret of the exchange into the trace or the error, whatever
+  -- the encoding: raw, form-encoded, percent-encoded, base64, base64url.
+  describe("a server echoing the request's secrets", function()
+    local ODD = "s3cr+t/with space&more=x"   -- every encoding differs
+    local RT = "refresh-token-echo-8899/+="
+    local crypto_mod = require "oauthmail.crypto"
+
+    local function form_enc(v)
+      return (v:gsub("[^%w%*%-%._ ]", function(c) return string.format("%%%02X", c:byte()) end):gsub(" ", "+"))
+    end
+    local function echo_all(values)
+      local parts = {}
+      for _, v in ipairs(values) do
+        for _, f in ipairs(h.secret_forms(v)) do parts[#parts + 1] = "[" .. f .. "]" end
+      end
+      return table.concat(parts, " ")
+    end
+
+    local function check(trace, err, values)
+      local text = trace.text() .. "\n" .. tostring(err) .. "\n"
+      for k, v in pairs(err) do text = text .. tostring(k) .. "=" .. tostring(v) .. "\n" end
+      h.assert_no_secrets(text, values)
+      -- no line of the trace can be forged by the echo
+      for _, ev in ipairs(trace.events) do
+        if ev.text then assert.is_nil(ev.text:find("[\r\n]"), ev.text) end
+      end
+    end
+
+    for _, auth in ipairs { "client_secret_basic", "client_secret_post" } do
+      for _, shape in ipairs { "json", "html", "text" } do
+        it("masks them by value (" .. auth .. ", " .. shape .. " body)", function()
+          local trace = h.trace_collector()
+          local basic = crypto_mod.b64encode(form_enc("fault-client") .. ":" .. form_enc(ODD))
+          -- the Basic credential is a secret of the exchange only when it was sent
+          local values = auth == "client_secret_basic" and { ODD, RT, basic } or { ODD, RT }
+          local echo = echo_all(values) .. " Basic " .. basic .. "\r\n* forged trace line"
+          local resp
+          if shape == "json" then
+            resp = { status = 400, json = { error = "invalid_grant", error_description = "you sent " .. echo,
+              trace_id = RT, correlation_id = "id\r\n" .. ODD } }
+          elseif shape == "html" then
+            resp = { status = 400, headers = { ["Content-Type"] = "text/html" },
+              body = "<html><body><p>bad request " .. echo .. "</p></body></html>" }
+          else
+            resp = { status = 400, headers = { ["Content-Type"] = "text/plain" }, body = "bad: " .. echo }
+          end
+          stub.queue("/token", { resp })
+          local tok, err = oauth2.refresh(cfg { client_secret = ODD, client_auth = auth, trace = trace }, RT)
+          assert.is_nil(tok)
+          assert.equal("oauth", err.kind)
+          assert.equal(1, #stub.requests("/token"))
+          check(trace, err, values)
+          assert.is_nil(err.trace_id)          -- a secret is no identifier
+          assert.is_nil(err.correlation_id)    -- neither is a line break
+        end)
+      end
+    end
+
+    it("keeps a well-formed trace_id and correlation_id, and bounds a huge description", function()
+      stub.queue("/token", { { status = 400, json = { error = "invalid_client", error_description = string.rep("y", 100000),
+        trace_id = "0a1b2c3d-0000-4000-8000-00000000abcd", correlation_id = "11112222-3333-4444-5555-666677778888" } } })
+      local tok, err = oauth2.client_credentials(cfg())
+      assert.is_nil(tok)
+      assert.equal("0a1b2c3d-0000-4000-8000-00000000abcd", err.trace_id)
+      assert.equal("11112222-3333-4444-5555-666677778888", err.correlation_id)
+      assert.truthy(#err.message < 1100, #err.message)
+    end)
+
+    it("masks an echoed authorization code and PKCE verifier", function()
+      local trace = h.trace_collector()
+      local CODE, VERIFIER = "echoed-authorization-code-42", "v-" .. string.rep("k", 50)
+      stub.queue("/token", { { status = 400, headers = { ["Content-Type"] = "text/plain" },
+        body = "code " .. echo_all { CODE, VERIFIER } } })
+      local c = cfg { trace = trace }
+      local doc, err = endpoint.call(c, c.token_endpoint, { { "grant_type", "authorization_code" }, { "code", CODE },
+        { "redirect_uri", "http://127.0.0.1:9/cb" }, { "code_verifier", VERIFIER } }, { single_use = true })
+      assert.is_nil(doc)
+      assert.equal(1, #stub.requests("/token"))
+      check(trace, err, { CODE, VERIFIER, SECRET })
+    end)
+
+  end)
+
   describe("device flow numbers", function()
     local function device_cfg(s, extra)
       local info = {}

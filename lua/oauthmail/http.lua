@@ -7,6 +7,7 @@ local errors = require "oauthmail.errors"
 local redact = require "oauthmail.redact"
 
 local C = core.http
+local cjson = require("cjson.safe").new()
 local M = {}
 
 M.curl_version = C.curl_version
@@ -83,6 +84,7 @@ local OPT_TYPES = {
   timeout = "number", connect_timeout = "number", ca_file = "string", ca_path = "string",
   verify = "boolean", client_cert = "string", client_key = "string", client_key_passphrase = "string",
   follow_redirects = "boolean", max_body = "number", trace = "function", allow_http = "boolean",
+  secrets = "table",
 }
 
 -- Over HTTP/2 libcurl lists every request header as an informational line
@@ -90,7 +92,8 @@ local OPT_TYPES = {
 -- Authorization included: those get header redaction, :path URL redaction.
 local H2_HEADER_LINES = { "^(h2h3 %[)([^%]]-): (.*)(%])$", "^(%[HTTP/2%] %[%d+%] %[)([^%]]-): (.*)(%])$" }
 
-local function info_line(line)
+local function info_line(line, secrets)
+  line = redact.values(line, secrets)
   for _, pat in ipairs(H2_HEADER_LINES) do
     local pre, name, value, post = line:match(pat)
     if pre then
@@ -101,11 +104,49 @@ local function info_line(line)
   return redact.text(line)
 end
 
--- Turn the raw events collected in C into redacted trace events, in order.
-local function emit_trace(trace, events, request_ct)
+local function url_decode(s)
+  return (s:gsub("+", " "):gsub("%%(%x%x)", function(x) return string.char(tonumber(x, 16)) end))
+end
+
+-- The secret values one exchange holds, beyond those the caller names:
+-- the credential of an Authorization header (and, for Basic, the secret in
+-- it), the values of secret fields in a form body, and those of secret keys
+-- in a JSON answer. The trace masks each wherever it appears.
+local function exchange_secrets(list, headers, body, resp)
+  local out = {}
+  for _, v in ipairs(list or {}) do out[#out + 1] = v end
+  local auth = find_header(headers, "authorization")
+  local cred = auth and auth:match("^%s*%S+%s+(%S+)")
+  if cred then
+    out[#out + 1] = cred
+    local plain = auth:match("^%s*[Bb][Aa][Ss][Ii][Cc]%s") and core.crypto.b64decode(cred)
+    local secret = type(plain) == "string" and plain:match("^[^:]*:(.*)$")
+    if secret then
+      out[#out + 1] = secret
+      out[#out + 1] = url_decode(secret)
+    end
+  end
+  if type(body) == "string" then
+    for k, v in body:gmatch("([^&=]+)=([^&]*)") do
+      if redact.FIELDS[url_decode(k):lower()] then out[#out + 1] = url_decode(v) end
+    end
+  end
+  local doc = resp and resp.body and resp.body:find("^%s*{") and cjson.decode(resp.body)
+  if type(doc) == "table" then
+    for k, v in pairs(doc) do
+      if type(k) == "string" and type(v) == "string" and redact.FIELDS[k:lower()] then out[#out + 1] = v end
+    end
+  end
+  return out
+end
+
+-- Turn the raw events collected in C into redacted trace events, in order:
+-- the exchange's secrets by value, the key and header rules of
+-- oauthmail.redact, control bytes escaped (a line per event, never forged).
+local function emit_trace(trace, events, request_ct, secrets)
   local response_ct
   local function emit(dir, text)
-    return trace { proto = "http", dir = dir, text = text }
+    return trace { proto = "http", dir = dir, text = redact.escape(redact.values(text, secrets)) }
   end
   local function note(text, omitted)
     if omitted and omitted > 0 then return text .. " [... " .. string.format("%d", omitted) .. " more bytes]" end
@@ -115,7 +156,7 @@ local function emit_trace(trace, events, request_ct)
   for _, ev in ipairs(events) do
     local t = ev.type
     if t == "info" then
-      for line in ev.text:gmatch("[^\r\n]+") do calls[#calls + 1] = { "info", info_line(line) } end
+      for line in ev.text:gmatch("[^\r\n]+") do calls[#calls + 1] = { "info", info_line(line, secrets) } end
     elseif t == "header_out" then
       local first = true
       for line in ev.text:gmatch("[^\r\n]+") do
@@ -207,12 +248,13 @@ function M.request(opts)
   }
   if resp then events = err end
   if opts.trace and events then
-    local tok, terr = emit_trace(opts.trace, events, find_header(headers, "content-type"))
+    local tok, terr = emit_trace(opts.trace, events, find_header(headers, "content-type"),
+      exchange_secrets(opts.secrets, headers, body, resp))
     if not tok then return nil, terr end
   end
   if not resp then
     -- libcurl's wording may quote a URL; keep its secrets out of the error.
-    err.message = redact.text(err.message)
+    err.message = redact.escape(redact.text(redact.values(err.message, opts.secrets)))
     return nil, err
   end
   return resp

@@ -208,6 +208,74 @@ local function mask_scheme_credentials(s)
   return s
 end
 
+-- ------------------------------------------------------------ by value
+
+local function replace_plain(s, needle, rep)
+  local out, pos = {}, 1
+  while true do
+    local i, j = s:find(needle, pos, true)
+    if not i then break end
+    out[#out + 1] = s:sub(pos, i - 1)
+    out[#out + 1] = rep
+    pos = j + 1
+  end
+  if pos == 1 then return s end
+  out[#out + 1] = s:sub(pos)
+  return table.concat(out)
+end
+
+-- Values shorter than this would mangle ordinary words and are no secret.
+M.MIN_SECRET = 4
+
+-- redact.forms(v) -> the ways a secret value is written on the wire and in
+-- replies: as is, form-encoded (+ for space, and %20), fully percent-encoded,
+-- base64 and base64url (without padding).
+function M.forms(v)
+  local b64 = require("oauthmail.crypto").b64encode(v)
+  local out, seen = {}, {}
+  for _, f in ipairs {
+    v,
+    (v:gsub("[^%w%*%-%._ ]", function(c) return string.format("%%%02X", c:byte()) end):gsub(" ", "+")),
+    (v:gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", c:byte()) end)),
+    b64, (b64:gsub("=+$", "")), (b64:gsub("+", "-"):gsub("/", "_"):gsub("=+$", "")),
+  } do
+    if not seen[f] and #f >= M.MIN_SECRET then seen[f], out[#out + 1] = true, f end
+  end
+  -- longest first, so a form that contains another is masked whole
+  table.sort(out, function(a, b) return #a > #b end)
+  return out
+end
+
+-- redact.values(s, secrets): every value in the list `secrets` masked
+-- wherever it appears in s, in any of redact.forms' encodings.
+function M.values(s, secrets)
+  if type(s) ~= "string" or not secrets then return s end
+  for _, v in ipairs(secrets) do
+    if type(v) == "string" and #v >= M.MIN_SECRET then
+      for _, f in ipairs(M.forms(v)) do s = replace_plain(s, f, M.MASK) end
+    end
+  end
+  return s
+end
+
+-- redact.escape(s): control bytes written as \r, \n, \xNN (tab kept), so
+-- text a server sent can never start a line of its own in a trace.
+local ESCAPES = { ["\r"] = "\\r", ["\n"] = "\\n" }
+function M.escape(s)
+  if type(s) ~= "string" or not s:find("[%z\1-\8\10-\31\127]") then return s end
+  return (s:gsub("[%z\1-\8\10-\31\127]", function(c)
+    return ESCAPES[c] or string.format("\\x%02X", c:byte())
+  end))
+end
+
+-- redact.trace_text(s, secrets): what goes into a trace line of unknown
+-- content: the listed secrets by value, then the key and header rules of
+-- redact.text, then control bytes escaped.
+function M.trace_text(s, secrets)
+  if type(s) ~= "string" then return s end
+  return M.escape(M.text(M.values(s, secrets)))
+end
+
 -- redact.text(s): free text of unknown origin (log lines, error bodies,
 -- libcurl's informational lines): form and JSON secrets, credential headers
 -- quoted in the text, and scheme credentials ("Bearer ...", "Basic ...").

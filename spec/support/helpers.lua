@@ -204,6 +204,9 @@ end
 function M.secret_forms(secret)
   local forms = { secret, b64(secret), (b64(secret):gsub("+", "-"):gsub("/", "_"):gsub("=", "")) }
   forms[#forms + 1] = (secret:gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", c:byte()) end))
+  -- application/x-www-form-urlencoded: "+" for a space
+  forms[#forms + 1] = (secret:gsub("[^%w%*%-%._ ]", function(c) return string.format("%%%02X", c:byte()) end)
+    :gsub(" ", "+"))
   return forms
 end
 

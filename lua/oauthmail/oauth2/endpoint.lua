@@ -41,32 +41,8 @@ end
 -- Masks the known secret values of one request (and their form-, percent-
 -- and base64 encodings) in text a server sent back: a server may echo what
 -- it was given in error_description or an error page.
-local MASK = "<redacted>"
-
-local function replace_plain(s, needle, rep)
-  local out, pos = {}, 1
-  while true do
-    local i, j = s:find(needle, pos, true)
-    if not i then break end
-    out[#out + 1] = s:sub(pos, i - 1)
-    out[#out + 1] = rep
-    pos = j + 1
-  end
-  out[#out + 1] = s:sub(pos)
-  return table.concat(out)
-end
-
 function M.mask_secrets(text, secrets)
-  for _, v in ipairs(secrets or {}) do
-    -- Shorter values would mangle ordinary words and are no secret anyway.
-    if type(v) == "string" and #v >= 4 then
-      local b64 = crypto.b64encode(v)
-      local forms = { v, M.urlencode(v), (v:gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", c:byte()) end)),
-        b64, (b64:gsub("+", "-"):gsub("/", "_"):gsub("=+$", "")) }
-      for _, f in ipairs(forms) do text = replace_plain(text, f, MASK) end
-    end
-  end
-  return text
+  return require("oauthmail.redact").values(text, secrets)
 end
 
 local function http() return require "oauthmail.http" end
@@ -262,6 +238,18 @@ local function apply_client_auth(cfg, url, params, headers)
   return true
 end
 
+-- An identifier a server sends for support requests (Entra's trace_id and
+-- correlation_id are GUIDs): kept only when it looks like one, so a hostile
+-- or confused server cannot put a secret, a line break or a page into it.
+function M.server_id(v, secrets)
+  if type(v) ~= "string" or #v > 128 or not v:find("^[%w%-%.:_]+$") then return nil end
+  if M.mask_secrets(v, secrets) ~= v then return nil end
+  return v
+end
+
+-- Server text kept in an error: at most this many bytes.
+local MAX_SERVER_TEXT = 1000
+
 local NOT_RETRYABLE = {
   invalid_grant = true, invalid_client = true, invalid_request = true, unauthorized_client = true,
   unsupported_grant_type = true, invalid_scope = true, access_denied = true, expired_token = true,
@@ -284,12 +272,14 @@ function M.oauth_error(resp, doc, what, secrets)
   local retryable = status == 429 or status >= 500
   if code and NOT_RETRYABLE[code] then retryable = false end
   if code == "temporarily_unavailable" or code == "server_error" then retryable = true end
-  local msg = desc and desc:gsub("[\r\n]+", " ") or
+  if desc and #desc > MAX_SERVER_TEXT then desc = desc:sub(1, MAX_SERVER_TEXT) .. "..." end
+  if code and (#code > 100 or code:find("[^%w_%-%.]")) then code = "(malformed error code)" end
+  local msg = desc and desc:gsub("[%c]+", " ") or
     ((code and (what .. " refused: " .. code)) or (what .. " failed with HTTP " .. tostring(status)))
   return errors.new("oauth", msg, {
     oauth_error = code, provider_code = provider_code, status = status, code = status,
-    trace_id = type(doc.trace_id) == "string" and doc.trace_id or nil,
-    correlation_id = type(doc.correlation_id) == "string" and doc.correlation_id or nil,
+    trace_id = M.server_id(doc.trace_id, secrets),
+    correlation_id = M.server_id(doc.correlation_id, secrets),
     retryable = retryable,
   })
 end
@@ -343,7 +333,7 @@ function M.call(cfg, url, params, opts)
       method = "POST", url = url, headers = headers, body = M.form(list),
       timeout = cfg.timeout or 30, ca_file = cfg.ca_file, verify = cfg.verify,
       client_cert = cfg.tls_client_cert, client_key = cfg.tls_client_key, proxy = cfg.proxy,
-      follow_redirects = false, max_body = 1024 * 1024, trace = M.trace_fn(cfg),
+      follow_redirects = false, max_body = 1024 * 1024, trace = M.trace_fn(cfg), secrets = secrets,
     }
     local wait, asked
     if not resp then
