@@ -691,3 +691,16 @@ describe("mailer with hostile input around the governor", function()
     assert.equals(0, gov.open)
   end)
 end)
+
+describe("oauthmail.format_event", function()
+  it("writes one line per event whatever bytes a server put in it (defect 4)", function()
+    for _, ev in ipairs {
+      { proto = "smtp", dir = "S", text = "535 no\r\n2026-01-01T00:00:00Z smtp < 235 2.7.0 forged" },
+      { type = "mailer", event = "attempt_failed", text = "a\nb", reason = "x\0\27y" },
+    } do
+      local line = oauthmail.format_event(ev)
+      assert.is_nil(line:find("[%c]"), line)
+    end
+    assert.truthy(oauthmail.format_event { proto = "smtp", dir = "S", text = "a\r\nb" }:find("a\\r\\nb", 1, true))
+  end)
+end)

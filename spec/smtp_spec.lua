@@ -260,6 +260,43 @@ describe("smtp session (fake transport)", function()
       end
     end)
 
+    -- Issue 12, defects 3 and 4: the decoded challenge quoting the token, and
+    -- CR/LF inside it that once forged a "235" line in the trace file.
+    it("masks a token the error challenge quotes, and escapes its line breaks", function()
+      local trace = h.trace_collector()
+      local json = '{"status":"401","scope":"x","echo":"' .. TOKEN .. '","access_token":"other-secret-value-77",' ..
+        '"note":"a\r\n2026-01-01T00:00:00Z smtp < 235 2.7.0 forged"}'
+      local s, t = fake_session({
+        CAPS_FULL,
+        { "C", "AUTH OAUTHBEARER " .. b64("n,a=" .. USER .. ",\1host=mx.test\1port=587\1auth=Bearer " .. TOKEN .. "\1\1") .. "\r\n" },
+        { "S", "334 " .. b64(json) .. "\r\n" },
+        { "C", "AQ==\r\n" },
+        { "S", "535 5.7.3 Authentication unsuccessful\r\n" },
+      }, { trace = trace, host = "mx.test", port = 587, tls = "implicit" })
+      local ok, err = s:auth { mechanism = "oauthbearer", user = USER, token = TOKEN }
+      assert.is_nil(ok)
+      assert.is_true(t.done())
+      assert.equal("401", err.challenge.status)
+      local all = trace.text() .. tostring(err) .. err.challenge.json
+      h.assert_no_secrets(all, { TOKEN, "other-secret-value-77", b64(json) })
+      for _, ev in ipairs(trace.events) do
+        assert.is_nil(tostring(ev.text):find("[\r\n]"), ev.text)
+      end
+      assert.is_nil(err.challenge.json:find("[\r\n]"))
+      assert.truthy(trace.text():find("\\r\\n2026-01-01T00:00:00Z smtp < 235", 1, true), trace.text())
+    end)
+
+    it("escapes control bytes in any server line it traces", function()
+      local trace = h.trace_collector()
+      local s = fake_session({
+        { "S", "250-mx.test\r\n250 ENHANCEDSTATUSCODES\r\n" },
+        { "C", "NOOP\r\n" }, { "S", "250 ok\0\27[31m red\r\n" },
+      }, { trace = trace })
+      assert.is_true(s:noop())
+      local text = trace.text()
+      assert.truthy(text:find("250 ok\\x00\\x1B[31m red", 1, true), text)
+    end)
+
     it("redacts a server's echo of the AUTH line from the trace and the error", function()
       local dotted = "ab.cd.ef.gh.ij.kl.mn.op.qr.st.uv.wx"
       for _, case in ipairs {

@@ -8,6 +8,7 @@
 local errors = require "oauthmail.errors"
 local profile_mod = require "oauthmail.profile"
 local policy_mod = require "oauthmail.policy"
+local redact = require "oauthmail.redact"
 local decoder = require "oauthmail.decoder"
 local smtp = require "oauthmail.smtp"
 local tokens = require "oauthmail.tokens"
@@ -35,13 +36,15 @@ local SKIP = { type = true, event = true, kind = true, profile = true }
 
 -- oauthmail.format_event(ev) -> one readable line for a trace event (SMTP and
 -- HTTP lines arrive redacted; other events carry no secrets).
+-- Control bytes are escaped whatever the event's origin, so one event is
+-- always one line.
 function M.format_event(ev)
   if ev.proto then
-    return string.format("%-4s %s %s", ev.proto, ARROWS[ev.dir] or tostring(ev.dir), tostring(ev.text or ""))
+    return redact.escape(string.format("%-4s %s %s", ev.proto, ARROWS[ev.dir] or tostring(ev.dir), tostring(ev.text or "")))
   end
   local what = ev.type or ev.kind or "event"
   local rest = flatten(ev, SKIP)
-  return what .. " " .. tostring(ev.event or "") .. (rest ~= "" and (" " .. rest) or "")
+  return redact.escape(what .. " " .. tostring(ev.event or "") .. (rest ~= "" and (" " .. rest) or ""))
 end
 
 -- A trace given as a path appends one line per event to that file. A file

@@ -4,6 +4,8 @@
 -- this file decides what to say next and when to stop. See docs/smtp.md.
 local core = require "oauthmail.core"
 local errors = require "oauthmail.errors"
+local redact = require "oauthmail.redact"
+local crypto = core.crypto
 
 local M = {}
 local Session = {}
@@ -35,15 +37,37 @@ end
 
 -- ---------------------------------------------------------------- waiting
 
+-- What a trace line may show of server or engine text: the session's
+-- secrets (token, password) masked by value in every encoding, a 334
+-- challenge whose decoded form quotes one masked whole, control bytes
+-- escaped so no text can start a forged line.
+function Session:_clean(text, ours)
+  if type(text) ~= "string" then return text end
+  -- server text of unknown content also gets the key and header rules
+  if not ours then text = redact.text(text) end
+  local secrets = self.secrets
+  if secrets then
+    text = redact.values(text, secrets)
+    local b64 = text:match("^334 (%S+)$")
+    local plain = b64 and crypto.b64decode(b64)
+    if type(plain) == "string" and redact.values(plain, secrets) ~= plain then text = "334 " .. redact.MASK end
+  end
+  return redact.escape(text)
+end
+
 function Session:_trace()
   local evs = self.eng:trace_events()
   if evs and self.trace then
-    for i = 1, #evs do self.trace(evs[i]) end
+    for i = 1, #evs do
+      local ev = evs[i]
+      ev.text = self:_clean(ev.text, ev.dir == "C")
+      self.trace(ev)
+    end
   end
 end
 
 function Session:_info(text)
-  if self.trace then self.trace { proto = "smtp", dir = "info", text = text } end
+  if self.trace then self.trace { proto = "smtp", dir = "info", text = self:_clean(text) } end
 end
 
 -- A failure of the transport or of the reply syntax ends the session: what
@@ -232,8 +256,11 @@ end
 
 local MECHS = { xoauth2 = "XOAUTH2", oauthbearer = "OAUTHBEARER", plain = "PLAIN", login = "LOGIN" }
 
--- The error challenge is a small flat JSON object; only its string fields matter.
-local function decode_challenge(json)
+-- The error challenge is a small flat JSON object; only its string fields
+-- matter. What the server wrote is kept only after the session's secrets
+-- and any secret JSON keys are masked, and control bytes escaped.
+local function decode_challenge(json, clean)
+  json = clean(redact.json(json))
   local t = { json = json }
   for _, k in ipairs { "status", "schemes", "scope", "openid-configuration" } do
     local q = k:gsub("%p", "%%%0")
@@ -286,6 +313,8 @@ function Session:auth(o)
     return errors.fail("auth", string.format("the server does not offer AUTH %s (it offers: %s)", mech,
       #list > 0 and table.concat(list, " ") or "none"), { reason = "mechanism", retryable = false })
   end
+  -- from here on this session's trace and errors mask the credential by value
+  self.secrets = { o[secret_key] }
   local initial
   if o.two_step == true then initial = false elseif o.two_step == false then initial = true end
   ok, err = self.eng:auth(mech, {
@@ -302,10 +331,11 @@ function Session:auth(o)
       return self:_broken(errors.new("smtp", "the server keeps sending 334 challenges; abandoning the exchange",
         { reason = "malformed", code = r.code, retryable = false }))
     end
+    local function clean(text) return self:_clean(text) end
     if r.challenge then
-      challenge = decode_challenge(r.challenge)
+      challenge = decode_challenge(r.challenge, clean)
     elseif r.challenge_text then
-      challenge = { text = r.challenge_text }
+      challenge = { text = clean(r.challenge_text) }
     end
     r, err = self:_ask()
   end
