@@ -969,3 +969,71 @@ describe("message through a real SMTP server (smtp-server on loopback)", functio
     assert.equal(m:size(), last.size)
   end)
 end)
+
+-- Issue 12, defects 5, 6 and 10.
+describe("message hardening", function()
+  it("parses a 1 MB hostile To: header in linear time (defect 5)", function()
+    local core = require "oauthmail.core"
+    for _, value in ipairs {
+      string.rep(" ", 1024 * 1024) .. "x",                              -- white space, then not an address
+      "a@example.org" .. string.rep(" ", 1024 * 1024) .. "x",
+      "Name" .. string.rep(" ", 1024 * 1024) .. "<a@example.org>",
+      string.rep("<a> ", 256 * 1024) .. "x",
+      string.rep("\t ", 512 * 1024) .. "<a@example.org>" .. string.rep(" ", 1000) .. "y",
+    } do
+      local t0 = core.monotime()
+      local raw = "From: a@example.org\r\nTo: " .. value .. "\r\nSubject: x\r\n\r\nbody\r\n"
+      local m, err = message.from_raw(raw, OPTS)
+      local dt = core.monotime() - t0
+      -- a bound that only a quadratic parser misses (64 KB took 32 s before)
+      assert.truthy(dt < 10, string.format("took %.1f s", dt))
+      if not m then assert.equal("config", err.kind) end
+      local t1 = core.monotime()
+      message.parse_address(value)
+      assert.truthy(core.monotime() - t1 < 5)
+    end
+    -- and the white space around a real address is still trimmed
+    assert.same({ name = "Name", address = "a@example.org" },
+      message.parse_address("  Name" .. string.rep(" ", 100000) .. "<a@example.org>  "))
+  end)
+
+  it("refuses control bytes in every address header, quoted or literal (defect 6)", function()
+    for _, bad in ipairs {
+      '"a\\\0b"@example.org', '"a\\\27b"@example.org', "a@[1.2.3.\0]", "a@[\27]", '"\27[31m"@example.org',
+    } do
+      for _, field in ipairs { "reply_to", "to", "cc", "bcc", "from" } do
+        local t = { from = "a@example.org", to = "b@example.org", text = "x" }
+        t[field] = bad
+        local msg, err = config_error(t)
+        assert.truthy(msg:find("control", 1, true), field .. ": " .. msg)
+        assert.equal("address", err.reason)
+      end
+      local mb, err = message.parse_address(bad)
+      assert.is_nil(mb)
+      assert.truthy(err.message:find("control", 1, true))
+    end
+    -- a display name with ESC or NUL
+    for _, name in ipairs { "Evil\27[2J", "nul\0name" } do
+      config_error { from = "a@example.org", to = { { name = name, address = "b@example.org" } }, text = "x" }
+      config_error { from = "a@example.org", reply_to = name .. " <c@example.org>", to = "b@example.org", text = "x" }
+    end
+    -- and from_raw checks Reply-To like To and Cc
+    local m, err = message.from_raw('From: a@example.org\r\nTo: b@example.org\r\nReply-To: "x\\\27y"@example.org\r\n\r\nb\r\n', OPTS)
+    assert.is_nil(m)
+    assert.truthy(err.message:find("Reply-To", 1, true), err.message)
+  end)
+
+  it("names attachments so Python's email reads every file name back exactly (defect 10)", function()
+    local names = { "=?utf-8?q?evil?=.txt", "a*b.txt", "it's.txt", "a'b*c.txt", "100%.txt", "semi;colon.txt",
+      'quote".txt', "back\\slash.txt", "plain.txt", "Ünï cödé*'.txt", "=?x?b?QUJD?=",
+      "(comment).txt", "a,b.txt", "two  spaces.txt" }
+    local atts = {}
+    for i, n in ipairs(names) do atts[i] = { data = "data " .. i, filename = n } end
+    local m = compose_ok { from = "a@example.org", to = "b@example.net", text = "x", attachments = atts }
+    local py = python_parse(m:tostring())
+    assert.same({}, py.defects)
+    for i, n in ipairs(names) do
+      assert.equal(n, py.parts[i + 2].filename)
+    end
+  end)
+end)

@@ -280,6 +280,7 @@ local function address_list(field, v, smtputf8, state)
       if a.name ~= nil and type(a.name) ~= "string" then usage("compose", f .. ".name must be a string") end
       if a.name then
         if a.name:find("[\r\n]") then bad(f, "display name contains a line break", "line_break") end
+        if a.name:find("[%z\1-\8\11-\31\127]") then bad(f, "display name contains a control character", "address") end
         utf8_text(f .. ".name", a.name)
       end
       local ok
@@ -722,6 +723,11 @@ local function envelope_list(field, v)
   return out
 end
 
+local ADDRESS_HEADERS = {
+  from = true, sender = true, ["reply-to"] = true, to = true, cc = true, bcc = true,
+  ["resent-from"] = true, ["resent-sender"] = true, ["resent-to"] = true, ["resent-cc"] = true, ["resent-bcc"] = true,
+}
+
 local function header_addresses(fl)
   local out = {}
   for _, s in ipairs(address.split_list(fl.value)) do
@@ -789,6 +795,9 @@ local function from_raw(src, opts)
   for _, fl in ipairs(fields) do
     if not first[fl.lower] then first[fl.lower] = fl end
     if fl.lower == "to" or fl.lower == "cc" or fl.lower == "bcc" then rcpt_fields[#rcpt_fields + 1] = fl end
+    -- every address header is held to the same rules, whether or not it
+    -- feeds the envelope (a Reply-To once carried NUL and ESC through)
+    if ADDRESS_HEADERS[fl.lower] then header_addresses(fl) end
   end
 
   local env_from

@@ -303,15 +303,24 @@ end
 -- name*0*=, name*1*= when long) and then an ASCII fallback name="..." with
 -- "_" for each non-ASCII character, shortened when long. The extended form
 -- comes first: parsers that take the first "name" (Python's) then get it.
+-- ASCII values that common parsers misread in the plain form also take
+-- the RFC 2231 form: "=?" (read as an RFC 2047 word even inside quotes),
+-- "*" and "'" (the RFC 2231 syntax itself: Python cut "a*b.txt" to "a"),
+-- "%", and the backslash and quote that need escapes in a quoted string.
+local function plain_form_misread(v)
+  return v:find("=?", 1, true) ~= nil or v:find("[*'%%\\\"]") ~= nil
+end
+
 function M.param_items(pname, v)
   local simple = pname .. "=" .. M.param_value(v) .. ";"
-  if not v:find("[\128-\255]") and #simple <= MAX_LINE - 1 then
+  if not v:find("[\128-\255]") and #simple <= MAX_LINE - 1 and not plain_form_misread(v) then
     return { { " ", simple } }
   end
   local cs = chars(v)
   local fallback = {}
   for i = 1, #cs do fallback[i] = #cs[i] > 1 and "_" or cs[i] end
-  fallback = table.concat(fallback)
+  -- the fallback must not look like an encoded word either
+  fallback = table.concat(fallback):gsub("=%?", "=_"):gsub("[*'%%\\\"]", "_")
   if #fallback > 60 then fallback = fallback:sub(1, 40) .. "~" .. fallback:sub(-19) end
   local items = {}
   local enc = {}
