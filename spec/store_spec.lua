@@ -100,7 +100,7 @@ describe("store.new", function()
     raises({ kind = "file", path = "/tmp/x/t.json", encryption = { passphrase = "p", scrypt = { n = 1024 } } },
       "did you mean 'N'?")
     raises({ kind = "file", path = "/tmp/x/t.json", encryption = { passphrase = "p", scrypt = { N = 2 ^ 24 } } },
-      "store encryption: scrypt 'N' must be a power of two from 2 to 1048576")
+      "store encryption: scrypt 'N' must be a power of two from 2 to 131072")
     raises({ kind = "command", get = "true", put = "true", lockdir = "/run" },
       "store.command: unknown option 'lockdir' (did you mean 'lock_dir'?)")
     raises({ kind = "command", get = "true", put = "true", lock_timeout = "5" }, "'lock_timeout' must be a number")
@@ -338,6 +338,20 @@ describe("store.file", function()
       refused(path, store.file { path = path }, "has format version 2, newer than this oauthmail understands (1)", "version")
     end)
 
+    -- issue 12 defect 8: a version that is not a small whole number
+    for _, v in ipairs { "1.5", "1e300", "-1", "0.5" } do
+      it("a format version of " .. v, function()
+        local dir = h.tmpdir()
+        local path = h.write_file(dir .. "/tokens.json", '{"format":"oauthmail-tokens","version":' .. v .. ',"accounts":{}}', "600")
+        local s = store.file { path = path }
+        local ok, got, err = pcall(s.load, s, KEY)
+        assert.is_true(ok, tostring(got))
+        assert.is_nil(got)
+        assert.equals("store", err.kind)
+        refused(path, s, "has an invalid format version", "corrupt")
+      end)
+    end
+
     it("a file that is not a token file", function()
       local dir = h.tmpdir()
       local path = h.write_file(dir .. "/tokens.json", '{"hello": "world"}', "600")
@@ -350,6 +364,10 @@ describe("store.file", function()
       { "N with a fraction", { N = 1024.5 } },
       { "N as a string", { N = "big" } },
       { "a cost far beyond what oauthmail writes", { N = 16777216, r = 64 } },
+      -- issue 12 defect 11: the old ceiling cost 10 s and 1.1 GB per process
+      { "the old ceiling N = 2^20, r = 8, p = 4", { N = 1048576, r = 8, p = 4 } },
+      { "N = 2^18 (8 times what oauthmail writes)", { N = 262144 } },
+      { "p = 4 at the written N", { p = 4 } },
       { "r of zero", { r = 0 } },
       { "p too large", { p = 1000 } },
       { "N not a power of two", { N = 1000 } },

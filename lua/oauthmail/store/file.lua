@@ -183,6 +183,10 @@ function M:read()
   if type(env) ~= "table" then return corrupt("is not valid JSON (truncated or damaged?)") end
   if env.format ~= M.FORMAT then return corrupt("is not an oauthmail token file") end
   if type(env.version) ~= "number" then return corrupt("has no format version") end
+  -- a whole number of sane size before any %d (1.5 and 1e300 made format raise)
+  if env.version ~= math.floor(env.version) or env.version < 1 or env.version > 1000000 then
+    return corrupt("has an invalid format version " .. string.format("%.17g", env.version))
+  end
   if env.version > M.VERSION then
     return fail(string.format("token file %s has format version %d, newer than this oauthmail understands (%d); "
       .. "upgrade oauthmail or point the store at another file", self.path, env.version, M.VERSION), "version")

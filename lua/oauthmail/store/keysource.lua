@@ -33,9 +33,11 @@ end
 local function first_line(s) return (s:match("^([^\r\n]*)")) end
 
 -- The scrypt costs oauthmail writes and accepts back from a file: a
--- tampered header must not make scrypt spend minutes or gigabytes before the
--- AEAD tag refuses it. 128 * N * r bytes of memory, at most 1 GiB.
-M.SCRYPT_MAX = { N = 1048576, r = 32, p = 4, memory = 1024 * 1024 * 1024 }
+-- tampered header must not make scrypt spend seconds or gigabytes before
+-- the AEAD tag refuses it. The ceiling is 4 times the default's work
+-- (N * r * p) and memory (128 * N * r bytes: 128 MiB, about a second);
+-- the old one (N = 2^20, r = 8, p = 4) cost 10 s and 1.1 GB per process.
+M.SCRYPT_MAX = { N = 131072, r = 16, p = 2, memory = 128 * 1024 * 1024, work = 4 * 32768 * 8 }
 
 local function integer_in(v, lo, hi)
   return type(v) == "number" and v == math.floor(v) and v >= lo and v <= hi
@@ -52,7 +54,8 @@ function M.scrypt_problem(N, r, p)
   end
   if not integer_in(r, 1, max.r) then return "'r' must be an integer from 1 to " .. max.r end
   if not integer_in(p, 1, max.p) then return "'p' must be an integer from 1 to " .. max.p end
-  if 128 * N * r > max.memory then return "N * r needs more than 1 GiB of memory" end
+  if 128 * N * r > max.memory then return "N * r needs more than 128 MiB of memory" end
+  if N * r * p > max.work then return "N * r * p is over 4 times the default cost (" .. max.work .. ")" end
   return nil
 end
 
