@@ -21,8 +21,14 @@ BUILD   ?= build/$(LUA_VERSION)$(if $(SANITIZE),-san)
 WARN    := -Wall -Wextra -Wshadow -Wmissing-prototypes -Wdeclaration-after-statement \
            -Wstrict-prototypes -Wformat=2
 CFLAGS  ?= -O2 -g
+# luarocks (`make rock`) names the Lua headers' folder; otherwise pkg-config does.
+ifneq ($(LUA_INCDIR),)
+  LUA_CFLAGS := -I$(LUA_INCDIR)
+else
+  LUA_CFLAGS := $(shell pkg-config --cflags $(LUA_PC))
+endif
 ALL_CFLAGS  = $(CFLAGS) -std=gnu99 -fPIC -fvisibility=hidden $(WARN) \
-              $(shell pkg-config --cflags $(LUA_PC) openssl libcurl)
+              $(LUA_CFLAGS) $(shell pkg-config --cflags openssl libcurl)
 ALL_LDFLAGS = $(LDFLAGS) -shared $(shell pkg-config --libs openssl libcurl)
 ifneq ($(SANITIZE),)
   ALL_CFLAGS  += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
@@ -35,7 +41,7 @@ HDRS := $(wildcard csrc/*.h)
 CORE := $(BUILD)/oauthmail/core.so
 LUAS := $(shell cd lua && find oauthmail -name '*.lua' | sort)
 
-.PHONY: all install check ci setup test lint asan clean demo rockspec
+.PHONY: all install check ci setup test lint asan clean demo rockspec rock rock-install
 all: $(CORE)
 
 $(BUILD)/obj/%.o: csrc/%.c $(HDRS) Makefile
@@ -51,6 +57,19 @@ install: $(CORE)
 	install -m 0755 $(CORE) $(DESTDIR)$(PREFIX)/lib/lua/$(LUA_ABI)/oauthmail/core.so
 	for f in $(LUAS); do \
 	  install -D -m 0644 lua/$$f $(DESTDIR)$(PREFIX)/share/lua/$(LUA_ABI)/$$f || exit 1; \
+	done
+
+# What the rockspec's make backend runs (`luarocks make`): the C module is
+# built in build/rock with luarocks' CC/CFLAGS and the Lua headers it found,
+# then installed with the Lua modules into the tree luarocks names.
+rock:
+	$(MAKE) BUILD=build/rock LUA_INCDIR="$(LUA_INCDIR)" CC="$(CC)" CFLAGS="$(CFLAGS)" all
+
+rock-install:
+	install -d $(INST_LIBDIR)/oauthmail $(INST_LUADIR)/oauthmail
+	install -m 0755 build/rock/oauthmail/core.so $(INST_LIBDIR)/oauthmail/core.so
+	for f in $(LUAS); do \
+	  install -D -m 0644 lua/$$f $(INST_LUADIR)/$$f || exit 1; \
 	done
 
 # One Lua version's suite: make test LUA_VERSION=5.3 [SPEC=spec/conn_spec.lua]

@@ -67,6 +67,7 @@ end)
 
 if sb then sb.stop() end
 if srv then srv.stop() end
+require("spec.support.helpers").cleanup()   -- the test CA and keys made for the demo
 if not ok then
   io.stderr:write("demo failed: ", tostring(err), "\n")
   os.exit(1)

@@ -24,40 +24,17 @@ external_dependencies = {
   CURL = { library = "curl" },
 }
 build = {
-  type = "builtin",
-  modules = {
-    ["oauthmail.core"] = {
-      sources = { "csrc/conn.c", "csrc/core.c", "csrc/crypto.c", "csrc/fs.c", "csrc/http.c", "csrc/smtp.c" },
-      libraries = { "ssl", "crypto", "curl" },
-      incdirs = { "$(OPENSSL_INCDIR)" },
-      libdirs = { "$(OPENSSL_LIBDIR)", "$(CURL_LIBDIR)" },
-    },
-    ["oauthmail.conn"] = "lua/oauthmail/conn.lua",
-    ["oauthmail.crypto"] = "lua/oauthmail/crypto.lua",
-    ["oauthmail.decoder"] = "lua/oauthmail/decoder.lua",
-    ["oauthmail.errors"] = "lua/oauthmail/errors.lua",
-    ["oauthmail.http"] = "lua/oauthmail/http.lua",
-    ["oauthmail"] = "lua/oauthmail/init.lua",
-    ["oauthmail.message"] = "lua/oauthmail/message.lua",
-    ["oauthmail.message.address"] = "lua/oauthmail/message/address.lua",
-    ["oauthmail.message.encode"] = "lua/oauthmail/message/encode.lua",
-    ["oauthmail.names"] = "lua/oauthmail/names.lua",
-    ["oauthmail.oauth2"] = "lua/oauthmail/oauth2.lua",
-    ["oauthmail.oauth2.browser"] = "lua/oauthmail/oauth2/browser.lua",
-    ["oauthmail.oauth2.device"] = "lua/oauthmail/oauth2/device.lua",
-    ["oauthmail.oauth2.discovery"] = "lua/oauthmail/oauth2/discovery.lua",
-    ["oauthmail.oauth2.endpoint"] = "lua/oauthmail/oauth2/endpoint.lua",
-    ["oauthmail.policy"] = "lua/oauthmail/policy.lua",
-    ["oauthmail.profile"] = "lua/oauthmail/profile.lua",
-    ["oauthmail.providers"] = "lua/oauthmail/providers.lua",
-    ["oauthmail.redact"] = "lua/oauthmail/redact.lua",
-    ["oauthmail.smtp"] = "lua/oauthmail/smtp.lua",
-    ["oauthmail.store"] = "lua/oauthmail/store.lua",
-    ["oauthmail.store.command"] = "lua/oauthmail/store/command.lua",
-    ["oauthmail.store.file"] = "lua/oauthmail/store/file.lua",
-    ["oauthmail.store.keysource"] = "lua/oauthmail/store/keysource.lua",
-    ["oauthmail.store.memory"] = "lua/oauthmail/store/memory.lua",
-    ["oauthmail.store.shell"] = "lua/oauthmail/store/shell.lua",
-    ["oauthmail.tokens"] = "lua/oauthmail/tokens.lua",
+  -- The project's Makefile builds the C module into build/rock (never next
+  -- to the sources) with luarocks' compiler settings, then installs it and
+  -- the Lua modules into the tree luarocks names.
+  type = "make",
+  build_target = "rock",
+  install_target = "rock-install",
+  build_variables = {
+    CC = "$(CC)", CFLAGS = "$(CFLAGS)", LIBFLAG = "$(LIBFLAG)", LUA_INCDIR = "$(LUA_INCDIR)",
+    OPENSSL_INCDIR = "$(OPENSSL_INCDIR)", OPENSSL_LIBDIR = "$(OPENSSL_LIBDIR)", CURL_LIBDIR = "$(CURL_LIBDIR)",
+  },
+  install_variables = {
+    INST_LIBDIR = "$(LIBDIR)", INST_LUADIR = "$(LUADIR)", INST_BINDIR = "$(BINDIR)",
   },
 }

@@ -26,7 +26,7 @@ local function reply_error(kind, what, r, fields)
   return errors.new(kind, msg, e)
 end
 
--- Marks transport and engine failures the way DESIGN.md asks.
+-- Marks transport and engine failures as docs/architecture.md ("Errors") asks.
 local function as_error(err)
   if errors.is(err) or type(err) == "table" then
     if err.retryable == nil then err.retryable = err.kind == "network" end

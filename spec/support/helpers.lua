@@ -53,7 +53,17 @@ function M.write_file(path, data, mode)
 end
 
 local tmp_root
--- A fresh temporary folder, removed when the Lua process ends its test run.
+-- M.cleanup(): remove every folder M.tmpdir made in this process (test CA
+-- keys included). bin/busted-run calls it when the run ends, the demo when
+-- it is done; later M.tmpdir calls start a fresh root.
+function M.cleanup()
+  if tmp_root and tmp_root:find("^/tmp/oauthmail%-spec%.") then
+    M.exec("rm -rf " .. M.quote(tmp_root))
+  end
+  tmp_root = nil
+end
+
+-- A fresh temporary folder, removed by M.cleanup when the run ends.
 function M.tmpdir()
   if not tmp_root then
     local ok, out = M.exec("mktemp -d /tmp/oauthmail-spec.XXXXXX")
