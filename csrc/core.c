@@ -19,14 +19,49 @@ static const struct {
   { NULL, NULL }
 };
 
+/* "kind error: message [code enhanced] (provider_code)\n  hint: hint": the
+ * one way an error value prints, whether C or Lua made it. The metatable is
+ * complete here, so oauthmail.errors only uses it and changes nothing. */
+/* Pushes before .. field .. after when the field is a string or a number;
+ * returns how many values it pushed (0 or 1). */
+static int push_field(lua_State *L, int idx, const char *name, const char *before, const char *after) {
+  const char *s;
+  lua_getfield(L, idx, name);
+  s = lua_type(L, -1) == LUA_TSTRING || lua_type(L, -1) == LUA_TNUMBER ? lua_tostring(L, -1) : NULL;
+  if (!s) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  lua_pushfstring(L, "%s%s%s", before, s, after);
+  lua_remove(L, -2);
+  return 1;
+}
+
 static int error_tostring(lua_State *L) {
   const char *kind, *msg;
+  int n = 1;
   luaL_checktype(L, 1, LUA_TTABLE);
+  lua_settop(L, 1);
   lua_getfield(L, 1, "kind");
   lua_getfield(L, 1, "message");
-  kind = lua_tostring(L, -2);
-  msg = lua_tostring(L, -1);
+  kind = lua_type(L, 2) == LUA_TSTRING ? lua_tostring(L, 2) : NULL;
+  msg = lua_type(L, 3) == LUA_TSTRING || lua_type(L, 3) == LUA_TNUMBER ? lua_tostring(L, 3) : NULL;
   lua_pushfstring(L, "%s error: %s", kind ? kind : "unknown", msg ? msg : "(no message)");
+  lua_replace(L, 2);
+  lua_settop(L, 2);
+  lua_getfield(L, 1, "code");
+  if (lua_toboolean(L, -1)) {
+    lua_pop(L, 1);
+    n += push_field(L, 1, "code", " [", "");
+    n += push_field(L, 1, "enhanced", " ", "");
+    lua_pushliteral(L, "]");
+    n++;
+  } else {
+    lua_pop(L, 1);
+  }
+  n += push_field(L, 1, "provider_code", " (", ")");
+  n += push_field(L, 1, "hint", "\n  hint: ", "");
+  lua_concat(L, n);
   return 1;
 }
 

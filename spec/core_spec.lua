@@ -16,6 +16,28 @@ describe("oauthmail.core", function()
     assert.has_error(function() core.sleep("soon") end)
   end)
 
+  it("prints a C error fully before oauthmail.errors is loaded, and loading it changes nothing", function()
+    local h = require "spec.support.helpers"
+    local script = h.tmpdir() .. "/mt.lua"
+    h.write_file(script, [[
+      local core = require "oauthmail.core"
+      local mt = core.error_metatable
+      local function keys()
+        local t = {}
+        for k, v in pairs(mt) do t[#t + 1] = tostring(k) .. "=" .. tostring(v) end
+        table.sort(t)
+        return table.concat(t, ",")
+      end
+      local e = setmetatable({ kind = "smtp", message = "m", code = 535, enhanced = "5.7.3", hint = "h" }, mt)
+      local before, printed = keys(), tostring(e)
+      require "oauthmail.errors"
+      io.write(printed, "|", tostring(before == keys()))
+    ]])
+    local ok, out = h.exec(h.lua_bin .. " " .. h.quote(script))
+    assert(ok, out)
+    assert.equal("smtp error: m [535 5.7.3]\n  hint: h|true", out)
+  end)
+
   it("shares one error metatable between C and Lua errors", function()
     local _, cerr = core.conn.connect { host = "127.0.0.1", port = 1 }
     local lerr = errors.new("smtp", "550 no such user", { code = 550, enhanced = "5.1.1", hint = "check the address" })

@@ -1,6 +1,7 @@
 -- oauthmail.errors — the one error value every expected failure returns.
--- C functions create it with the same metatable (core.error_metatable), so an
--- error from the core and one made in Lua print and compare alike.
+-- C functions create it with the same metatable (core.error_metatable, whose
+-- __tostring lives in csrc/core.c), so an error from the core and one made in
+-- Lua print and compare alike. Loading this module changes nothing in it.
 local core = require "oauthmail.core"
 
 local M = {}
@@ -13,15 +14,6 @@ local KINDS = {
   smtp = true, http = true, policy = true, store = true,
 }
 M.KINDS = KINDS
-
-mt.__index = nil
-mt.__tostring = function(e)
-  local parts = { (e.kind or "unknown") .. " error: " .. tostring(e.message or "(no message)") }
-  if e.code then parts[#parts + 1] = " [" .. tostring(e.code) .. (e.enhanced and (" " .. e.enhanced) or "") .. "]" end
-  if e.provider_code then parts[#parts + 1] = " (" .. e.provider_code .. ")" end
-  if e.hint then parts[#parts + 1] = "\n  hint: " .. e.hint end
-  return table.concat(parts)
-end
 
 -- errors.new(kind, message [, fields]) -> error value
 function M.new(kind, message, fields)

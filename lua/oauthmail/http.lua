@@ -143,8 +143,7 @@ end
 -- Turn the raw events collected in C into redacted trace events, in order:
 -- the exchange's secrets by value, the key and header rules of
 -- oauthmail.redact, control bytes escaped (a line per event, never forged).
-local function emit_trace(trace, events, request_ct, secrets)
-  local response_ct
+local function emit_trace(trace, events, secrets)
   local function emit(dir, text)
     return trace { proto = "http", dir = dir, text = redact.escape(redact.values(text, secrets)) }
   end
@@ -170,21 +169,15 @@ local function emit_trace(trace, events, request_ct, secrets)
         calls[#calls + 1] = { "send", line }
       end
     elseif t == "data_out" then
-      calls[#calls + 1] = { "send", note(redact.body(request_ct, ev.text), ev.omitted) }
+      calls[#calls + 1] = { "send", note(redact.body(ev.text), ev.omitted) }
     elseif t == "header_in" then
       local line, e = ev.text, #ev.text
       while e > 0 and (line:byte(e) == 10 or line:byte(e) == 13) do e = e - 1 end
       line = line:sub(1, e)
-      if line:match("^HTTP/") then
-        response_ct = nil
-      else
-        local name, value = line:match("^([^:]+):%s*(.*)$")
-        if name and name:lower() == "content-type" then response_ct = value end
-        line = redact.header_line(line)
-      end
+      if not line:match("^HTTP/") then line = redact.header_line(line) end
       if line ~= "" then calls[#calls + 1] = { "recv", line } end
     elseif t == "data_in" then
-      calls[#calls + 1] = { "recv", note(redact.body(response_ct, ev.text), ev.omitted) }
+      calls[#calls + 1] = { "recv", note(redact.body(ev.text), ev.omitted) }
     end
   end
   if events.dropped then calls[#calls + 1] = { "info", string.format("%d", events.dropped) .. " trace events dropped (limit reached)" } end
@@ -248,8 +241,7 @@ function M.request(opts)
   }
   if resp then events = err end
   if opts.trace and events then
-    local tok, terr = emit_trace(opts.trace, events, find_header(headers, "content-type"),
-      exchange_secrets(opts.secrets, headers, body, resp))
+    local tok, terr = emit_trace(opts.trace, events, exchange_secrets(opts.secrets, headers, body, resp))
     if not tok then return nil, terr end
   end
   if not resp then

@@ -283,13 +283,9 @@ function Mailer:_open()
   tok = tok2
   self.session, self.session_sent = s, 0
   self.session_token_expires = tok.expires_at
-  -- like the token manager: a token that lives shorter than the margin is
-  -- used for half its life, not refused outright
-  self.session_margin = self.settings.margin
-  if tok.expires_at then
-    local half = (tok.expires_at - self.clock()) / 2
-    if half < self.session_margin then self.session_margin = half end
-  end
+  -- the token manager's rule: a token that lives shorter than the margin
+  -- is used for half its remaining life, not refused outright
+  self.session_margin = self.tokens:margin_for { expires_at = tok.expires_at, obtained_at = self.clock() }
   self:_trace { event = "session_open", host = self.settings.smtp.host }
   return s
 end

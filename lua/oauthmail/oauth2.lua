@@ -27,7 +27,6 @@ local function check_cfg(cfg, fname, need_client)
     error("oauth2." .. fname .. ": trace must be a function", 3)
   end
 end
-M._check_cfg = check_cfg
 
 -- oauth2.client_credentials(cfg) -> token | nil, err
 function M.client_credentials(cfg)

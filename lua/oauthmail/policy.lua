@@ -105,7 +105,6 @@ end
 
 local Governor = {}
 Governor.__index = Governor
-M.Governor = Governor
 
 -- policy.governor(limits, {clock=, sleep=}) -> governor
 -- limits: messages_per_minute, messages_per_day, recipients_per_day,

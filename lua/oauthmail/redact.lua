@@ -137,11 +137,10 @@ function M.json(s)
   return table.concat(out)
 end
 
--- redact.body(content_type, s): JSON and form redaction both run whatever
--- the declared type: a mislabelled token response, or a JSON reply that
--- quotes a form, must not leak.
-function M.body(content_type, s)
-  local _ = content_type
+-- redact.body(s): JSON and form redaction both, whatever the declared
+-- content type: a mislabelled token response, or a JSON reply that quotes a
+-- form, must not leak.
+function M.body(s)
   if type(s) ~= "string" then return s end
   return M.form(M.json(s))
 end
@@ -281,7 +280,7 @@ end
 -- quoted in the text, and scheme credentials ("Bearer ...", "Basic ...").
 function M.text(s)
   if type(s) ~= "string" then return s end
-  return mask_scheme_credentials(mask_header_mentions(M.body(nil, s)))
+  return mask_scheme_credentials(mask_header_mentions(M.body(s)))
 end
 
 return M

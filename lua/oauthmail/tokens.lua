@@ -30,7 +30,12 @@ local INVALID_TTL = 86400
 M.WAIT = setmetatable({}, { __tostring = function() return "oauthmail.tokens.WAIT" end })
 
 M.DEFAULT_MARGIN = 300
-M.MICROSOFT_MARGIN = 600   -- Exchange refuses tokens ~10 min before exp (501 5.5.127)
+
+-- tokens.default_margin(provider) -> seconds: the preset's, else DEFAULT_MARGIN.
+function M.default_margin(provider)
+  local preset = type(provider) == "string" and require("oauthmail.providers").presets[provider]
+  return preset and preset.margin or M.DEFAULT_MARGIN
+end
 
 -- TEST HOOK (spec/support/token_worker.lua only): called with "after_token",
 -- "before_save" and "after_save" so the crash tests can end the process there.
@@ -108,7 +113,8 @@ function M.new(opts)
   local self = setmetatable({
     flow = flow,
     store = store_mod.new(opts.store),
-    margin = opts.margin or (flow.provider == "microsoft" and M.MICROSOFT_MARGIN or M.DEFAULT_MARGIN),
+    -- the provider preset's margin (microsoft: 600 s, for 501 5.5.127) unless given
+    margin = opts.margin or M.default_margin(flow.provider),
     interactive = opts.interactive or false,
     oauth2 = opts.oauth2,
     profile = opts.profile,

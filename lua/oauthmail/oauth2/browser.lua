@@ -15,9 +15,7 @@ local MAX_HEADER_LINES = 100
 local MAX_HEADER_BYTES = 32768
 local MAX_STRAY_REQUESTS = 50   -- favicon and friends, before the real redirect
 
-local function shell_quote(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
+local shell_quote = require("oauthmail.store.shell").quote
 
 local function html_escape(s)
   return (tostring(s):gsub("[&<>\"']", { ["&"] = "&amp;", ["<"] = "&lt;", [">"] = "&gt;", ['"'] = "&quot;", ["'"] = "&#39;" }))
