@@ -12,7 +12,7 @@ local USER = "noreply@contoso.test"
 
 local function raw(subject, id)
   return "From: " .. USER .. "\r\nTo: ops@example.org\r\nSubject: " .. subject .. "\r\nMessage-ID: <" .. id
-    .. "@contoso.test>\r\n\r\nHello from the mailer spec.\r\n"
+    .. "@contoso.test>\r\nDate: Tue, 01 Dec 2026 12:00:00 +0000\r\n\r\nHello from the mailer spec.\r\n"
 end
 
 describe("mailer against the oidc-provider and the sandbox", function()
@@ -200,6 +200,34 @@ describe("mailer against the oidc-provider and the sandbox", function()
     mailer:close()
     assert.equals(1, count("mok1@contoso.test"))
     assert.equals(1, count("mok2@contoso.test"))
+  end)
+
+  -- issue 12 (one raw-message path): raw text goes through message.from_raw,
+  -- so a Bcc header never reaches the recipients, and the envelope comes
+  -- from the headers when the call names no recipients
+  it("sends raw text the way message.from_raw reads it: Bcc removed, envelope from the headers", function()
+    local text = "From: " .. USER .. "\r\nTo: ops@example.org\r\nBcc: hidden@example.org\r\n" ..
+      "Subject: raw bcc\r\nMessage-ID: <mraw@contoso.test>\r\n\r\nHello.\r\n"
+    local mailer = assert(oauthmail.new(profile()))
+    local r, err = mailer:send { raw = text }
+    assert.is_nil(err)
+    assert.equals("mraw@contoso.test", r.message_id)
+    assert.same({ "ops@example.org", "hidden@example.org" }, r.accepted)
+    mailer:close()
+    assert.equals(1, count("mraw@contoso.test"))
+    local got
+    for _, m in ipairs(sb.messages()) do if m.message_id == "mraw@contoso.test" then got = m end end
+    assert.is_nil(got.data:find("hidden@example.org", 1, true))
+    assert.is_nil(got.data:lower():find("\nbcc:", 1, true))
+    assert.truthy(got.data:find("\r\nDate: ", 1, true))
+    -- recipients named in the call win over the headers; a raw message with a bad address is refused
+    local mailer2 = assert(oauthmail.new(profile()))
+    local r2 = assert(mailer2:send { raw = text:gsub("mraw@", "mraw2@"), to = "only@example.org" })
+    assert.same({ "only@example.org" }, r2.accepted)
+    local r3, err3 = mailer2:send { raw = "From: " .. USER .. "\r\nTo: bob\r\n\r\nx\r\n" }
+    assert.is_nil(r3)
+    assert.equals("config", err3.kind)
+    mailer2:close()
   end)
 
   it("reports a refused recipient and delivers to the others", function()

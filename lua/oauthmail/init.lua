@@ -136,16 +136,9 @@ local function list_of(v)
   return v
 end
 
-local function raw_message_id(data)
-  local head = data:match("^(.-)\r?\n\r?\n") or data
-  return head:match("\n[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*<([^>\r\n]*)>")
-    or head:match("^[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*<([^>\r\n]*)>")
-end
-
 -- Bring any accepted message shape to {from, to, data() -> fresh source, message_id}.
 function Mailer:_prepare(msg)
   if type(msg) ~= "table" then error("mailer:send: expected a message table", 3) end
-  local from
   if type(msg.reader) == "function" and type(msg.envelope) == "table" then
     -- a message composed by oauthmail.message: a new reader for every attempt
     local env = msg.envelope
@@ -155,23 +148,22 @@ function Mailer:_prepare(msg)
       size = msg.size and msg:size() or nil, eight_bit = msg.has_8bit and true or false,
       data = function() return msg:reader() end }
   end
+  local message = require "oauthmail.message"
   local raw = msg.raw or msg.data
   if raw ~= nil then
+    -- raw text is read the one way message.from_raw reads it: Bcc removed,
+    -- Date and Message-ID added when missing, every address header checked;
+    -- the envelope is the call's to/cc/bcc, else the headers'
     if type(raw) ~= "string" then error("mailer:send: 'raw' must be the message text (a string)", 3) end
-    from = msg.from or self.settings.from
     local to = {}
     for _, field in ipairs { "to", "cc", "bcc" } do
       local l = list_of(msg[field])
       if type(l) ~= "table" then error("mailer:send: '" .. field .. "' must be an address or a list", 3) end
       for _, a in ipairs(l) do to[#to + 1] = a end
     end
-    if #to == 0 then error("mailer:send: no recipients (to, cc or bcc)", 3) end
-    return { from = from, to = to, message_id = raw_message_id(raw), data = function() return raw end }
-  end
-  local ok, message = pcall(require, "oauthmail.message")
-  if not ok then
-    return errors.fail("config", "composing a message needs oauthmail.message; pass raw= (the message text) instead",
-      { reason = "message" })
+    local m, err = message.from_raw(raw, { from = msg.from or self.settings.from, to = #to > 0 and to or nil })
+    if not m then return nil, err end
+    return self:_prepare(m)
   end
   local t = {}
   for k, v in pairs(msg) do t[k] = v end
