@@ -5,6 +5,7 @@
 local core = require "oauthmail.core"
 local errors = require "oauthmail.errors"
 local redact = require "oauthmail.redact"
+local urls = require "oauthmail.url"
 
 local C = core.http
 local cjson = require("cjson.safe").new()
@@ -13,15 +14,7 @@ local M = {}
 M.curl_version = C.curl_version
 
 -- Percent-encode everything but RFC 3986 unreserved characters.
-function M.url_encode(s)
-  return (tostring(s):gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", c:byte()) end))
-end
-
--- application/x-www-form-urlencoded (RFC 6749 appendix B): space is "+",
--- everything outside ALPHA / DIGIT / "*-._" is percent-encoded.
-local function form_component(s)
-  return (s:gsub("[^%w%*%-%._ ]", function(c) return string.format("%%%02X", c:byte()) end):gsub(" ", "+"))
-end
+M.url_encode = urls.percent
 
 -- http.form_encode{k=v,...} -> "a=1&b=2" with keys sorted, so the same
 -- table always gives the same bytes.
@@ -38,7 +31,7 @@ function M.form_encode(t)
   end
   table.sort(keys)
   local parts = {}
-  for i, k in ipairs(keys) do parts[i] = form_component(k) .. "=" .. form_component(tostring(t[k])) end
+  for i, k in ipairs(keys) do parts[i] = urls.form_component(k) .. "=" .. urls.form_component(tostring(t[k])) end
   return table.concat(parts, "&")
 end
 
@@ -47,15 +40,10 @@ function M.form_decode(s)
   local t = {}
   for pair in tostring(s):gmatch("[^&]+") do
     local k, v = pair:match("^([^=]*)=?(.*)$")
-    local function dec(x)
-      return (x:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
-    end
-    t[dec(k)] = dec(v)
+    t[urls.decode(k)] = urls.decode(v)
   end
   return t
 end
-
-local LOOPBACK = { localhost = true, ["127.0.0.1"] = true, ["[::1]"] = true }
 
 local function check_url(url, allow_http)
   local scheme, host = url:match("^(%a[%w+.-]*)://([^/?#]*)")
@@ -66,7 +54,7 @@ local function check_url(url, allow_http)
   host = (host:gsub("^.*@", ""):gsub(":%d*$", "")):lower()
   if scheme == "https" then return true end
   if scheme == "http" then
-    if LOOPBACK[host] or allow_http then return true end
+    if urls.is_loopback(host) or allow_http then return true end
     return errors.fail("config", "refusing plain http:// to " .. host .. ": tokens and secrets must travel over " ..
       "TLS (use https://, or allow_http=true for a trusted test endpoint)", { reason = "insecure" })
   end
@@ -104,10 +92,6 @@ local function info_line(line, secrets)
   return redact.text(line)
 end
 
-local function url_decode(s)
-  return (s:gsub("+", " "):gsub("%%(%x%x)", function(x) return string.char(tonumber(x, 16)) end))
-end
-
 -- The secret values one exchange holds, beyond those the caller names:
 -- the credential of an Authorization header (and, for Basic, the secret in
 -- it), the values of secret fields in a form body, and those of secret keys
@@ -123,12 +107,12 @@ local function exchange_secrets(list, headers, body, resp)
     local secret = type(plain) == "string" and plain:match("^[^:]*:(.*)$")
     if secret then
       out[#out + 1] = secret
-      out[#out + 1] = url_decode(secret)
+      out[#out + 1] = urls.decode(secret)
     end
   end
   if type(body) == "string" then
     for k, v in body:gmatch("([^&=]+)=([^&]*)") do
-      if redact.FIELDS[url_decode(k):lower()] then out[#out + 1] = url_decode(v) end
+      if redact.FIELDS[urls.decode(k):lower()] then out[#out + 1] = urls.decode(v) end
     end
   end
   local doc = resp and resp.body and resp.body:find("^%s*{") and cjson.decode(resp.body)

@@ -3,6 +3,8 @@
 -- trace, and reusable by any other trace (SMTP, errors, logs).
 -- Redaction keeps the shape (field names, auth scheme) so a trace still
 -- explains what happened; only values are replaced by MASK.
+local url = require "oauthmail.url"
+
 local M = {}
 
 M.MASK = "<redacted>"
@@ -28,10 +30,7 @@ local AUTH_HEADERS = { authorization = true, ["proxy-authorization"] = true }
 -- Headers that carry URLs (a redirect may carry ?code= or #access_token=).
 local URL_HEADERS = { location = true, ["content-location"] = true, refresh = true }
 
-local function unescape(s)
-  s = s:gsub("+", " ")
-  return (s:gsub("%%(%x%x)", function(x) return string.char(tonumber(x, 16)) end))
-end
+local unescape = url.decode
 
 local function is_secret_name(name)
   return M.FIELDS[name:lower()] == true
@@ -233,9 +232,7 @@ function M.forms(v)
   local b64 = require("oauthmail.crypto").b64encode(v)
   local out, seen = {}, {}
   for _, f in ipairs {
-    v,
-    (v:gsub("[^%w%*%-%._ ]", function(c) return string.format("%%%02X", c:byte()) end):gsub(" ", "+")),
-    (v:gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", c:byte()) end)),
+    v, url.form_component(v), url.percent(v),
     b64, (b64:gsub("=+$", "")), (b64:gsub("+", "-"):gsub("/", "_"):gsub("=+$", "")),
   } do
     if not seen[f] and #f >= M.MIN_SECRET then seen[f], out[#out + 1] = true, f end

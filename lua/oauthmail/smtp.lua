@@ -271,16 +271,7 @@ local function decode_challenge(json, clean)
 end
 
 -- Where allow_plaintext_auth may apply: this machine, by name or literal.
-local function is_loopback(host)
-  host = tostring(host):lower()
-  if host == "localhost" or host == "::1" or host == "[::1]" then return true end
-  local a, b, c, d = host:match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$")
-  if a then
-    a, b, c, d = tonumber(a), tonumber(b), tonumber(c), tonumber(d)
-    return a == 127 and b <= 255 and c <= 255 and d <= 255
-  end
-  return false
-end
+local is_loopback = require("oauthmail.url").is_loopback
 
 -- More 334s than any mechanism here needs (two-step XOAUTH2 with an error
 -- challenge, LOGIN) means a server out of step; the engine stops sooner.

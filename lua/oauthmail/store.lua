@@ -34,6 +34,22 @@ function M.check_options(where, opts, fields, level)
   end
 end
 
+-- store.without_nulls(t) -> t: a JSON null is an absent field, not a
+-- userdata the rest of the library would trip over.
+function M.without_nulls(t)
+  local null = require("cjson").null
+  for k, v in pairs(t) do
+    if v == null then t[k] = nil end
+  end
+  return t
+end
+
+-- store.writable_by_others(mode) -> true when group or other may write.
+function M.writable_by_others(mode)
+  local group, other = math.floor(mode / 8) % 8, mode % 8
+  return math.floor(group / 2) % 2 == 1 or math.floor(other / 2) % 2 == 1
+end
+
 function M.memory(opts) return require(KINDS.memory).new(opts) end
 function M.file(opts) return require(KINDS.file).new(opts) end
 function M.command(opts) return require(KINDS.command).new(opts) end

@@ -6,6 +6,7 @@
 -- error message or a trace event.
 local core = require "oauthmail.core"
 local errors = require "oauthmail.errors"
+local urls = require "oauthmail.url"
 local crypto = require "oauthmail.crypto"
 
 local M = {}
@@ -47,36 +48,12 @@ end
 
 local function http() return require "oauthmail.http" end
 
--- application/x-www-form-urlencoded (RFC 6749 appendix B, the HTML form
--- serializer): ALPHA / DIGIT / "*-._" as is, space as '+', the rest percent-encoded.
-function M.urlencode(s)
-  return (tostring(s):gsub("[^%w%*%-%._ ]", function(c)
-    return string.format("%%%02X", c:byte())
-  end):gsub(" ", "+"))
-end
-
-function M.urldecode(s)
-  return (s:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
-end
-
--- Encode an ordered list of {name, value} pairs (nil values are skipped), so
--- request bodies are stable and readable in traces.
-function M.form(pairs_list)
-  local out = {}
-  for _, p in ipairs(pairs_list) do
-    if p[2] ~= nil then out[#out + 1] = M.urlencode(p[1]) .. "=" .. M.urlencode(p[2]) end
-  end
-  return table.concat(out, "&")
-end
-
-function M.parse_query(q)
-  local t = {}
-  for part in q:gmatch("[^&;]+") do
-    local k, v = part:match("^([^=]*)=?(.*)$")
-    if k and k ~= "" and t[M.urldecode(k)] == nil then t[M.urldecode(k)] = M.urldecode(v) end
-  end
-  return t
-end
+-- Form encoding and query parsing: oauthmail.url's, under the names the
+-- flows and specs use.
+M.urlencode = urls.form_component
+M.urldecode = urls.decode
+M.form = urls.form
+M.parse_query = urls.parse_query
 
 function M.scope_string(scope)
   if scope == nil then return nil end

@@ -7,6 +7,7 @@ local core = require "oauthmail.core"
 local cjson = require("cjson.safe").new()
 local crypto = require "oauthmail.crypto"
 local errors = require "oauthmail.errors"
+local store_mod = require "oauthmail.store"
 local shell = require "oauthmail.store.shell"
 
 local M = {}
@@ -55,10 +56,7 @@ function M:load(key)
   if type(record) ~= "table" then
     return fail("command store: get command printed something that is not a JSON token record", "corrupt")
   end
-  for k, v in pairs(record) do
-    if v == cjson.null then record[k] = nil end   -- JSON null is an absent field, not a userdata
-  end
-  return record
+  return store_mod.without_nulls(record)
 end
 
 function M:save(key, record)
@@ -87,8 +85,7 @@ function M:lock_folder()
   if st.uid ~= core.fs.uid() then
     return fail(string.format("command store: lock folder %s belongs to another user (uid %d)", dir, st.uid), "permissions")
   end
-  local group, other = math.floor(st.mode / 8) % 8, st.mode % 8
-  if math.floor(group / 2) % 2 == 1 or math.floor(other / 2) % 2 == 1 then
+  if store_mod.writable_by_others(st.mode) then
     return fail(string.format("command store: lock folder %s is writable by others (mode %04o); run chmod 700 %s",
       dir, st.mode, dir), "permissions")
   end

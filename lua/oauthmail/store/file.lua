@@ -7,6 +7,7 @@ local core = require "oauthmail.core"
 local cjson = require("cjson.safe").new()
 local crypto = require "oauthmail.crypto"
 local errors = require "oauthmail.errors"
+local store_mod = require "oauthmail.store"
 local keysource = require "oauthmail.store.keysource"
 
 local fs = core.fs
@@ -39,10 +40,7 @@ end
 local function octal(mode) return string.format("%04o", mode) end
 
 local function group_other(mode) return mode % 64 end
-local function writable_by_others(mode)
-  local group, other = math.floor(mode / 8) % 8, mode % 8
-  return math.floor(group / 2) % 2 == 1 or math.floor(other / 2) % 2 == 1
-end
+local writable_by_others = store_mod.writable_by_others
 
 local FIELDS = { kind = "string", path = "string", encryption = "table", lock_timeout = "number", create_dir = "boolean" }
 
@@ -228,9 +226,7 @@ function M:read()
   end
   for k, v in pairs(accounts) do
     if type(k) ~= "string" or type(v) ~= "table" then return corrupt("has a damaged account entry") end
-    for f, x in pairs(v) do
-      if x == cjson.null then v[f] = nil end   -- JSON null is an absent field, not a userdata
-    end
+    store_mod.without_nulls(v)
   end
   return accounts, env
 end
