@@ -29,7 +29,7 @@ end
 -- Marks transport and engine failures as docs/architecture.md ("Errors") asks.
 local function as_error(err)
   if errors.is(err) or type(err) == "table" then
-    if err.retryable == nil then err.retryable = err.kind == "network" end
+    if err.retryable == nil then err.retryable = err.kind == "network" and err.reason ~= "dns" end
     return setmetatable(err, errors.metatable)
   end
   return errors.new("network", tostring(err), { retryable = true })
