@@ -388,8 +388,9 @@ function Mailer:send(msg)
     last.attempts = last.attempts or 1   -- requests to the token endpoint
   else
     last.attempts = attempt
-    if attempt > 1 then
-      last.message = last.message .. string.format(" (%d attempts in %.1f s)", attempt, self.clock() - started)
+    if attempt > 1 or last.kind == "network" then
+      last.message = last.message .. string.format(" (%d attempt%s in %.1f s)", attempt, attempt == 1 and "" or "s",
+        self.clock() - started)
     end
   end
   if last.retryable == nil then last.retryable = false end
