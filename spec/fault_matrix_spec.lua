@@ -440,4 +440,31 @@ describe("fault matrix", function()
       delivered = count(id), seen = "process died, no receipt; sent again: receipt, attempts=1",
       note = "0 from the killed process (partial data discarded), 1 after the caller sent again" }
   end)
+  it("a process killed after the server stored the message, before the 250: one copy, and a second "
+    .. "if the caller sends again (SMTP cannot tell)", function()
+    local dir = h.tmpdir()
+    local prof = child_profile(dir .. "/tokens.json")
+    local id = "fm-killed-late@contoso.test"
+    sb.faults { { stage = "data", action = "stall_after_store" } }
+    local child = h.spawn(h.lua_bin .. " " .. h.quote(h.root .. "/spec/support/fault_child.lua"), {
+      env = { OM_PROFILE = prof, OM_MESSAGE_ID = id }, ready = "STARTED", timeout = 60, lifetime = 120 })
+    local deadline = h.now() + 30
+    while h.now() < deadline and count(id) == 0 do h.sleep(0.05) end
+    assert.equals(1, count(id), "the server never stored the message: " .. child.output())
+    h.exec("pkill -KILL -P " .. child.pid)
+    local gone = h.now() + 10
+    while child.alive() and h.now() < gone do h.sleep(0.05) end
+    child.stop()
+    assert.not_matches("SENT", child.output())
+    -- the caller holds no receipt: sending again is its only way not to lose
+    -- the message, and the server then holds two copies
+    local rc, out = run_child(prof, id)
+    assert.equals(0, rc, out)
+    assert.matches("SENT 1", out)
+    assert.equals(2, count(id))
+    rows[#rows + 1] = { fault = "process killed (SIGKILL) after the server stored the message, before the 250",
+      peer = "sandbox (smtp-server)", delivered = count(id),
+      seen = "process died, no receipt; sent again: receipt, attempts=1",
+      note = "duplicate: 1 from the killed process, 1 after the caller sent again (SMTP cannot tell)" }
+  end)
 end)

@@ -5,7 +5,8 @@
 // refuse a recipient, drop the connection in the middle of DATA, right
 // after the 250 or after storing the message but before the 250 is written
 // (drop_before_ok), stop reading in the middle of DATA for a while (hold,
-// hold_ms), or never answer the end of DATA.
+// hold_ms), or never answer the end of DATA (stall: nothing stored;
+// stall_after_store: stored).
 // Bearer tokens are accepted when they are JWTs signed by a configured
 // issuer's keys (the local oidc-provider) and not expired, or when they are
 // on the allow list. Every accepted message is written to maildir as
@@ -180,6 +181,7 @@ const server = new SMTPServer({
         user: session.user && session.user.name, token: session.user && session.user.token,
       }) + '\n');
       stats.delivered += 1;
+      if (f && f.action === 'stall_after_store') return;   // delivered, the 250 never comes
       if (f && f.action === 'drop_before_ok' && conn) {
         // delivered, but the connection dies before the 250 is written: the
         // client cannot tell this from a loss (RFC 1047)
