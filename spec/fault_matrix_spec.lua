@@ -197,7 +197,7 @@ describe("fault matrix", function()
     assert.equals(1, err.attempts)
     assert.matches("cannot resolve host 'nonexistent%.invalid'", err.message)
     assert.matches("%(1 attempt in %d+%.%d s%)$", err.message)
-    assert.is_true(elapsed < 10)
+    assert.is_true(elapsed < 30, elapsed)
     local failed = 0
     for _, ev in ipairs(trace.events) do if ev.event == "attempt_failed" then failed = failed + 1 end end
     assert.equals(1, failed)
@@ -285,7 +285,7 @@ describe("fault matrix", function()
     assert.equals(3, requests)              -- one retry layer: the endpoint's
     assert.equals(3, err.attempts)
     assert.matches("%(3 attempts in %d+%.%d s%)$", err.message)
-    assert.is_true(elapsed >= 2 and elapsed < 10, elapsed)   -- two waits of Retry-After: 1
+    assert.is_true(elapsed >= 2 and elapsed < 30, elapsed)   -- two waits of Retry-After: 1
     assert.equals(0, count(id))
     record("429 from the token endpoint (every request)", "fault_http", count(id), r, err,
       requests .. " token requests in " .. string.format("%.1f", elapsed) .. " s")
@@ -314,7 +314,7 @@ describe("fault matrix", function()
     assert.equals(3, requests)
     assert.equals(3, err.attempts)
     assert.matches("%(3 attempts in %d+%.%d s%)$", err.message)
-    assert.is_true(elapsed >= 3 and elapsed < 10, elapsed)   -- back-off 1 s + 2 s
+    assert.is_true(elapsed >= 3 and elapsed < 30, elapsed)   -- back-off 1 s + 2 s
     assert.equals(0, count(id))
     record("503 from the token endpoint (every request)", "fault_http", count(id), r, err,
       requests .. " token requests in " .. string.format("%.1f", elapsed) .. " s")
@@ -330,7 +330,7 @@ describe("fault matrix", function()
     assert.equals(3, requests)
     assert.equals(3, err.attempts)
     assert.matches("%(3 attempts in %d+%.%d s%)$", err.message)
-    assert.is_true(elapsed < 10, elapsed)
+    assert.is_true(elapsed < 30, elapsed)
     assert.equals(0, count(id))
     record("token endpoint down (connection closed, every request)", "fault_http", count(id), r, err,
       requests .. " token requests in " .. string.format("%.1f", elapsed) .. " s")
@@ -346,7 +346,7 @@ describe("fault matrix", function()
     assert.is_false(err.retryable)
     assert.equals(1, err.attempts)
     assert.matches("%(1 attempt in %d+%.%d s%)$", err.message)
-    assert.is_true(elapsed < 10, elapsed)
+    assert.is_true(elapsed < 30, elapsed)
     local requests = 0
     for _, ev in ipairs(trace.events) do if ev.event == "request" and ev.what then requests = requests + 1 end end
     assert.equals(1, requests)
