@@ -260,6 +260,47 @@ describe("fault matrix", function()
     return id, r, err, elapsed, #fh.requests("/token")
   end
 
+  it("a token that expires mid-batch while the client's clock is 10 s behind: the server refuses it once, "
+    .. "the mailer refreshes and re-authenticates, each message once", function()
+    local before = sb.stats()
+    local base = require("oauthmail.policy").default_clock()
+    local got = {}
+    local trace = h.trace_collector()
+    local mailer = assert(oauthmail.new(profile { trace = trace,
+      policy = { attempts = 3, backoff_base = 0.1, jitter = 0, clock = function() return base() - 10 end },
+      on_token = function(tok) got[#got + 1] = tok.access_token end }))
+    -- the client believes its 4 s token good until 8 s after it really
+    -- expired and keeps its session for about 7 s: the next AUTH presents
+    -- an expired token, which only the server can tell
+    local ids, refused = {}, 0
+    local deadline = h.now() + 60
+    while (refused == 0 or #ids < 3) and h.now() < deadline do
+      local id, raw = message("skew")
+      ids[#ids + 1] = id
+      local r = assert(mailer:send { raw = raw, to = "ops@example.org" })
+      assert.equals(1, r.attempts)
+      refused = sb.stats().auth_failed - before.auth_failed
+      h.sleep(1)
+    end
+    mailer:close()
+    for _, id in ipairs(ids) do assert.equals(1, count(id)) end
+    assert.equals(1, refused)
+    assert.is_true(#got >= 2)
+    local reauth = {}
+    for _, ev in ipairs(trace.events) do
+      if ev.event == "reauth" then reauth[#reauth + 1] = ev.code .. " " .. tostring(ev.enhanced) end
+    end
+    assert.same({ "535 5.7.3" }, reauth)
+    local secrets = { srv.secrets.post }
+    for _, t in ipairs(got) do secrets[#secrets + 1] = t end
+    h.assert_no_secrets(trace.text(), secrets)
+    rows[#rows + 1] = { fault = "token expires mid-batch, client clock 10 s behind (the server sees it first)",
+      peer = "oidc-provider + sandbox", delivered = #ids,
+      seen = string.format("%d receipts, attempts=1 each; 1 AUTH refused (535 5.7.3), refreshed, re-authenticated",
+        #ids),
+      note = "each message delivered once" }
+  end)
+
   it("429 from the token endpoint once: waits Retry-After, one more request, delivered once", function()
     local id, r, err, _, requests = token_case("t429once", {
       { status = 429, headers = { ["Retry-After"] = "1" }, json = { error = "temporarily_unavailable" } },
