@@ -13,6 +13,7 @@ local cjson = require "cjson"
 local h = require "spec.support.helpers"
 local oidc = require "spec.support.oidc"
 local sandbox = require "spec.support.sandbox"
+local smtp_peers = require "spec.support.smtp_peers"
 
 local USER = "noreply@contoso.test"
 local TTL = 4   -- lifetime of the oidc-provider's access tokens: several expire during this spec
@@ -184,6 +185,38 @@ describe("fault matrix", function()
     assert.equals(3, count(id))
     record("connection dropped after the final 250 (every attempt)", "sandbox (smtp-server)", count(id), r, err,
       "3 copies: each attempt was delivered and its reply lost")
+  end)
+
+  it("the SMTP server process dies (SIGKILL) during the data: nothing delivered, a network error", function()
+    local tok = "fm-peer-token-3e8a0c6d17"
+    local peer = smtp_peers.node_smtp { token = tok, user = USER, auth = { "XOAUTH2" }, crash_in_data = true }
+    local ok, e = pcall(function()
+      local status = h.http_json({ port = fh.port, ca_file = fh.ca }, "POST", "/_scenario",
+        { path = "/token", responses = { { status = 200, json = { access_token = tok, expires_in = 3600 } } },
+          repeat_last = true })
+      assert.equals(200, status)
+      local trace = h.trace_collector()
+      local id, r, err = send(profile { token_endpoint = fh.url .. "/token", client_id = "fm-client",
+        client_secret = "fm-secret-9d1c5e27", trace = trace,
+        smtp = { host = "127.0.0.1", port = peer.port, ca_file = peer.ca, timeout = 10 } }, "srvdead")
+      local delivered = 0
+      for _, m in ipairs(peer.messages()) do
+        if m.data and m.data:find("<" .. id .. ">", 1, true) then delivered = delivered + 1 end
+      end
+      record("the SMTP server process dies (SIGKILL) during the data", "smtp.mjs (smtp-server)", delivered, r, err,
+        "the server is gone: the reconnects are refused")
+      assert.is_nil(r)
+      assert.equals("network", err.kind)
+      assert.equals("refused", err.reason)
+      assert.is_true(err.retryable)
+      assert.equals(3, err.attempts)
+      assert.matches("%(3 attempts in %d+%.%d s%)$", err.message)
+      assert.equals(0, delivered)
+      assert.is_false(peer.alive())
+      h.assert_no_secrets(trace.text(), { tok, "fm-secret-9d1c5e27" })
+    end)
+    peer.stop()
+    assert(ok, e)
   end)
 
   it("an SMTP host name that does not exist is tried once, and says so", function()
