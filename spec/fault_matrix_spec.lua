@@ -219,6 +219,51 @@ describe("fault matrix", function()
     assert(ok, e)
   end)
 
+  it("Dovecot cannot check tokens (its introspection endpoint is down): 454 4.7.0 on every AUTH, "
+    .. "nothing delivered", function()
+    if not smtp_peers.have_dovecot() then pending("Dovecot is not installed") return end
+    local tok = "fm-dovecot-token-5c0e9b4a72"
+    local dv = smtp_peers.dovecot { token = tok, user = USER }
+    local ok, e = pcall(function()
+      local status = h.http_json({ port = fh.port, ca_file = fh.ca }, "POST", "/_scenario",
+        { path = "/token", responses = { { status = 200, json = { access_token = tok, expires_in = 3600 } } },
+          repeat_last = true })
+      assert.equals(200, status)
+      local p = profile { token_endpoint = fh.url .. "/token", client_id = "fm-client",
+        client_secret = "fm-secret-9d1c5e27", smtp = { host = "127.0.0.1", port = dv.port, ca_file = dv.ca, timeout = 20 } }
+      -- first the path works: one message through Dovecot to its relay
+      local id1, r1, err1 = send(p, "dovecot-ok")
+      assert.is_nil(err1)
+      assert.equals(1, r1.attempts)
+      local function delivered(id)
+        local k = 0
+        for _, m in ipairs(dv.sink.messages()) do
+          if m.data and m.data:find("<" .. id .. ">", 1, true) then k = k + 1 end
+        end
+        return k
+      end
+      assert.equals(1, delivered(id1))
+      -- the process behind Dovecot's passdb oauth2 (introspection) and relay goes away
+      dv.sink.stop()
+      local trace = h.trace_collector()
+      p.trace = trace
+      local id, r, err = send(p, "dovecot-454")
+      record("Dovecot's token check unavailable (AUTH answered 454 4.7.0)", "Dovecot submission", delivered(id),
+        r, err, "each attempt waits for Dovecot's own timeout")
+      assert.is_nil(r)
+      assert.equals("auth", err.kind)
+      assert.equals(454, err.code)
+      assert.equals("4.7.0", err.enhanced)
+      assert.is_true(err.retryable)
+      assert.equals(3, err.attempts)
+      assert.matches("%(3 attempts in %d+%.%d s%)$", err.message)
+      assert.equals(0, delivered(id))
+      h.assert_no_secrets(trace.text(), { tok, "fm-secret-9d1c5e27" })
+    end)
+    dv.stop()
+    assert(ok, e)
+  end)
+
   it("an SMTP host name that does not exist is tried once, and says so", function()
     local trace = h.trace_collector()
     local id, r, err, elapsed = send(profile { trace = trace,
