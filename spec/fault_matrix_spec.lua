@@ -175,6 +175,18 @@ describe("fault matrix", function()
       count(id), r, err, "duplicate: SMTP cannot tell a lost reply from a lost message (RFC 1047)")
   end)
 
+  it("no final reply within the client's timeout although the server stored the message: sent again, "
+    .. "a duplicate", function()
+    sb.faults { { stage = "data", action = "stall_after_store" } }
+    local id, r, err = send(profile { smtp = sb.smtp { timeout = 1 } }, "slow250")
+    record("no final reply within smtp.timeout (1 s here, 30 s by default), the server stored the message",
+      "sandbox (smtp-server)", count(id), r, err,
+      "duplicate: the reply timeout also covers the end of data (RFC 5321 4.5.3.2.6 suggests 10 min there)")
+    assert.is_nil(err)
+    assert.equals(2, r.attempts)
+    assert.equals(2, count(id))
+  end)
+
   it("the same on every attempt: one copy per attempt, and a network error", function()
     sb.faults { { stage = "data", action = "drop_before_ok", times = 3 } }
     local id, r, err = send(profile(), "lost250x3")
