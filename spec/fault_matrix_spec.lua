@@ -109,7 +109,13 @@ describe("fault matrix", function()
     local t0 = h.now()
     local r, err = mailer:send { raw = raw, to = "ops@example.org" }
     local elapsed = h.now() - t0
+    if not r then
+      -- a failed send keeps no broken session and no connection slot
+      assert.is_false(mailer:stats().session_open)
+      assert.equals(0, mailer.governor.open)
+    end
     mailer:close()
+    assert.equals(0, mailer.governor.open)
     return id, r, err, elapsed
   end
 
