@@ -126,12 +126,10 @@ describe("fault matrix", function()
   local SMTP_FAULTS = {
     { name = "421 at the greeting", fault = { stage = "connect", code = 421, enhanced = "4.3.2",
       text = "Service not available, closing transmission channel" }, code = 421, kind = "smtp" },
-    -- DEFECT (smtp.lua, left to the core branch): pipelined, the client reads
-    -- the 421 to MAIL, then fails reading the RCPT reply on the closed
-    -- connection and reports that ("network: connection closed") instead
+    -- pipelined, the server's 421 to MAIL comes before it closes: the 421
+    -- is reported, not the closed connection met reading the RCPT reply
     { name = "421 after MAIL FROM", fault = { stage = "mail", code = 421, enhanced = "4.3.2",
-      text = "Service not available, closing transmission channel" }, code = 421, kind = "smtp",
-      note = "DEFECT: the 421 is lost; the user sees 'connection closed'" },
+      text = "Service not available, closing transmission channel" }, code = 421, kind = "smtp" },
     { name = "421 after the data", fault = { stage = "data", code = 421, enhanced = "4.3.2",
       text = "Service not available, closing transmission channel" }, code = 421, kind = "smtp" },
     { name = "connection dropped during the data", fault = { stage = "data", action = "drop" },
