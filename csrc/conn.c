@@ -231,7 +231,8 @@ static int tcp_connect(lua_State *L, conn_t *c, const char *host, const char *po
     return om_fail(L, "network", "timeout", "timed out after %s resolving host '%s'", secs, host);
   }
   if (rc != 0) {
-    return om_fail(L, "network", "dns", "cannot resolve host '%s': %s", host,
+    /* "dns": the name does not exist (not worth a retry); EAI_AGAIN may heal */
+    return om_fail(L, "network", rc == EAI_AGAIN ? "dns_temporary" : "dns", "cannot resolve host '%s': %s", host,
                    rc == EAI_SYSTEM ? strerror(errno) : gai_strerror(rc));
   }
   for (ai = res; ai; ai = ai->ai_next) n_addr++;

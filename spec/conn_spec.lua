@@ -280,6 +280,23 @@ describe("oauthmail.conn", function()
         conn.connect { host = "nonexistent.invalid", port = 25, timeout = 5 })
     end)
 
+    it("tells a resolver that failed (EAI_AGAIN, may heal) from a name that does not exist", function()
+      -- a private resolv.conf in a mount namespace names a resolver that is
+      -- not there: glibc answers "Temporary failure in name resolution"
+      local d = h.tmpdir()
+      h.write_file(d .. "/resolv.conf", "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+      h.write_file(d .. "/probe.lua", [[
+        local conn = require "oauthmail.conn"
+        local _, err = conn.connect { host = "smtp.example.test", port = 25, timeout = 5 }
+        print("REASON " .. tostring(err and err.reason) .. " " .. tostring(err and err.message))
+      ]])
+      local ok, out = h.exec(string.format("unshare -m sh -c %s",
+        h.quote(string.format("mount --bind %s/resolv.conf /etc/resolv.conf && %s %s/probe.lua", d, h.lua_bin, d))))
+      if not ok and out:match("unshare") then pending("no mount namespaces here: " .. out) return end
+      assert(ok, out)
+      assert.matches("REASON dns_temporary cannot resolve host 'smtp%.example%.test'", out)
+    end)
+
     it("times out a TLS handshake with a server that never answers", function()
       local l = assert(conn.listen { host = "127.0.0.1", port = 0 })  -- accepts in the kernel, never speaks
       local t0 = h.now()

@@ -79,6 +79,27 @@ describe("oauth2 against the fault stub", function()
     assert.is_true(err.retryable)
     assert.same({ 1, 2 }, s.waits)
     assert.equal(3, #stub.requests("/token"))
+    -- this layer owns the retries: it says how many and how long, and marks
+    -- the error so the mailer does not retry on top of it
+    assert.equal(3, err.attempts)
+    assert.equal("token", err.stage)
+    assert.is_number(err.elapsed)
+    assert.matches("%(3 attempts in %d+%.%d s%)$", err.message)
+  end)
+
+  it("tries a host name that does not exist once, and says so", function()
+    local s = sleeper()
+    local tok, err = oauth2.client_credentials(cfg { sleep = s, token_endpoint = "https://nonexistent.invalid/token",
+      retry = { attempts = 3, max_wait = 30 } })
+    assert.is_nil(tok)
+    assert.equal("network", err.kind)
+    assert.equal("dns", err.reason)
+    assert.is_false(err.retryable)
+    assert.equal(1, err.attempts)
+    assert.same({}, s.waits)
+    assert.matches("cannot resolve nonexistent%.invalid", err.message)
+    assert.matches("%(1 attempt in %d+%.%d s%)$", err.message)
+    assert.truthy(err.hint:find("host name", 1, true), err.hint)
   end)
 
   it("does not wait past max_wait", function()

@@ -30,6 +30,13 @@ describe("policy.classify", function()
     assert.equals("fail", policy.classify(e("config", {})))
     assert.equals("fail", policy.classify(nil))
   end)
+
+  it("never retries on top of a layer that retried already, nor a name that does not exist", function()
+    -- the token endpoint's call owns its retries (oauth2/endpoint)
+    assert.equals("fail", policy.classify(e("network", { reason = "closed", retryable = true, stage = "token" })))
+    assert.equals("fail", policy.classify(e("network", { reason = "dns", retryable = false })))
+    assert.equals("reconnect", policy.classify(e("network", { reason = "dns_temporary", retryable = true })))
+  end)
 end)
 
 describe("policy arguments", function()

@@ -201,7 +201,11 @@ end
 
 function Mailer:_token()
   local tok, err = self.tokens:get()
-  if not tok then return nil, self:_explain(err) end
+  if not tok then
+    -- the token layer retried what it could: the send policy must not multiply it
+    if type(err) == "table" then err.stage = err.stage or "token" end
+    return nil, self:_explain(err)
+  end
   if tok.access_token ~= self.last_access_token then
     self.last_access_token = tok.access_token
     self:_trace { event = "token", expires_at = tok.expires_at }
@@ -380,7 +384,15 @@ function Mailer:send(msg)
     if wait > 0 then pol.sleep(wait) end
   end
   if self.session and self.session.broken then self:_drop_session("broken") end
-  last.attempts = attempt
+  if last.stage == "token" then
+    last.attempts = last.attempts or 1   -- requests to the token endpoint
+  else
+    last.attempts = attempt
+    if attempt > 1 or last.kind == "network" then
+      last.message = last.message .. string.format(" (%d attempt%s in %.1f s)", attempt, attempt == 1 and "" or "s",
+        self.clock() - started)
+    end
+  end
   if last.retryable == nil then last.retryable = false end
   last.trace_error = self.trace_error
   return nil, last

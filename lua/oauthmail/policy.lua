@@ -41,6 +41,10 @@ function M.classify(err)
   -- these carry HTTP statuses in code, or come before any SMTP: their own
   -- layers retried what could be retried
   if FINAL_KINDS[err.kind] then return "fail" end
+  -- one layer owns each retry: the token endpoint's call retried already
+  -- (oauth2/endpoint), and a host name that does not exist stays so
+  if err.stage == "token" then return "fail" end
+  if err.kind == "network" and err.reason == "dns" then return "fail" end
   if err.retryable == false and err.kind ~= "auth" then return "fail" end
   if err.kind == "auth" and (code == 535 or code == 334 or err.challenge) then return "reauth" end
   if code == 432 and (err.enhanced == nil or err.enhanced == "4.3.2") then return "throttle" end

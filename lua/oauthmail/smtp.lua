@@ -29,7 +29,7 @@ end
 -- Marks transport and engine failures as docs/architecture.md ("Errors") asks.
 local function as_error(err)
   if errors.is(err) or type(err) == "table" then
-    if err.retryable == nil then err.retryable = err.kind == "network" end
+    if err.retryable == nil then err.retryable = err.kind == "network" and err.reason ~= "dns" end
     return setmetatable(err, errors.metatable)
   end
   return errors.new("network", tostring(err), { retryable = true })
@@ -110,7 +110,10 @@ function Session:_reply()
       if r.code == 421 then return self:_broken(reply_error("smtp", "server closed the session", r)) end
       return self:_broken(reply_error("smtp", "unexpected reply", r, { reason = "malformed", retryable = false }))
     end
-    if r then return r end
+    if r then
+      if r.code == 421 then self.closing = r end
+      return r
+    end
     if err then return self:_broken(err) end
     local now = core.monotime()
     if not deadline then
@@ -125,7 +128,14 @@ function Session:_reply()
       shortened = true
     end
     local data, rerr = self.conn:receive_some(RECV_MAX)
-    if not data then return self:_broken(rerr) end
+    if not data then
+      -- a server that said 421 to a pipelined command closes at once: its
+      -- reply, not the closed connection, is what the caller needs to see
+      if self.closing and rerr and rerr.reason == "closed" then
+        return self:_broken(reply_error("smtp", "server closed the session", self.closing))
+      end
+      return self:_broken(rerr)
+    end
     self.eng:feed(data)
   end
 end

@@ -88,7 +88,8 @@ function main() {
       claims: async () => ({ sub, email: 'testuser@example.test' }),
     } : undefined),
     interactions: { url: (_ctx, interaction) => `/interaction/${interaction.uid}` },
-    // conf.code_ttl (seconds) shortens authorization codes, for the expired-code test.
+    // conf.code_ttl (seconds) shortens authorization codes, for the expired-code test;
+    // conf.access_ttl (seconds) the client-credentials access tokens, for the fault matrix.
     ...(conf.code_ttl ? { ttl: { AuthorizationCode: conf.code_ttl } } : {}),
     // PKCE on every authorization request, so a client that forgets it fails here.
     pkce: { required: () => true },
@@ -121,7 +122,7 @@ function main() {
         useGrantedResource: async () => false,
         getResourceServerInfo: async (_ctx, indicator) => {
           if (indicator !== RESOURCE) throw new errors.InvalidTarget();
-          return { scope: 'mail.send mail.read', audience: RESOURCE, accessTokenTTL: 3600, accessTokenFormat: 'jwt' };
+          return { scope: 'mail.send mail.read', audience: RESOURCE, accessTokenTTL: conf.access_ttl || 3600, accessTokenFormat: 'jwt' };
         },
       },
     },

@@ -2,8 +2,11 @@
 // built on the real smtp-server package that answers the way Exchange Online
 // does (greeting, 535 5.7.3, 250 2.0.0 OK <id> [Hostname=...]) and can be told
 // to misbehave on demand: refuse an AUTH, answer MAIL with 421 / 432 / 451,
-// refuse a recipient, drop the connection in the middle of DATA or right
-// after the 250, or never answer the end of DATA.
+// refuse a recipient, drop the connection in the middle of DATA, right
+// after the 250 or after storing the message but before the 250 is written
+// (drop_before_ok), stop reading in the middle of DATA for a while (hold,
+// hold_ms), or never answer the end of DATA (stall: nothing stored;
+// stall_after_store: stored).
 // Bearer tokens are accepted when they are JWTs signed by a configured
 // issuer's keys (the local oidc-provider) and not expired, or when they are
 // on the allow list. Every accepted message is written to maildir as
@@ -152,6 +155,14 @@ const server = new SMTPServer({
       // cut the connection once the body has started to arrive
       stream.once('data', () => { if (conn) conn._socket.destroy(); });
     }
+    if (f && f.action === 'hold' && conn) {
+      // stop reading once the body has started (the client blocks writing),
+      // then read on after hold_ms: a test kills the client in between
+      stream.once('data', () => {
+        conn._socket.pause();
+        setTimeout(() => conn._socket.resume(), f.hold_ms || 2000);
+      });
+    }
     stream.on('data', c => parts.push(c));
     stream.on('error', () => {});
     stream.on('end', () => {
@@ -170,6 +181,13 @@ const server = new SMTPServer({
         user: session.user && session.user.name, token: session.user && session.user.token,
       }) + '\n');
       stats.delivered += 1;
+      if (f && f.action === 'stall_after_store') return;   // delivered, the 250 never comes
+      if (f && f.action === 'drop_before_ok' && conn) {
+        // delivered, but the connection dies before the 250 is written: the
+        // client cannot tell this from a loss (RFC 1047)
+        conn._socket.destroy();
+        return;
+      }
       callback(null, '2.0.0 OK <' + id + '.sandbox@' + HOST + '> [Hostname=' + HOST + ']');
       if (f && f.action === 'drop_after_ok' && conn) {
         // FIN after the 250 has been written: the client reads the reply, then sees the close

@@ -5,7 +5,8 @@
 // JSON-lines spool the spec reads back.
 // With cfg.introspect it also serves an RFC 7662 token introspection
 // endpoint (for Dovecot's passdb oauth2) and, with tls "none" and no auth,
-// acts as the relay sink behind Dovecot's submission service.
+// acts as the relay sink behind Dovecot's submission service. With
+// cfg.crash_in_data the process kills itself in the middle of the data.
 // Usage: node smtp.mjs config.json   (prints "listening on PORT")
 import { SMTPServer } from 'smtp-server';
 import fs from 'node:fs';
@@ -48,6 +49,9 @@ const server = new SMTPServer({
     callback();
   },
   onData(stream, session, callback) {
+    // cfg.crash_in_data: the server process dies (SIGKILL) once the body
+    // starts to arrive, for the fault matrix
+    if (cfg.crash_in_data) stream.once('data', () => process.kill(process.pid, 'SIGKILL'));
     const parts = [];
     stream.on('data', c => parts.push(c));
     stream.on('end', () => {

@@ -76,7 +76,8 @@ function M.start_fault()
 end
 
 -- Start the provider with one client per flow. Returns a server table.
--- oidc.start([opts]): opts.code_ttl shortens authorization codes (seconds).
+-- oidc.start([opts]): opts.code_ttl shortens authorization codes, opts.access_ttl
+-- client-credentials access tokens (seconds).
 function M.start(opts)
   opts = opts or {}
   local dir = h.tmpdir()
@@ -109,7 +110,7 @@ function M.start(opts)
   }
   local conf = dir .. "/oidc.json"
   h.write_file(conf, cjson.encode { cert = c.server.cert, key = c.server.key, ca = c.ca, clients = clients,
-                                    code_ttl = opts.code_ttl })
+                                    code_ttl = opts.code_ttl, access_ttl = opts.access_ttl })
   srv.proc = h.spawn("node " .. h.quote(h.peers .. "/oidc.mjs") .. " " .. h.quote(conf), {
     cwd = h.peers, ready = "OIDC READY (https://127%.0%.0%.1:(%d+))", timeout = 90,  -- node starts slowly on a busy 2-core machine
   })

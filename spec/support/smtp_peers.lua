@@ -66,7 +66,8 @@ function M.fake(script)
 end
 
 -- The npm smtp-server peer. opts: {token=, tls="starttls"|"implicit"|"none",
--- starttls=false, auth={"XOAUTH2"}, reject={"addr"}, size=, two_step_only=}
+-- starttls=false, auth={"XOAUTH2"}, reject={"addr"}, size=, two_step_only=,
+-- crash_in_data=true (the server kills itself once a message body starts)}
 function M.node_smtp(opts)
   local certs = require("spec.support.certs").get()
   local dir = h.tmpdir()
@@ -77,7 +78,7 @@ function M.node_smtp(opts)
     hide_starttls = opts.hide_starttls or false, size = opts.size or 0,
     max_auth_line = opts.max_auth_line or 0, spool = dir .. "/spool.jsonl",
     password = opts.password, introspect = opts.introspect or false,
-    auth_optional = opts.auth_optional or false,
+    auth_optional = opts.auth_optional or false, crash_in_data = opts.crash_in_data or false,
   }
   local json = require "cjson"
   h.write_file(dir .. "/config.json", json.encode(cfg))

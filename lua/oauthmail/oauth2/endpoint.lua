@@ -273,6 +273,21 @@ local NOT_SENT = { refused = true, dns = true, unreachable = true }
 
 local function backoff(attempt) return math.min(2 ^ (attempt - 1), 8) end
 
+-- The error of a call that gives up says how hard it tried, so a user who
+-- waited knows why: "(3 attempts in 3.0 s)". This layer owns the retries of
+-- an endpoint call; stage = "token" tells the mailer not to retry on top.
+local function give_up(err, attempt, started)
+  local elapsed = core.monotime() - started
+  err.attempts = attempt
+  err.elapsed = math.floor(elapsed * 10 + 0.5) / 10
+  err.stage = "token"
+  if attempt > 1 or err.kind == "network" or err.retryable then
+    err.message = err.message .. string.format(" (%d attempt%s in %.1f s)", attempt, attempt == 1 and "" or "s",
+      elapsed)
+  end
+  return nil, err
+end
+
 -- M.call(cfg, url, params, opts) -> doc (decoded JSON object), resp | nil, err
 --   params: list of {name, value}; client authentication is added unless opts.client_auth == false.
 --   opts.what names the call in messages ("token request", "device authorization", ...).
@@ -291,6 +306,7 @@ function M.call(cfg, url, params, opts)
   local sleep = cfg.sleep or core.sleep
   local waited = 0
   local attempt = 0
+  local started = core.monotime()
   local last_err
   while true do
     attempt = attempt + 1
@@ -316,7 +332,12 @@ function M.call(cfg, url, params, opts)
     if not resp then
       -- A TLS verification failure will not heal by itself; a lost connection may.
       last_err = err
-      if err.kind == "network" then
+      if err.kind == "network" and err.reason == "dns" then
+        -- libcurl cannot tell a name that does not exist from a resolver
+        -- that failed, and the resolver has already retried: not again here
+        err.retryable = false
+        err.hint = "check the host name in the endpoint URL (and the DNS settings of this machine)"
+      elseif err.kind == "network" then
         if opts.single_use and not NOT_SENT[err.reason] then
           err.retryable = false
           err.hint = "the request may have reached the server, and a code is good for one use only: sign in again"
@@ -361,7 +382,7 @@ function M.call(cfg, url, params, opts)
         last_err.message = last_err.message .. " (" .. (asked and "server asked to wait " or "next retry would wait ")
           .. M.fmt_secs(wait) .. " s, over the retry budget of " .. M.fmt_secs(max_wait) .. " s)"
       end
-      return nil, last_err
+      return give_up(last_err, attempt, started)
     end
     M.trace(cfg, { event = "retry", what = what, attempt = attempt, wait = wait,
       status = resp and resp.status or nil, reason = last_err.oauth_error or last_err.reason })
