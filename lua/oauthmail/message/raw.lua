@@ -1,0 +1,241 @@
+-- oauthmail.message.raw — a message from raw RFC 5322 text or a file
+-- (sendmail-style): the header section parsed and checked, the envelope
+-- taken from it or from the caller, the body streamed from the file.
+local encode = require "oauthmail.message.encode"
+local address = require "oauthmail.message.address"
+local reader = require "oauthmail.message.reader"
+local common = require "oauthmail.message.common"
+local bad, usage = common.bad, common.usage
+local CHUNK, strip_path = common.CHUNK, common.strip_path
+local rfc5322_date, id_source = common.rfc5322_date, common.id_source
+local MAX_RAW_HEADER = common.MAX_RAW_HEADER
+local new_message, raw_body_stream = reader.new, reader.raw_body_stream
+
+
+-- The header section of a file: read in chunks until the blank line, never
+-- more than MAX_RAW_HEADER. Returns header text, byte offset of the body.
+local function read_raw_header(f, path)
+  local buf = ""
+  while true do
+    local s, e = buf:find("^\r?\n")
+    if not s then s, e = buf:find("\r?\n\r?\n") end
+    if s then return buf:sub(1, s - 1), e end
+    if #buf > MAX_RAW_HEADER then
+      bad("path", "'" .. path .. "' has no end of headers in its first MB: not an RFC 5322 message", "raw")
+    end
+    local c, err = f:read(CHUNK)
+    if c == nil then
+      if err then bad("path", "cannot read '" .. path .. "': " .. tostring(err), "open") end
+      return buf, nil
+    end
+    buf = buf .. c
+  end
+end
+
+-- RFC 5322 2.1.1: no line over 998 octets. state = {line=, len=} carries a
+-- line across chunks (CRLF is never split: the streams carry a lone CR);
+-- returns the number of the first line that is too long, or nil.
+local function long_line(state, c)
+  local pos = 1
+  while true do
+    local s = c:find("\r\n", pos, true)
+    state.len = state.len + (s or (#c + 1)) - pos
+    if state.len > encode.HARD_LINE then return state.line end
+    if not s then return nil end
+    state.line, state.len, pos = state.line + 1, 0, s + 2
+  end
+end
+
+local function too_long_body(n)
+  bad("message", "line " .. n .. " of the body is longer than " .. encode.HARD_LINE
+    .. " octets (RFC 5322 2.1.1); encode it (quoted-printable or base64) first", "too_long")
+end
+
+-- Header fields of a CRLF header section: {name=, lines={...}, value=unfolded}.
+local function parse_fields(head)
+  local fields = {}
+  local n = 0
+  for line in (head .. "\r\n"):gmatch("(.-)\r\n") do
+    n = n + 1
+    if #line > encode.HARD_LINE then
+      bad("message", "line " .. n .. " of the header section is longer than " .. encode.HARD_LINE
+        .. " octets (RFC 5322 2.1.1)", "too_long")
+    end
+    local mbox = n == 1 and line:find("^From ")   -- an mbox separator, not a field
+    if not mbox and line:find("^[ \t]") and #fields > 0 then
+      local fl = fields[#fields]
+      fl.lines[#fl.lines + 1] = line
+      fl.value = fl.value .. line
+    elseif not mbox then
+      local name, value = line:match("^([!-9;-~]+)[ \t]*:(.*)$")
+      if not name then
+        bad("message", "line " .. n .. " of the header section is not a header field", "raw")
+      end
+      fields[#fields + 1] = { name = name, lower = name:lower(), lines = { line }, value = value }
+    end
+  end
+  return fields
+end
+
+local function envelope_list(field, v)
+  if type(v) == "string" then v = { v } end
+  if type(v) ~= "table" then usage("from_raw", field .. " must be an address or a list") end
+  local out = {}
+  for i = 1, #v do
+    local f = #v > 1 and (field .. "[" .. i .. "]") or field
+    if type(v[i]) ~= "string" then usage("from_raw", f .. " must be a string") end
+    local mb, why = address.parse(v[i])
+    if not mb then bad(f, why, "address") end
+    out[#out + 1] = mb.address
+  end
+  return out
+end
+
+local ADDRESS_HEADERS = {
+  from = true, sender = true, ["reply-to"] = true, to = true, cc = true, bcc = true,
+  ["resent-from"] = true, ["resent-sender"] = true, ["resent-to"] = true, ["resent-cc"] = true, ["resent-bcc"] = true,
+}
+
+local function header_addresses(fl)
+  local out = {}
+  for _, s in ipairs(address.split_list(fl.value)) do
+    local mb, why = address.parse(s)
+    if not mb then bad(fl.name .. " header", why, "address") end
+    out[#out + 1] = mb.address
+  end
+  return out
+end
+
+local function from_raw(src, opts)
+  if opts ~= nil and type(opts) ~= "table" then usage("from_raw", "options must be a table") end
+  opts = opts or {}
+  local head, body, raw_seg
+  if type(src) == "string" then
+    local t = encode.crlf(src)
+    local s, e = t:find("\r\n\r\n", 1, true)
+    if t:sub(1, 2) == "\r\n" then
+      head, body = "", t:sub(3)
+    elseif s then
+      head, body = t:sub(1, s - 1), t:sub(e + 1)
+    else
+      head, body = t:gsub("\r\n$", ""), ""
+    end
+    if body ~= "" and body:sub(-2) ~= "\r\n" then body = body .. "\r\n" end
+    local n = long_line({ line = 1, len = 0 }, body)
+    if n then too_long_body(n) end
+  elseif type(src) == "table" and type(src.path) == "string" then
+    local path = src.path
+    local f, msg = io.open(path, "rb")
+    if not f then bad("path", "cannot open '" .. path .. "': " .. strip_path(msg, path), "open") end
+    local ok, h_or_err, off = pcall(read_raw_header, f, path)
+    if not ok then f:close(); error(h_or_err, 0) end
+    head = encode.crlf(h_or_err)
+    if off then
+      -- measure the body as the reader will produce it: size and 8-bit use
+      local ok2, serr = f:seek("set", off)
+      if not ok2 then f:close(); bad("path", "cannot read '" .. path .. "': " .. tostring(serr), "open") end
+      local stream, size, eight = raw_body_stream(f), 0, false
+      local lines = { line = 1, len = 0 }
+      while true do
+        local c, rerr = stream()
+        if c == nil then
+          if rerr then f:close(); bad("path", "cannot read '" .. path .. "': " .. tostring(rerr), "open") end
+          break
+        end
+        size = size + #c
+        eight = eight or c:find("[\128-\255]") ~= nil
+        local n = long_line(lines, c)
+        if n then f:close(); too_long_body(n) end
+      end
+      raw_seg = { raw = true, path = path, offset = off, size = size, field = "path", eight = eight }
+    end
+    f:close()
+    body = ""
+  else
+    usage("from_raw", "expected the message text or {path=}")
+  end
+  if head == "" then bad("message", "the message has no header section", "raw") end
+  if not encode.valid_utf8(head) then bad("message", "the header section is not valid UTF-8", "utf8") end
+
+  local fields = parse_fields(head)
+  local first = {}
+  local rcpt_fields = {}
+  for _, fl in ipairs(fields) do
+    if not first[fl.lower] then first[fl.lower] = fl end
+    if fl.lower == "to" or fl.lower == "cc" or fl.lower == "bcc" then rcpt_fields[#rcpt_fields + 1] = fl end
+    -- every address header is held to the same rules, whether or not it
+    -- feeds the envelope (a Reply-To once carried NUL and ESC through)
+    if ADDRESS_HEADERS[fl.lower] then header_addresses(fl) end
+  end
+
+  local env_from
+  if opts.from ~= nil then
+    env_from = envelope_list("from", opts.from)
+    if #env_from ~= 1 then bad("from", "exactly one sender is required", "missing") end
+    env_from = env_from[1]
+  else
+    local fl = first.sender or first.from
+    if not fl then bad("from", "no sender: give opts.from or a From header", "missing") end
+    local list = header_addresses(fl)
+    if #list == 0 then bad("from", "no sender: the " .. fl.name .. " header has no address", "missing") end
+    env_from = list[1]
+    if first.sender == nil and #list > 1 then
+      bad("from", "the From header has several addresses and there is no Sender header: give opts.from", "missing")
+    end
+  end
+  local rcpt
+  if opts.to ~= nil then
+    rcpt = envelope_list("to", opts.to)
+  else
+    rcpt = {}
+    for _, fl in ipairs(rcpt_fields) do
+      for _, a in ipairs(header_addresses(fl)) do rcpt[#rcpt + 1] = a end
+    end
+  end
+  local seen, to = {}, {}
+  for _, a in ipairs(rcpt) do
+    if not seen[a:lower()] then seen[a:lower()] = true; to[#to + 1] = a end
+  end
+  if #to == 0 then bad("to", "no recipients: give opts.to or To/Cc/Bcc headers", "missing") end
+
+  local ids = id_source(opts.boundary_seed)
+  local out = {}
+  for _, fl in ipairs(fields) do
+    if fl.lower ~= "bcc" then
+      for _, l in ipairs(fl.lines) do out[#out + 1] = l .. "\r\n" end
+    end
+  end
+  local mid
+  if first["message-id"] then
+    mid = first["message-id"].value:match("<([^<>]*)>") or first["message-id"].value:gsub("^%s+", ""):gsub("%s+$", "")
+  end
+  if not first.date then
+    local now = opts.now
+    if now ~= nil and type(now) ~= "number" then usage("from_raw", "opts.now must be a number") end
+    out[#out + 1] = "Date: " .. rfc5322_date(now or os.time()) .. "\r\n"
+  end
+  if not mid then
+    local host = opts.hostname
+    if host ~= nil and (type(host) ~= "string" or not host:find("^[%w%.%-]+$")) then
+      bad("opts.hostname", "is not a host name", "hostname")
+    end
+    host = host or env_from:match("@([%w%.%-]+)$") or "localhost"
+    mid = ids(16) .. "@" .. host
+    out[#out + 1] = "Message-ID: <" .. mid .. ">\r\n"
+  end
+  out[#out + 1] = "\r\n"
+  if body ~= "" then out[#out + 1] = body end
+  if raw_seg then out[#out + 1] = raw_seg end
+
+  local m = new_message(out)
+  local utf8 = head:find("[\128-\255]") ~= nil or env_from:find("[\128-\255]") ~= nil
+  for _, a in ipairs(to) do utf8 = utf8 or a:find("[\128-\255]") ~= nil end
+  m.envelope = { from = env_from, to = to }
+  m.message_id = mid
+  m.needs_smtputf8 = utf8
+  m.has_8bit = body:find("[\128-\255]") ~= nil or (raw_seg ~= nil and raw_seg.eight) or head:find("[\128-\255]") ~= nil
+  return m
+end
+
+
+return from_raw
