@@ -41,7 +41,7 @@ HDRS := $(wildcard csrc/*.h)
 CORE := $(BUILD)/oauthmail/core.so
 LUAS := $(shell cd lua && find oauthmail -name '*.lua' | sort)
 
-.PHONY: all install check ci setup test lint asan clean demo rockspec rock rock-install
+.PHONY: all install check ci setup test lint asan clean demo rockspec rock rock-install fuzz fuzz-build
 all: $(CORE)
 
 $(BUILD)/obj/%.o: csrc/%.c $(HDRS) Makefile
@@ -91,6 +91,31 @@ asan:
 	$(MAKE) test SANITIZE=1 LUA_VERSION=5.4 CFLAGS="-O1 -g" CC=gcc \
 	  SAN_ENV='LD_PRELOAD="$(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libubsan.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1'
 
+
+# libFuzzer targets (clang, ASan+UBSan) over the C core, see docs/fuzzing.md:
+#   make fuzz [FUZZ_TIME=60 | FUZZ_RUNS=1000000] [FUZZ_TARGETS="smtp_engine jwt"]
+FUZZ_CC      ?= clang
+FUZZ_TIME    ?= 60
+FUZZ_RUNS    ?=
+FUZZ_TARGETS ?= $(patsubst fuzz/%.c,%,$(wildcard fuzz/*.c))
+FUZZ_BUILD   := build/fuzz
+FUZZ_CFLAGS  := -g -O1 -std=gnu99 -fno-omit-frame-pointer -DOAUTHMAIL_TESTING \
+                -fsanitize=address,undefined -fno-sanitize-recover=all \
+                $(shell pkg-config --cflags lua5.4 openssl libcurl)
+FUZZ_OBJS    := $(SRCS:csrc/%.c=$(FUZZ_BUILD)/obj/%.o)
+
+$(FUZZ_BUILD)/obj/%.o: csrc/%.c $(HDRS) Makefile
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -fvisibility=hidden $(WARN) -c $< -o $@
+
+$(FUZZ_BUILD)/%: fuzz/%.c fuzz/lua_harness.h $(FUZZ_OBJS)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer $(WARN) -Icsrc -DFUZZ_ROOT='"$(CURDIR)"' $< $(FUZZ_OBJS) \
+	  $(shell pkg-config --libs lua5.4 openssl libcurl) -lm -o $@
+
+fuzz-build: $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
+
+fuzz: fuzz-build
+	bin/fuzz $(if $(FUZZ_RUNS),--runs $(FUZZ_RUNS),--time $(FUZZ_TIME)) $(FUZZ_TARGETS)
 
 # Everything CI runs, after bin/setup has installed the packages.
 check:

@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <openssl/crypto.h>
-#include <openssl/evp.h>
+#include "b64.h"
 #include "core.h"
 
 #define SMTP_ENGINE "oauthmail.smtp_engine"
@@ -101,6 +101,7 @@ static void buf_reserve(lua_State *L, buf_t *b, size_t extra) {
 }
 
 static void buf_add(lua_State *L, buf_t *b, const void *s, size_t n) {
+  if (n == 0) return;  /* b->p may be NULL: no arithmetic on it */
   buf_reserve(L, b, n);
   memcpy(b->p + b->len, s, n);
   b->len += n;
@@ -317,48 +318,28 @@ static void redact_line(lua_State *L, engine_t *e, const char *s, size_t n) {
   }
 }
 
-/* ---- base64 ----------------------------------------------------------- */
+/* ---- base64 (the codec is csrc/b64.c) ---------------------------------- */
 
 /* Appends base64(s) to b, encoding in place: a credential never passes
  * through a temporary block that an error could leave unwiped. */
 static void buf_add_b64(lua_State *L, buf_t *b, const char *s, size_t n) {
-  size_t el = 4 * ((n + 2) / 3);
-  buf_reserve(L, b, el + 1);
-  EVP_EncodeBlock((unsigned char *)b->p + b->len, (const unsigned char *)s, (int)n);
+  size_t el = om_b64_encoded_len(n, OM_B64_STD);
+  buf_reserve(L, b, el);
+  om_b64_encode((const unsigned char *)s, n, OM_B64_STD, b->p + b->len);
   b->len += el;
-}
-
-static int b64_value(unsigned char c) {
-  if (c >= 'A' && c <= 'Z') return c - 'A';
-  if (c >= 'a' && c <= 'z') return c - 'a' + 26;
-  if (c >= '0' && c <= '9') return c - '0' + 52;
-  if (c == '+') return 62;
-  if (c == '/') return 63;
-  return -1;
 }
 
 /* Strict RFC 4648 base64 (no spaces, padding only at the end, no stray bits),
  * decoded into a fresh Lua string on the stack; returns 0 when it is not. */
 static int push_b64_decoded(lua_State *L, const char *s, size_t n) {
-  size_t i, pad = 0;
-  luaL_Buffer b;
-  if (n % 4 != 0) return 0;
-  if (n > 0 && s[n - 1] == '=') pad = s[n - 2] == '=' ? 2 : 1;
-  for (i = 0; i < n - pad; i++)
-    if (b64_value((unsigned char)s[i]) < 0) return 0;
-  if (pad == 2 && (b64_value((unsigned char)s[n - 3]) & 0x0f)) return 0;
-  if (pad == 1 && (b64_value((unsigned char)s[n - 2]) & 0x03)) return 0;
-  luaL_buffinit(L, &b);
-  for (i = 0; i < n; i += 4) {
-    unsigned long v = 0;
-    int k, have = (i + 4 == n) ? 4 - (int)pad : 4;
-    for (k = 0; k < 4; k++)
-      v = (v << 6) | (unsigned long)(k < have ? b64_value((unsigned char)s[i + k]) : 0);
-    luaL_addchar(&b, (char)((v >> 16) & 0xff));
-    if (have > 2) luaL_addchar(&b, (char)((v >> 8) & 0xff));
-    if (have > 3) luaL_addchar(&b, (char)(v & 0xff));
+  size_t max = om_b64_decoded_max(n), len, pos;
+  unsigned char *out = (unsigned char *)lua_newuserdata(L, max);
+  if (om_b64_decode(s, n, OM_B64_STD, out, &len, &pos) != OM_B64_OK) {
+    lua_pop(L, 1);
+    return 0;
   }
-  luaL_pushresult(&b);
+  lua_pushlstring(L, (const char *)out, len);
+  lua_remove(L, -2);
   return 1;
 }
 
@@ -449,7 +430,7 @@ static void parse_caps(lua_State *L, engine_t *e, int lines_idx, int nlines) {
     if (caps_keyword(key, kl, "AUTH")) {
       /* union of "AUTH a b" and the old "AUTH=a b" form */
       om_getfield(L, caps_idx, "AUTH");
-      if (lua_isnil(L, -1)) {
+      if (!lua_istable(L, -1)) {
         lua_pop(L, 1);
         lua_newtable(L);
         lua_pushvalue(L, -1);
@@ -485,9 +466,11 @@ static void parse_caps(lua_State *L, engine_t *e, int lines_idx, int nlines) {
       else if (caps_keyword(key, kl, "CHUNKING")) e->caps |= CAP_CHUNKING;
       else if (caps_keyword(key, kl, "STARTTLS")) e->caps |= CAP_STARTTLS;
       else if (caps_keyword(key, kl, "ENHANCEDSTATUSCODES")) e->caps |= CAP_ENHANCED;
+      /* the key with its length: "AUTH\0x" must not become "AUTH" */
+      lua_pushlstring(L, key, kl);
       if (p < s + n) lua_pushlstring(L, p, (size_t)(s + n - p));
       else lua_pushboolean(L, 1);
-      lua_setfield(L, caps_idx, key);
+      lua_rawset(L, caps_idx);
     }
     lua_pop(L, 1);
   }
@@ -667,6 +650,9 @@ static int eng_reply(lua_State *L) {
   int auth = in_auth(e);
   const char *raw = NULL, *why;
   size_t rawlen = 0;
+  /* Nothing unparsed: wait for bytes. Before the first feed in.p is NULL,
+   * and even NULL + 0 is undefined behaviour in C. */
+  if (e->rpos >= e->in.len) return 0;
   /* First pass: is a whole reply here, and is it well-formed? */
   for (;;) {
     const char *line = e->in.p + pos, *nl;
