@@ -99,7 +99,7 @@ test: $(CORE)
 endif
 
 lint:
-	luacheck lua spec bin/busted-run bin/module-check bin/gen-rockspec $(wildcard examples/*.lua examples/*/*.lua bench/*.lua)
+	luacheck lua spec fuzz bin/busted-run bin/module-check bin/gen-rockspec $(wildcard examples/*.lua examples/*/*.lua bench/*.lua)
 
 # The lua binary is not instrumented, so the sanitizer runtimes are preloaded;
 # spec/support/helpers.lua removes them again for the peers it starts.
