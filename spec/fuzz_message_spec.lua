@@ -365,9 +365,9 @@ describe("message grammar fuzz (seed " .. SEED .. ", " .. COUNT .. " messages)",
         elseif f[2] then
           for n, given in ipairs(f[2]) do
             local lp, dom = unquoted(given.address)
-            local name, user, domain = got[n][1], got[n][2], got[n][3]
-            if user ~= lp or domain ~= dom then
-              fail(i, f[1] .. ": address (Python)", given, lp .. "@" .. dom, tostring(user) .. "@" .. tostring(domain))
+            local name, user, dom2 = got[n][1], got[n][2], got[n][3]
+            if user ~= lp or dom2 ~= dom then
+              fail(i, f[1] .. ": address (Python)", given, lp .. "@" .. dom, tostring(user) .. "@" .. tostring(dom2))
             end
             -- Python's address parser keeps the space between two encoded
             -- words of one phrase and folds runs of spaces inside them (RFC
