@@ -53,6 +53,7 @@ return function(data)
   local rcpts_wanted = 0
 
   local function sweep(what)
+    assert(STATES[e:state()], "the engine is in no state")
     local evs = e:trace_events()
     if evs and watch then
       for _, ev in ipairs(evs) do
@@ -92,7 +93,22 @@ return function(data)
     end
   end
 
+  -- bit 7 of byte 2: the client also makes mistakes the engine must refuse
+  -- cleanly (raise before it holds a secret, or return an error value)
+  local clumsy = bit(f2, 7)
+
   local function auth()
+    if clumsy then
+      assert(not pcall(e.auth, e, mech, { user = "bad\r\nuser", token = TOKEN, password = PASSWORD }),
+        "AUTH took a user with CRLF")
+      assert(not pcall(e.auth, e, mech, { user = USER, token = TOKEN .. "\0", password = PASSWORD .. "\0" }),
+        "AUTH took a secret with NUL")
+      assert(not pcall(e.auth, e, "CRAM-MD5", { user = USER, token = TOKEN }), "AUTH took an unknown mechanism")
+      local ok, err = e:mail("<a\r\nb@example.com>")
+      assert(ok == nil and err.reason == "invalid_address", "MAIL took an address with CRLF")
+      assert(core.smtp.check_address("user@example.com"))
+      assert(not core.smtp.check_address("<a@b>c>"))
+    end
     local initial
     if initial_mode == 1 then initial = true elseif initial_mode == 2 then initial = false end
     e:auth(mech, { user = USER, token = TOKEN, password = PASSWORD, host = "smtp.example.com", port = 587,
