@@ -199,7 +199,7 @@ local function unquoted(a)
   return lp, dom
 end
 
-local PY = [[
+local PY = [==[
 import email, email.policy, sys, json
 # raw UTF-8 in headers (SMTPUTF8) comes back as surrogate escapes: undo that
 def text(s):
@@ -222,7 +222,7 @@ for path in sys.argv[1:]:
             d['files'].append(text(p.get_filename()))
     out.append(d)
 print(json.dumps(out))
-]]
+]==]
 
 -- ------------------------------------------------------------ the run
 
