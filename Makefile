@@ -115,7 +115,7 @@ FUZZ_TIME    ?= 60
 FUZZ_RUNS    ?=
 FUZZ_TARGETS ?= $(patsubst fuzz/%.c,%,$(wildcard fuzz/*.c))
 FUZZ_BUILD   := build/fuzz
-FUZZ_CFLAGS  := -g -O1 -std=gnu99 -fno-omit-frame-pointer -DOAUTHMAIL_TESTING \
+FUZZ_CFLAGS  := -g -O1 -std=gnu99 -fno-omit-frame-pointer \
                 -fsanitize=address,undefined -fno-sanitize-recover=all \
                 $(shell pkg-config --cflags lua5.4 openssl libcurl)
 FUZZ_OBJS    := $(SRCS:csrc/%.c=$(FUZZ_BUILD)/obj/%.o)
