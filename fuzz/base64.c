@@ -99,6 +99,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   /* the first byte picks the alphabet; the rest is both text and bytes */
   round_trip_text(L, (const char *)data + 1, size - 1, data[0] & 1);
   round_trip_bytes(L, data + 1, size - 1, data[0] & 1);
-  if (++harness_runs % 256 == 0) lua_gc(L, LUA_GCCOLLECT, 0);
+  harness_collect(L);
   return 0;
 }
