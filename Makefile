@@ -1,7 +1,9 @@
 # oauthmail — build the private C module oauthmail.core for one Lua version.
 #   make                      LUA_VERSION=5.4 (default), 5.1, 5.3 or jit
 #   make install PREFIX=DIR   standard layout under DIR
-#   make check                every test, every Lua version, ASan/UBSan, luacheck
+#   make test [SPEC=...]      the specs, against a test build (test hooks compiled in)
+#   make fuzz [FUZZ_TIME=60]  the libFuzzer targets under ASan+UBSan (docs/fuzzing.md)
+#   make check                every test, every Lua version, ASan/UBSan, fuzz, luacheck
 LUA_VERSION ?= 5.4
 PREFIX      ?= /usr/local
 CC          ?= cc
@@ -17,7 +19,13 @@ else
   LUA_ABI := $(LUA_VERSION)
 endif
 
+# TESTING=1 (what `make test` sets) compiles the test hooks in
+# (-DOAUTHMAIL_TESTING: fs fault injection, a fixed-nonce GCM seal); the
+# module built by `make`, `make install` and luarocks has none of them.
+# They go to their own folder, so the two builds never share an object.
+TESTING ?=
 BUILD   ?= build/$(LUA_VERSION)$(if $(SANITIZE),-san)
+OUT     := $(BUILD)$(if $(TESTING),-test)
 WARN    := -Wall -Wextra -Wshadow -Wmissing-prototypes -Wdeclaration-after-statement \
            -Wstrict-prototypes -Wformat=2
 CFLAGS  ?= -O2 -g
@@ -30,21 +38,24 @@ endif
 ALL_CFLAGS  = $(CFLAGS) -std=gnu99 -fPIC -fvisibility=hidden $(WARN) \
               $(LUA_CFLAGS) $(shell pkg-config --cflags openssl libcurl)
 ALL_LDFLAGS = $(LDFLAGS) -shared $(shell pkg-config --libs openssl libcurl)
+ifneq ($(TESTING),)
+  ALL_CFLAGS  += -DOAUTHMAIL_TESTING
+endif
 ifneq ($(SANITIZE),)
   ALL_CFLAGS  += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
   ALL_LDFLAGS += -fsanitize=address,undefined
 endif
 
 SRCS := $(wildcard csrc/*.c)
-OBJS := $(SRCS:csrc/%.c=$(BUILD)/obj/%.o)
+OBJS := $(SRCS:csrc/%.c=$(OUT)/obj/%.o)
 HDRS := $(wildcard csrc/*.h)
-CORE := $(BUILD)/oauthmail/core.so
+CORE := $(OUT)/oauthmail/core.so
 LUAS := $(shell cd lua && find oauthmail -name '*.lua' | sort)
 
-.PHONY: all install check ci setup test lint asan clean demo rockspec rock rock-install
+.PHONY: all install check ci setup test lint asan clean demo rockspec rock rock-install fuzz fuzz-build
 all: $(CORE)
 
-$(BUILD)/obj/%.o: csrc/%.c $(HDRS) Makefile
+$(OUT)/obj/%.o: csrc/%.c $(HDRS) Makefile
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -c $< -o $@
 
@@ -76,14 +87,19 @@ rock-install:
 SPEC ?= spec
 # bin/setup may have installed a newer Node.js for the peers here.
 NODE_RUNTIME := $(wildcard $(CURDIR)/spec/peers/runtime/node_modules/node-linux-*/bin)
-TEST_ENV = $(if $(NODE_RUNTIME),PATH="$(NODE_RUNTIME):$$PATH") LUA_VERSION=$(LUA_VERSION) OAUTHMAIL_BUILD=$(BUILD) OAUTHMAIL_LUA=$(LUA_BIN) \
+TEST_ENV = $(if $(NODE_RUNTIME),PATH="$(NODE_RUNTIME):$$PATH") LUA_VERSION=$(LUA_VERSION) OAUTHMAIL_BUILD=$(OUT) OAUTHMAIL_LUA=$(LUA_BIN) \
   OAUTHMAIL_ROOT=$(CURDIR) LUA_PATH="$(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;$(CURDIR)/?.lua;;" \
-  LUA_CPATH="$(CURDIR)/$(BUILD)/?.so;;"
+  LUA_CPATH="$(CURDIR)/$(OUT)/?.so;;"
+ifeq ($(TESTING),)
+test:
+	@$(MAKE) --no-print-directory test TESTING=1
+else
 test: $(CORE)
 	$(TEST_ENV) $(SAN_ENV) $(LUA_BIN) bin/busted-run $(BUSTED_ARGS) $(SPEC)
+endif
 
 lint:
-	luacheck lua spec bin/busted-run bin/module-check bin/gen-rockspec $(wildcard examples/*.lua examples/*/*.lua bench/*.lua)
+	luacheck lua spec fuzz bin/busted-run bin/module-check bin/gen-rockspec $(wildcard examples/*.lua examples/*/*.lua bench/*.lua)
 
 # The lua binary is not instrumented, so the sanitizer runtimes are preloaded;
 # spec/support/helpers.lua removes them again for the peers it starts.
@@ -91,6 +107,31 @@ asan:
 	$(MAKE) test SANITIZE=1 LUA_VERSION=5.4 CFLAGS="-O1 -g" CC=gcc \
 	  SAN_ENV='LD_PRELOAD="$(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libubsan.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1'
 
+
+# libFuzzer targets (clang, ASan+UBSan) over the C core, see docs/fuzzing.md:
+#   make fuzz [FUZZ_TIME=60 | FUZZ_RUNS=1000000] [FUZZ_TARGETS="smtp_engine jwt"]
+FUZZ_CC      ?= clang
+FUZZ_TIME    ?= 60
+FUZZ_RUNS    ?=
+FUZZ_TARGETS ?= $(patsubst fuzz/%.c,%,$(wildcard fuzz/*.c))
+FUZZ_BUILD   := build/fuzz
+FUZZ_CFLAGS  := -g -O1 -std=gnu99 -fno-omit-frame-pointer \
+                -fsanitize=address,undefined -fno-sanitize-recover=all \
+                $(shell pkg-config --cflags lua5.4 openssl libcurl)
+FUZZ_OBJS    := $(SRCS:csrc/%.c=$(FUZZ_BUILD)/obj/%.o)
+
+$(FUZZ_BUILD)/obj/%.o: csrc/%.c $(HDRS) Makefile
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -fvisibility=hidden $(WARN) -c $< -o $@
+
+$(FUZZ_BUILD)/%: fuzz/%.c fuzz/lua_harness.h $(FUZZ_OBJS)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer $(WARN) -Icsrc -DFUZZ_ROOT='"$(CURDIR)"' $< $(FUZZ_OBJS) \
+	  $(shell pkg-config --libs lua5.4 openssl libcurl) -lm -o $@
+
+fuzz-build: $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
+
+fuzz: fuzz-build
+	bin/fuzz $(if $(FUZZ_RUNS),--runs $(FUZZ_RUNS),--time $(FUZZ_TIME)) $(FUZZ_TARGETS)
 
 # Everything CI runs, after bin/setup has installed the packages.
 check:

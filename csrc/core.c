@@ -66,6 +66,8 @@ static int error_tostring(lua_State *L) {
 }
 
 static void push_error_va(lua_State *L, const char *kind, const char *reason,
+                          const char *fmt, va_list ap) __attribute__((format(printf, 4, 0)));
+static void push_error_va(lua_State *L, const char *kind, const char *reason,
                           const char *fmt, va_list ap) {
   char buf[1024];
   vsnprintf(buf, sizeof buf, fmt, ap);

@@ -201,20 +201,27 @@ static void remove_stale_temps(const char *path) {
  * Once the rename succeeded the new data is in place: a failing directory
  * fsync only means it may not survive a power cut, so it is reported as
  * true plus a warning string, not as a failed write.
- * TEST HOOKS: test_fault == "during_save" ends the process with _exit(86) after
- * half the data reached the temp file, to prove the old file survives a crash;
- * "dir_sync" makes the directory fsync fail (EIO). Production callers never
- * pass them. */
+ * TEST HOOKS, compiled into test builds only (-DOAUTHMAIL_TESTING, make test):
+ * test_fault == "during_save" ends the process with _exit(86) after half the
+ * data reached the temp file, to prove the old file survives a crash;
+ * "dir_sync" makes the directory fsync fail (EIO). A production module
+ * refuses any test_fault, so no caller can end the process through it. */
 static int fs_atomic_write(lua_State *L) {
   size_t len, plen;
   const char *path = luaL_checklstring(L, 1, &plen);
   const char *data = luaL_checklstring(L, 2, &len);
   mode_t mode = (mode_t)luaL_optinteger(L, 3, 0600);
+#ifdef OAUTHMAIL_TESTING
   const char *fault = luaL_optstring(L, 4, NULL);
+#endif
+  int dir_failed;
   char *tmp;
   int fd = -1, attempt, err;
   size_t tlen = plen + 48;
   if (mode & ~(mode_t)07777) luaL_argerror(L, 3, "mode must be permission bits (e.g. 384 = 0600)");
+#ifndef OAUTHMAIL_TESTING
+  if (!lua_isnoneornil(L, 4)) luaL_argerror(L, 4, "test faults exist only in test builds (make test)");
+#endif
   remove_stale_temps(path);
   tmp = (char *)malloc(tlen);
   if (!tmp) return luaL_error(L, "out of memory");
@@ -233,18 +240,26 @@ static int fs_atomic_write(lua_State *L) {
   }
   /* open() applied the umask; the caller asked for exactly this mode */
   if (fchmod(fd, mode) != 0) goto fail;
+#ifdef OAUTHMAIL_TESTING
   if (fault && strcmp(fault, "during_save") == 0) {
     if (write_all(fd, data, len / 2) == 0) fsync(fd);
     _exit(86);
   }
+#endif
   if (write_all(fd, data, len) != 0) goto fail;
   if (fsync(fd) != 0) goto fail;
   if (close(fd) != 0) { fd = -1; goto fail; }
   fd = -1;
   if (rename(tmp, path) != 0) goto fail;
   free(tmp);
-  if (fault && strcmp(fault, "dir_sync") == 0) errno = EIO;
-  if ((fault && strcmp(fault, "dir_sync") == 0) || fsync_dir_of(path) != 0) {
+  dir_failed = fsync_dir_of(path) != 0;
+#ifdef OAUTHMAIL_TESTING
+  if (fault && strcmp(fault, "dir_sync") == 0) {
+    errno = EIO;
+    dir_failed = 1;
+  }
+#endif
+  if (dir_failed) {
     int derr = errno;
     lua_pushboolean(L, 1);
     lua_pushfstring(L, "%s was replaced, but its directory could not be synced (%s): "

@@ -1,87 +1,29 @@
 /* smtp.c — the SMTP client engine (RFC 5321 with EHLO extensions, STARTTLS,
- * SASL XOAUTH2/OAUTHBEARER/PLAIN/LOGIN, PIPELINING, CHUNKING).
+ * SASL XOAUTH2/OAUTHBEARER/PLAIN/LOGIN, PIPELINING, CHUNKING): the engine
+ * object and the commands it sends.
  *
  * The engine never touches a socket: Lua feeds it the bytes it received
  * (eng:feed) and takes the bytes to write (eng:output). Commands are queued
  * with the state whose reply they wait for; each complete reply is parsed
- * here (multi-line, enhanced codes, bounds), handed to the handler of the
- * state at the head of the queue, and returned to Lua as a table. Which
- * command comes next is Lua's business (lua/oauthmail/smtp.lua). */
+ * (smtp_reply.c), handed to the handler of the state at the head of the
+ * queue (SASL's in smtp_sasl.c), and returned to Lua as a table. Message data
+ * goes through the filter in smtp_body.c. Which command comes next is Lua's
+ * business (lua/oauthmail/smtp.lua). */
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <openssl/crypto.h>
-#include <openssl/evp.h>
-#include "core.h"
+#include "smtp_engine.h"
 
-#define SMTP_ENGINE "oauthmail.smtp_engine"
-
-/* One list of states; the enum and the names the trace prints come from it.
- * A state names the reply the engine waits for next. */
-#define SMTP_STATES(X) \
-  X(IDLE) X(GREETING) X(EHLO) X(HELO) X(STARTTLS) \
-  X(AUTH) X(AUTH_RESP) X(AUTH_USER) X(AUTH_PASS) X(AUTH_ERRACK) X(AUTH_CANCEL) \
-  X(MAIL) X(RCPT) X(DATA) X(DATA_END) X(BDAT) X(RSET) X(NOOP) X(QUIT)
-
-#define X_ENUM(n) ST_##n,
 #define X_NAME(n) #n,
-typedef enum { SMTP_STATES(X_ENUM) ST_COUNT } smtp_state;
-static const char *const state_names[] = { SMTP_STATES(X_NAME) NULL };
-
-enum { MECH_NONE, MECH_XOAUTH2, MECH_OAUTHBEARER, MECH_PLAIN, MECH_LOGIN };
-static const char *const mech_names[] = { "", "XOAUTH2", "OAUTHBEARER", "PLAIN", "LOGIN" };
-
-#define CAP_PIPELINING  0x01
-#define CAP_8BITMIME    0x02
-#define CAP_SMTPUTF8    0x04
-#define CAP_CHUNKING    0x08
-#define CAP_STARTTLS    0x10
-#define CAP_ENHANCED    0x20
-
-#define MAX_PATH_LEN   256    /* RFC 5321 4.5.3.1.3, counting the <> */
-#define MAX_CRED_LEN   65536  /* one user, host, token or password */
-#define REDACT_RUN     20     /* base64-looking runs this long may be a credential */
-#define MAX_QUEUE      200000 /* far above any sane pipelining window */
-
-typedef struct {
-  char *p;
-  size_t len, cap;
-} buf_t;
-
-typedef struct {
-  buf_t in;              /* received bytes; in.p[rpos..len) not yet parsed */
-  size_t rpos;
-  buf_t out;             /* bytes for Lua to write */
-  int out_secret;        /* out holds a credential: wipe it once handed over */
-  buf_t tmp;             /* BDAT staging */
-  buf_t red;             /* a redacted reply line */
-  unsigned char *queue;  /* states awaiting replies, head at qhead */
-  size_t qhead, qlen, qcap;
-  smtp_state state;
-  size_t max_line, max_reply;
-  int caps;
-  int tx_utf8;           /* current MAIL used SMTPUTF8, so RCPT may be UTF-8 */
-  /* SASL exchange in progress */
-  int mech;
-  char *blob;            /* raw SASL response: wiped with OPENSSL_cleanse */
-  size_t blob_len;
-  char *secret2;         /* the token or password: the LOGIN answer, and what
-                            replies during the exchange are redacted of */
-  size_t secret2_len;
-  char *user;            /* for the redacted trace */
-  /* DATA/BDAT filter, carried across chunks */
-  int bol, after_cr;
-  size_t body_bytes;
-  int trace_ref;         /* table of pending trace events, or LUA_NOREF */
-  int closed;
-} engine_t;
+const char *const state_names[] = { SMTP_STATES(X_NAME) NULL };
 
 /* ---- buffers ---------------------------------------------------------- */
 
 /* Grows by copy, never realloc: the old block may hold a SASL response or a
  * server's echo of one, and realloc would free it unwiped. */
-static void buf_reserve(lua_State *L, buf_t *b, size_t extra) {
+void buf_reserve(lua_State *L, buf_t *b, size_t extra) {
   size_t need, ncap;
   char *np;
   if (extra > ((size_t)-1) / 4 - b->len) luaL_error(L, "smtp engine: buffer too large");
@@ -100,22 +42,23 @@ static void buf_reserve(lua_State *L, buf_t *b, size_t extra) {
   b->cap = ncap;
 }
 
-static void buf_add(lua_State *L, buf_t *b, const void *s, size_t n) {
+void buf_add(lua_State *L, buf_t *b, const void *s, size_t n) {
+  if (n == 0) return;  /* b->p may be NULL: no arithmetic on it */
   buf_reserve(L, b, n);
   memcpy(b->p + b->len, s, n);
   b->len += n;
 }
 
-static void buf_adds(lua_State *L, buf_t *b, const char *s) { buf_add(L, b, s, strlen(s)); }
+void buf_adds(lua_State *L, buf_t *b, const char *s) { buf_add(L, b, s, strlen(s)); }
 
-static void buf_free(buf_t *b, int wipe) {
+void buf_free(buf_t *b, int wipe) {
   if (b->p && wipe) OPENSSL_cleanse(b->p, b->cap);
   free(b->p);
   b->p = NULL;
   b->len = b->cap = 0;
 }
 
-static void secret_free(char **p, size_t *n) {
+void secret_free(char **p, size_t *n) {
   if (*p) {
     OPENSSL_cleanse(*p, *n);
     free(*p);
@@ -124,7 +67,7 @@ static void secret_free(char **p, size_t *n) {
   *n = 0;
 }
 
-static void sasl_clear(engine_t *e) {
+void sasl_clear(engine_t *e) {
   size_t ulen = e->user ? strlen(e->user) : 0;
   secret_free(&e->blob, &e->blob_len);
   secret_free(&e->secret2, &e->secret2_len);
@@ -134,7 +77,7 @@ static void sasl_clear(engine_t *e) {
 
 /* ---- trace ------------------------------------------------------------ */
 
-static void trace_add(lua_State *L, engine_t *e, const char *dir, const char *text, size_t n) {
+void trace_add(lua_State *L, engine_t *e, const char *dir, const char *text, size_t n) {
   if (e->trace_ref == LUA_NOREF) return;
   lua_rawgeti(L, LUA_REGISTRYINDEX, e->trace_ref);
   lua_createtable(L, 0, 3);
@@ -148,9 +91,7 @@ static void trace_add(lua_State *L, engine_t *e, const char *dir, const char *te
   lua_pop(L, 1);
 }
 
-static void trace_f(lua_State *L, engine_t *e, const char *dir, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static void trace_f(lua_State *L, engine_t *e, const char *dir, const char *fmt, ...) {
+void trace_f(lua_State *L, engine_t *e, const char *dir, const char *fmt, ...) {
   char line[1200];
   va_list ap;
   int n;
@@ -163,7 +104,7 @@ static void trace_f(lua_State *L, engine_t *e, const char *dir, const char *fmt,
 }
 
 /* The one place the state changes, so every transition shows in the trace. */
-static void set_state(lua_State *L, engine_t *e, smtp_state s) {
+void set_state(lua_State *L, engine_t *e, smtp_state s) {
   if (e->state != s)
     trace_f(L, e, "info", "state %s -> %s", state_names[e->state], state_names[s]);
   e->state = s;
@@ -171,7 +112,7 @@ static void set_state(lua_State *L, engine_t *e, smtp_state s) {
 
 /* ---- the queue of awaited replies ------------------------------------- */
 
-static void queue_push(lua_State *L, engine_t *e, smtp_state s) {
+void queue_push(lua_State *L, engine_t *e, smtp_state s) {
   if (e->qlen >= MAX_QUEUE) luaL_error(L, "smtp engine: more than %d commands awaiting replies", MAX_QUEUE);
   if (e->qhead + e->qlen >= e->qcap) {
     if (e->qhead > 0) {
@@ -190,7 +131,7 @@ static void queue_push(lua_State *L, engine_t *e, smtp_state s) {
   if (e->qlen == 1) set_state(L, e, s);
 }
 
-static void queue_pop(lua_State *L, engine_t *e) {
+void queue_pop(lua_State *L, engine_t *e) {
   if (e->qlen > 0) {
     e->qhead++;
     e->qlen--;
@@ -200,14 +141,14 @@ static void queue_pop(lua_State *L, engine_t *e) {
 }
 
 /* Replace the head's state: a SASL exchange moves on while staying in place. */
-static void queue_head(lua_State *L, engine_t *e, smtp_state s) {
+void queue_head(lua_State *L, engine_t *e, smtp_state s) {
   if (e->qlen) e->queue[e->qhead] = (unsigned char)s;
   set_state(L, e, s);
 }
 
 /* ---- validation ------------------------------------------------------- */
 
-static engine_t *check_engine(lua_State *L) {
+engine_t *check_engine(lua_State *L) {
   engine_t *e = (engine_t *)luaL_checkudata(L, 1, SMTP_ENGINE);
   if (e->closed) luaL_error(L, "attempt to use a closed smtp engine");
   return e;
@@ -254,117 +195,9 @@ static const char *param_problem(const char *s, size_t n) {
   return NULL;
 }
 
-static int is_b64ish(unsigned char c) {
-  return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-         c == '+' || c == '/' || c == '=' || c == '-' || c == '_';
-}
-
-/* A short, printable, redacted copy of server text for error messages: long
- * base64-looking runs might echo a credential, so they are cut out. */
-static void redact(const char *s, size_t n, char *dst, size_t dstsz) {
-  size_t i = 0, o = 0;
-  while (i < n && o + 12 < dstsz) {
-    size_t run = 0;
-    while (i + run < n && is_b64ish((unsigned char)s[i + run])) run++;
-    if (run >= REDACT_RUN) {
-      o += (size_t)snprintf(dst + o, dstsz - o, "<redacted>");
-      i += run;
-      continue;
-    }
-    if (run == 0) {
-      unsigned char c = (unsigned char)s[i++];
-      if (c >= 0x20 && c < 0x7f) dst[o++] = (char)c;
-      else o += (size_t)snprintf(dst + o, dstsz - o, "\\x%02X", c);
-    } else {
-      size_t k = run < dstsz - o - 12 ? run : dstsz - o - 12;
-      memcpy(dst + o, s + i, k);
-      o += k;
-      i += run;
-    }
-  }
-  if (i < n && o + 4 < dstsz) { memcpy(dst + o, "...", 3); o += 3; }
-  dst[o] = 0;
-}
-
-static int in_auth(const engine_t *e) {
-  return e->state >= ST_AUTH && e->state <= ST_AUTH_CANCEL;
-}
-
-/* During a SASL exchange a server may quote what it got (sendmail's
- * '500 Command unrecognized: "AUTH XOAUTH2 dXNl..."'): copies s into e->red
- * with the secret in use and every base64-looking run of REDACT_RUN or more
- * replaced, for the trace, the reply table and errors alike. */
-static void redact_line(lua_State *L, engine_t *e, const char *s, size_t n) {
-  size_t i = 0, sl = e->secret2 ? e->secret2_len : 0;
-  e->red.len = 0;
-  buf_reserve(L, &e->red, n + 16);
-  while (i < n) {
-    size_t run = 0;
-    if (sl >= 3 && n - i >= sl && memcmp(s + i, e->secret2, sl) == 0) {
-      buf_adds(L, &e->red, "<redacted>");
-      i += sl;
-      continue;
-    }
-    while (i + run < n && is_b64ish((unsigned char)s[i + run])) run++;
-    if (run >= REDACT_RUN) {
-      buf_adds(L, &e->red, "<redacted>");
-      i += run;
-      continue;
-    }
-    /* one byte at a time, so a short secret inside a short run is seen */
-    buf_add(L, &e->red, s + i, 1);
-    i++;
-  }
-}
-
-/* ---- base64 ----------------------------------------------------------- */
-
-/* Appends base64(s) to b, encoding in place: a credential never passes
- * through a temporary block that an error could leave unwiped. */
-static void buf_add_b64(lua_State *L, buf_t *b, const char *s, size_t n) {
-  size_t el = 4 * ((n + 2) / 3);
-  buf_reserve(L, b, el + 1);
-  EVP_EncodeBlock((unsigned char *)b->p + b->len, (const unsigned char *)s, (int)n);
-  b->len += el;
-}
-
-static int b64_value(unsigned char c) {
-  if (c >= 'A' && c <= 'Z') return c - 'A';
-  if (c >= 'a' && c <= 'z') return c - 'a' + 26;
-  if (c >= '0' && c <= '9') return c - '0' + 52;
-  if (c == '+') return 62;
-  if (c == '/') return 63;
-  return -1;
-}
-
-/* Strict RFC 4648 base64 (no spaces, padding only at the end, no stray bits),
- * decoded into a fresh Lua string on the stack; returns 0 when it is not. */
-static int push_b64_decoded(lua_State *L, const char *s, size_t n) {
-  size_t i, pad = 0;
-  luaL_Buffer b;
-  if (n % 4 != 0) return 0;
-  if (n > 0 && s[n - 1] == '=') pad = s[n - 2] == '=' ? 2 : 1;
-  for (i = 0; i < n - pad; i++)
-    if (b64_value((unsigned char)s[i]) < 0) return 0;
-  if (pad == 2 && (b64_value((unsigned char)s[n - 3]) & 0x0f)) return 0;
-  if (pad == 1 && (b64_value((unsigned char)s[n - 2]) & 0x03)) return 0;
-  luaL_buffinit(L, &b);
-  for (i = 0; i < n; i += 4) {
-    unsigned long v = 0;
-    int k, have = (i + 4 == n) ? 4 - (int)pad : 4;
-    for (k = 0; k < 4; k++)
-      v = (v << 6) | (unsigned long)(k < have ? b64_value((unsigned char)s[i + k]) : 0);
-    luaL_addchar(&b, (char)((v >> 16) & 0xff));
-    if (have > 2) luaL_addchar(&b, (char)((v >> 8) & 0xff));
-    if (have > 3) luaL_addchar(&b, (char)(v & 0xff));
-  }
-  luaL_pushresult(&b);
-  return 1;
-}
-
 /* ---- output ----------------------------------------------------------- */
 
-static void emit_line(lua_State *L, engine_t *e, const char *line, size_t n, const char *traced) {
+void emit_line(lua_State *L, engine_t *e, const char *line, size_t n, const char *traced) {
   buf_reserve(L, &e->out, n + 2);
   memcpy(e->out.p + e->out.len, line, n);
   e->out.len += n;
@@ -394,27 +227,9 @@ static void emit_cmd(lua_State *L, engine_t *e, const char *verb, const char *ar
   queue_push(L, e, s);
 }
 
-/* ---- reply parsing ---------------------------------------------------- */
-
-/* "2.1.5 " at the start of s, whose class agrees with the reply code. */
-static size_t enhanced_len(const char *s, size_t n, char cls) {
-  size_t i = 0, part, dots = 0;
-  if (n < 5 || s[0] != cls || s[1] != '.') return 0;
-  i = 2;
-  for (;;) {
-    part = 0;
-    while (i < n && s[i] >= '0' && s[i] <= '9' && part < 3) { i++; part++; }
-    if (part == 0) return 0;
-    if (dots == 1) break;
-    if (i >= n || s[i] != '.') return 0;
-    i++;
-    dots++;
-  }
-  if (i < n && s[i] != ' ') return 0;
-  return i;
-}
-
-static int caps_keyword(const char *k, size_t n, const char *name) {
+/* An ESMTP keyword, case-insensitively: EHLO lines, MAIL parameters and
+ * SASL mechanism names all compare this way. */
+int caps_keyword(const char *k, size_t n, const char *name) {
   size_t i, m = strlen(name);
   if (n != m) return 0;
   for (i = 0; i < n; i++) {
@@ -422,345 +237,6 @@ static int caps_keyword(const char *k, size_t n, const char *name) {
     if (c >= 'a' && c <= 'z') c = (char)(c - 32);
     if (c != name[i]) return 0;
   }
-  return 1;
-}
-
-/* EHLO lines after the first: KEYWORD[ params]. Builds the caps table on the
- * stack top and sets the engine's flags. */
-static void parse_caps(lua_State *L, engine_t *e, int lines_idx, int nlines) {
-  int i, caps_idx;
-  lua_newtable(L);
-  caps_idx = lua_gettop(L);
-  e->caps = 0;
-  for (i = 2; i <= nlines; i++) {
-    size_t n, kl = 0, j;
-    const char *s, *p;
-    char key[64];
-    lua_rawgeti(L, lines_idx, i);
-    s = lua_tolstring(L, -1, &n);
-    while (kl < n && s[kl] != ' ' && s[kl] != '=' && kl < sizeof key - 1) {
-      char c = s[kl];
-      key[kl++] = (c >= 'a' && c <= 'z') ? (char)(c - 32) : c;
-    }
-    key[kl] = 0;
-    p = s + kl;
-    while (p < s + n && (*p == ' ' || *p == '=')) p++;
-    if (kl == 0) { lua_pop(L, 1); continue; }
-    if (caps_keyword(key, kl, "AUTH")) {
-      /* union of "AUTH a b" and the old "AUTH=a b" form */
-      om_getfield(L, caps_idx, "AUTH");
-      if (lua_isnil(L, -1)) {
-        lua_pop(L, 1);
-        lua_newtable(L);
-        lua_pushvalue(L, -1);
-        lua_setfield(L, caps_idx, "AUTH");
-      }
-      while (p < s + n) {
-        char mech[64];
-        size_t ml = 0;
-        while (p < s + n && *p == ' ') p++;
-        while (p < s + n && *p != ' ') {
-          if (ml < sizeof mech - 1) mech[ml++] = (*p >= 'a' && *p <= 'z') ? (char)(*p - 32) : *p;
-          p++;
-        }
-        if (ml) {
-          lua_pushlstring(L, mech, ml);
-          lua_pushboolean(L, 1);
-          lua_rawset(L, -3);
-        }
-      }
-      lua_pop(L, 1);
-    } else if (caps_keyword(key, kl, "SIZE")) {
-      lua_Integer v = 0;
-      /* an integer on every Lua (no "35882577.0"); absurd values saturate */
-      for (j = 0; p + j < s + n && p[j] >= '0' && p[j] <= '9'; j++)
-        if (j < 15) v = v * 10 + (p[j] - '0');
-      if (j) lua_pushinteger(L, v);
-      else lua_pushboolean(L, 1);
-      lua_setfield(L, caps_idx, "SIZE");
-    } else {
-      if (caps_keyword(key, kl, "PIPELINING")) e->caps |= CAP_PIPELINING;
-      else if (caps_keyword(key, kl, "8BITMIME")) e->caps |= CAP_8BITMIME;
-      else if (caps_keyword(key, kl, "SMTPUTF8")) e->caps |= CAP_SMTPUTF8;
-      else if (caps_keyword(key, kl, "CHUNKING")) e->caps |= CAP_CHUNKING;
-      else if (caps_keyword(key, kl, "STARTTLS")) e->caps |= CAP_STARTTLS;
-      else if (caps_keyword(key, kl, "ENHANCEDSTATUSCODES")) e->caps |= CAP_ENHANCED;
-      if (p < s + n) lua_pushlstring(L, p, (size_t)(s + n - p));
-      else lua_pushboolean(L, 1);
-      lua_setfield(L, caps_idx, key);
-    }
-    lua_pop(L, 1);
-  }
-}
-
-/* ---- per-state reply handlers ------------------------------------------
- * Each gets the reply table on the stack top (code, text, lines already set)
- * and decides how the head of the queue moves. */
-
-/* raw/rawlen: the first line's text as received, unredacted (a challenge). */
-typedef const char *(*handler_fn)(lua_State *L, engine_t *e, int code, int reply_idx,
-                                  const char *raw, size_t rawlen);
-
-static const char *h_plain(lua_State *L, engine_t *e, int code, int reply_idx,
-                           const char *raw, size_t rawlen) {
-  (void)code; (void)reply_idx; (void)raw; (void)rawlen;
-  queue_pop(L, e);
-  return NULL;
-}
-
-static const char *h_ehlo(lua_State *L, engine_t *e, int code, int reply_idx,
-                          const char *raw, size_t rawlen) {
-  if (code / 100 == 2) {
-    int nlines;
-    lua_getfield(L, reply_idx, "lines");
-    nlines = (int)om_rawlen(L, -1);
-    parse_caps(L, e, lua_gettop(L), nlines);
-    lua_setfield(L, reply_idx, "caps");
-    lua_pop(L, 1);
-  }
-  (void)raw; (void)rawlen;
-  queue_pop(L, e);
-  return NULL;
-}
-
-static const char *h_starttls(lua_State *L, engine_t *e, int code, int reply_idx,
-                              const char *raw, size_t rawlen) {
-  /* Bytes that arrived with the 220 were sent in the clear: they must never be
-   * read as if they came over TLS (the CVE-2011-0411 injection). */
-  if (code == 220 && e->in.len > e->rpos) {
-    lua_pushboolean(L, 1);
-    lua_setfield(L, reply_idx, "injected");
-  }
-  (void)raw; (void)rawlen;
-  queue_pop(L, e);
-  return NULL;
-}
-
-static void send_blob(lua_State *L, engine_t *e, const char *raw, size_t n, const char *traced) {
-  buf_reserve(L, &e->out, 4 * ((n + 2) / 3) + 3);
-  e->out_secret = 1;
-  buf_add_b64(L, &e->out, raw, n);
-  buf_add(L, &e->out, "\r\n", 2);
-  trace_f(L, e, "send", "%s", traced);
-}
-
-static void trace_sasl(lua_State *L, engine_t *e, char *dst, size_t dstsz, const char *prefix) {
-  switch (e->mech) {
-  case MECH_XOAUTH2: case MECH_OAUTHBEARER:
-    snprintf(dst, dstsz, "%suser=%s auth=Bearer <redacted>", prefix, e->user ? e->user : "");
-    break;
-  case MECH_PLAIN:
-    snprintf(dst, dstsz, "%suser=%s password=<redacted>", prefix, e->user ? e->user : "");
-    break;
-  default:
-    snprintf(dst, dstsz, "%s<redacted>", prefix);
-  }
-  (void)L;
-}
-
-/* Returns NULL, or why the reply breaks the protocol. */
-static const char *h_auth(lua_State *L, engine_t *e, int code, int reply_idx,
-                          const char *raw, size_t rawlen) {
-  char traced[600];
-  if (code != 334) {
-    /* the exchange is over, whatever the outcome */
-    sasl_clear(e);
-    queue_pop(L, e);
-    return NULL;
-  }
-  switch (e->state) {
-  case ST_AUTH:  /* two-step: the server asks for the initial response */
-    if (e->mech == MECH_LOGIN) {
-      snprintf(traced, sizeof traced, "<LOGIN user: %s>", e->user ? e->user : "");
-      send_blob(L, e, e->user, strlen(e->user), traced);
-      queue_head(L, e, ST_AUTH_USER);
-    } else {
-      trace_sasl(L, e, traced, sizeof traced, "<SASL response: ");
-      strncat(traced, ">", sizeof traced - strlen(traced) - 1);
-      send_blob(L, e, e->blob, e->blob_len, traced);
-      queue_head(L, e, ST_AUTH_RESP);
-    }
-    break;
-  case ST_AUTH_USER:
-    send_blob(L, e, e->secret2, e->secret2_len, "<LOGIN password: <redacted>>");
-    queue_head(L, e, ST_AUTH_PASS);
-    break;
-  case ST_AUTH_RESP:
-    if (e->mech == MECH_XOAUTH2 || e->mech == MECH_OAUTHBEARER) {
-      /* RFC 7628 3.2.2 / Google's XOAUTH2: a 334 after the credentials is an
-       * error challenge (base64 JSON); acknowledge it to get the final reply.
-       * Whatever is not strict base64 is kept as opaque (redacted) text. */
-      if (push_b64_decoded(L, raw, rawlen)) {
-        size_t jl;
-        const char *j = lua_tolstring(L, -1, &jl);
-        trace_f(L, e, "info", "error challenge: %.*s", (int)(jl > 1000 ? 1000 : jl), j);
-        lua_setfield(L, reply_idx, "challenge");
-      } else {
-        lua_getfield(L, reply_idx, "text");
-        trace_f(L, e, "info", "error challenge is not base64: '%.200s'", lua_tostring(L, -1));
-        lua_setfield(L, reply_idx, "challenge_text");
-      }
-      if (e->mech == MECH_OAUTHBEARER) emit_line(L, e, "AQ==", 4, "AQ== (^A: acknowledge the error challenge)");
-      else emit_line(L, e, "", 0, "(empty line: acknowledge the error challenge)");
-      queue_head(L, e, ST_AUTH_ERRACK);
-      secret_free(&e->blob, &e->blob_len);
-      break;
-    }
-    /* PLAIN has nothing more to say: a challenge where none may come is
-     * cancelled (RFC 4954 4); the secret stays until the final reply, to
-     * redact it should the server quote it */
-    emit_line(L, e, "*", 1, NULL);
-    queue_head(L, e, ST_AUTH_CANCEL);
-    secret_free(&e->blob, &e->blob_len);
-    break;
-  default:
-    /* after the password, the acknowledgement or the cancel nothing may be
-     * asked: a server that keeps asking would keep us answering for ever */
-    sasl_clear(e);
-    queue_pop(L, e);
-    return "a 334 challenge after the SASL exchange was over";
-  }
-  lua_pushboolean(L, 1);
-  lua_setfield(L, reply_idx, "continue");
-  return NULL;
-}
-
-static handler_fn handler_for(smtp_state s) {
-  switch (s) {
-  case ST_EHLO: return h_ehlo;
-  case ST_STARTTLS: return h_starttls;
-  case ST_AUTH: case ST_AUTH_RESP: case ST_AUTH_USER: case ST_AUTH_PASS:
-  case ST_AUTH_ERRACK: case ST_AUTH_CANCEL: return h_auth;
-  default: return h_plain;
-  }
-}
-
-static int reply_fail(lua_State *L, engine_t *e, const char *reason, const char *what,
-                      const char *line, size_t n) {
-  char red[200];
-  size_t avail = (size_t)(e->in.p + e->in.len - line);
-  if (n > avail) n = avail;  /* never show more than what was received */
-  if (in_auth(e)) {
-    redact_line(L, e, line, n);
-    line = e->red.p;
-    n = e->red.len;
-  }
-  redact(line, n, red, sizeof red);
-  trace_f(L, e, "info", "%s: '%s'", what, red);
-  om_fail(L, "smtp", reason, "%s from the server: '%s'", what, red);
-  lua_pushstring(L, red);
-  lua_setfield(L, -2, "text");
-  lua_pushboolean(L, 0);
-  lua_setfield(L, -2, "retryable");
-  return 2;
-}
-
-/* eng:reply() -> reply | nil (needs more bytes) | nil, err (malformed/too long) */
-static int eng_reply(lua_State *L) {
-  engine_t *e = check_engine(L);
-  size_t pos = e->rpos, nlines = 0;
-  int code = 0, reply_idx, lines_idx;
-  char cls = 0;
-  luaL_Buffer text;
-  char enh[16];
-  size_t enh_len = 0;
-  int auth = in_auth(e);
-  const char *raw = NULL, *why;
-  size_t rawlen = 0;
-  /* First pass: is a whole reply here, and is it well-formed? */
-  for (;;) {
-    const char *line = e->in.p + pos, *nl;
-    size_t avail = e->in.len - pos, ll, scan = avail < e->max_line + 2 ? avail : e->max_line + 2;
-    int c;
-    nl = avail ? memchr(line, '\n', scan) : NULL;
-    if (!nl) {
-      if (avail > e->max_line + 1)
-        return reply_fail(L, e, "too_long", "reply line too long", line, avail < 120 ? avail : 120);
-      if (pos - e->rpos + avail > e->max_reply)
-        return reply_fail(L, e, "too_long", "reply too long", e->in.p + e->rpos, 120);
-      return 0;
-    }
-    ll = (size_t)(nl - line);
-    if (ll && line[ll - 1] == '\r') ll--;
-    if (ll > e->max_line) return reply_fail(L, e, "too_long", "reply line too long", line, ll < 120 ? ll : 120);
-    if (ll < 3 || line[0] < '2' || line[0] > '5' || line[1] < '0' || line[1] > '9' ||
-        line[2] < '0' || line[2] > '9' || (ll > 3 && line[3] != ' ' && line[3] != '-'))
-      return reply_fail(L, e, "malformed", "malformed reply", line, ll);
-    c = (line[0] - '0') * 100 + (line[1] - '0') * 10 + (line[2] - '0');
-    if (nlines == 0) code = c;
-    else if (c != code) return reply_fail(L, e, "malformed", "multi-line reply changes its code", line, ll);
-    nlines++;
-    pos = (size_t)(nl - e->in.p) + 1;
-    if (pos - e->rpos > e->max_reply) return reply_fail(L, e, "too_long", "reply too long", e->in.p + e->rpos, 120);
-    if (ll == 3 || line[3] == ' ') break;
-  }
-  /* Second pass: build the table. */
-  cls = (char)('0' + code / 100);
-  lua_createtable(L, 0, 6);
-  reply_idx = lua_gettop(L);
-  lua_createtable(L, (int)nlines, 0);
-  lines_idx = lua_gettop(L);
-  luaL_buffinit(L, &text);
-  {
-    size_t p = e->rpos, i;
-    for (i = 1; i <= nlines; i++) {
-      const char *line = e->in.p + p, *nl = memchr(line, '\n', e->in.len - p);
-      size_t ll = (size_t)(nl - line), tl, el;
-      const char *t;
-      if (ll && line[ll - 1] == '\r') ll--;
-      p = (size_t)(nl - e->in.p) + 1;
-      if (i == 1) {
-        raw = ll > 4 ? line + 4 : line + ll;
-        rawlen = ll > 4 ? ll - 4 : 0;
-      }
-      if (auth) {
-        redact_line(L, e, line, ll);
-        line = e->red.p;
-        ll = e->red.len;
-      }
-      trace_add(L, e, "recv", line, ll);
-      t = ll > 4 ? line + 4 : line + ll;
-      tl = ll > 4 ? ll - 4 : 0;
-      lua_pushlstring(L, t, tl);
-      lua_rawseti(L, lines_idx, (int)i);
-      el = enhanced_len(t, tl, cls);
-      if (el && el < sizeof enh && (!enh_len || (el == enh_len && memcmp(t, enh, el) == 0))) {
-        if (!enh_len) {
-          memcpy(enh, t, el);
-          enh_len = el;
-          lua_pushlstring(L, t, el);
-          lua_setfield(L, reply_idx, "enhanced");
-        }
-        t += el;
-        tl -= el;
-        while (tl && *t == ' ') { t++; tl--; }
-      }
-      if (i > 1) luaL_addchar(&text, '\n');
-      luaL_addlstring(&text, t, tl);
-    }
-  }
-  luaL_pushresult(&text);
-  lua_setfield(L, reply_idx, "text");
-  lua_setfield(L, reply_idx, "lines");
-  lua_pushinteger(L, code);
-  lua_setfield(L, reply_idx, "code");
-  lua_pushstring(L, state_names[e->state]);
-  lua_setfield(L, reply_idx, "command");
-  /* the bytes stay where they are until the next feed: raw remains valid */
-  e->rpos = pos;
-  if (e->rpos == e->in.len) e->rpos = e->in.len = 0;
-  why = handler_for(e->state)(L, e, code, reply_idx, raw, rawlen);
-  if (why) {
-    lua_settop(L, reply_idx - 1);
-    trace_f(L, e, "info", "protocol error: %s", why);
-    om_fail(L, "smtp", "malformed", "protocol error from the server: %s", why);
-    lua_pushinteger(L, code);
-    lua_setfield(L, -2, "code");
-    lua_pushboolean(L, 0);
-    lua_setfield(L, -2, "retryable");
-    return 2;
-  }
-  lua_settop(L, reply_idx);
   return 1;
 }
 
@@ -871,14 +347,6 @@ static int eng_starttls(lua_State *L) { return cmd_simple(L, "STARTTLS", ST_STAR
 static int eng_data(lua_State *L) { return cmd_simple(L, "DATA", ST_DATA); }
 static int eng_noop(lua_State *L) { return cmd_simple(L, "NOOP", ST_NOOP); }
 static int eng_quit(lua_State *L) { return cmd_simple(L, "QUIT", ST_QUIT); }
-/* A new transaction starts a new message: nothing of the body filter's line
- * state may carry over from one that was abandoned half-way. */
-static void body_reset(engine_t *e) {
-  e->bol = 1;
-  e->after_cr = 0;
-  e->body_bytes = 0;
-  e->tmp.len = 0;
-}
 
 static int eng_rset(lua_State *L) {
   engine_t *e = check_engine(L);
@@ -962,263 +430,6 @@ static int smtp_check_address(lua_State *L) {
   if (why) return om_fail(L, "config", "invalid_address", "address %s", why);
   lua_pushboolean(L, 1);
   return 1;
-}
-
-/* Pushes option k of table t and returns it checked, or NULL when absent and
- * not required. The value stays on the stack so the pointer stays valid; it
- * raises only before eng_auth has allocated anything. */
-static const char *cred_opt(lua_State *L, int t, const char *k, int required, size_t *len) {
-  size_t n, i;
-  const char *s;
-  om_getfield(L, t, k);
-  if (lua_isnil(L, -1)) {
-    if (required) luaL_error(L, "auth: option '%s' is required", k);
-    *len = 0;
-    return NULL;
-  }
-  if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "auth: option '%s': expected a string", k);
-  s = lua_tolstring(L, -1, &n);
-  if (n > MAX_CRED_LEN) luaL_error(L, "auth: option '%s' is longer than %d bytes", k, MAX_CRED_LEN);
-  for (i = 0; i < n; i++)
-    if (s[i] == 0 || s[i] == 1 || s[i] == '\r' || s[i] == '\n')
-      luaL_error(L, "auth: option '%s' contains a NUL, ^A, CR or LF", k);
-  *len = n;
-  return s;
-}
-
-static char *put(char *d, const char *s, size_t n) {
-  memcpy(d, s, n);
-  return d + n;
-}
-
-static void wipe_free(char *p, size_t n) {
-  if (p) OPENSSL_cleanse(p, n);
-  free(p);
-}
-
-/* eng:auth(mech, {user=, token= | password=, host=, port=, initial=true|false})
- * Builds the SASL response, sends it as an initial response when initial is
- * true, else waits for the server's 334. Returns the line length an initial
- * response would have had, so Lua can see why it chose.
- * Every option is read and checked first, the response is built in one block
- * of its exact size, and nothing raises while a secret is held outside the
- * engine (whose buffers close/__gc wipe). */
-static int eng_auth(lua_State *L) {
-  engine_t *e = check_engine(L);
-  const char *m = luaL_checkstring(L, 2);
-  int mech, initial;
-  lua_Number max_initial, port;
-  size_t line_len, ulen, hlen = 0, slen, rawlen = 0, plen = 0, i;
-  const char *user, *host = NULL, *secret;
-  char *raw = NULL, *ucopy, *scopy, *d;
-  char pbuf[40];
-  char traced[700];
-  luaL_checktype(L, 3, LUA_TTABLE);
-  if (e->qlen > 0) return luaL_error(L, "smtp engine: AUTH must not be pipelined");
-  if (caps_keyword(m, strlen(m), "XOAUTH2")) mech = MECH_XOAUTH2;
-  else if (caps_keyword(m, strlen(m), "OAUTHBEARER")) mech = MECH_OAUTHBEARER;
-  else if (caps_keyword(m, strlen(m), "PLAIN")) mech = MECH_PLAIN;
-  else if (caps_keyword(m, strlen(m), "LOGIN")) mech = MECH_LOGIN;
-  else return luaL_argerror(L, 2, "unknown SASL mechanism");
-  /* initial: true, false, or nil = only when the AUTH line fits max_initial */
-  initial = om_opt_bool(L, 3, "initial", -1);
-  max_initial = om_opt_number(L, 3, "max_initial", 1000);
-  port = om_opt_number(L, 3, "port", 0);
-  user = cred_opt(L, 3, "user", 1, &ulen);
-  if (mech == MECH_OAUTHBEARER) host = cred_opt(L, 3, "host", 0, &hlen);
-  secret = cred_opt(L, 3, (mech == MECH_PLAIN || mech == MECH_LOGIN) ? "password" : "token", 1, &slen);
-  if (port > 0) plen = (size_t)snprintf(pbuf, sizeof pbuf, "port=%.0f\001", (double)port);
-  if (plen >= sizeof pbuf) return luaL_error(L, "auth: option 'port' is out of range");
-  /* the exact size of the raw response */
-  if (mech == MECH_XOAUTH2) {
-    rawlen = 5 + ulen + 13 + slen + 2;
-  } else if (mech == MECH_OAUTHBEARER) {
-    rawlen = 4 + ulen + 2 + (host ? 5 + hlen + 1 : 0) + plen + 12 + slen + 2;
-    for (i = 0; i < ulen; i++) if (user[i] == ',' || user[i] == '=') rawlen += 2;
-  } else if (mech == MECH_PLAIN) {
-    rawlen = 1 + ulen + 1 + slen;
-  }
-  /* from here on nothing raises until every block is the engine's */
-  ucopy = malloc(ulen + 1);
-  scopy = malloc(slen + 1);
-  if (rawlen) raw = malloc(rawlen);
-  if (!ucopy || !scopy || (rawlen && !raw)) {
-    free(ucopy);
-    wipe_free(scopy, 0);
-    wipe_free(raw, 0);
-    return luaL_error(L, "smtp engine: out of memory");
-  }
-  memcpy(ucopy, user, ulen + 1);
-  memcpy(scopy, secret, slen + 1);
-  d = raw;
-  if (mech == MECH_XOAUTH2) {
-    d = put(d, "user=", 5);
-    d = put(d, user, ulen);
-    d = put(d, "\001auth=Bearer ", 13);
-    d = put(d, secret, slen);
-    d = put(d, "\001\001", 2);
-  } else if (mech == MECH_OAUTHBEARER) {
-    /* GS2 header (RFC 5801): ',' and '=' in the authzid are escaped */
-    d = put(d, "n,a=", 4);
-    for (i = 0; i < ulen; i++) {
-      if (user[i] == ',') d = put(d, "=2C", 3);
-      else if (user[i] == '=') d = put(d, "=3D", 3);
-      else *d++ = user[i];
-    }
-    d = put(d, ",\001", 2);
-    if (host) {
-      d = put(d, "host=", 5);
-      d = put(d, host, hlen);
-      d = put(d, "\001", 1);
-    }
-    d = put(d, pbuf, plen);
-    d = put(d, "auth=Bearer ", 12);
-    d = put(d, secret, slen);
-    d = put(d, "\001\001", 2);
-  } else if (mech == MECH_PLAIN) {
-    d = put(d, "", 1);
-    d = put(d, user, ulen);
-    d = put(d, "", 1);
-    d = put(d, secret, slen);
-  }
-  (void)d;
-  sasl_clear(e);
-  e->mech = mech;
-  e->user = ucopy;
-  e->secret2 = scopy;
-  e->secret2_len = slen;
-  e->blob = raw;
-  e->blob_len = rawlen;
-  lua_settop(L, 3);
-  line_len = 5 + strlen(mech_names[mech]) + 1 + 4 * ((e->blob_len + 2) / 3) + 2;
-  if (initial < 0) initial = (lua_Number)line_len <= max_initial;
-  if (mech == MECH_LOGIN) initial = 0;
-  if (!initial && mech != MECH_LOGIN)
-    trace_f(L, e, "info", "two-step AUTH (an initial response would make a %lu-byte line)",
-            (unsigned long)line_len);
-  lua_pushboolean(L, initial);
-  lua_pushinteger(L, (lua_Integer)line_len);
-  if (initial) {
-    buf_reserve(L, &e->out, line_len + 2);
-    e->out_secret = 1;
-    buf_adds(L, &e->out, "AUTH ");
-    buf_adds(L, &e->out, mech_names[mech]);
-    buf_adds(L, &e->out, " ");
-    buf_add_b64(L, &e->out, e->blob, e->blob_len);
-    buf_adds(L, &e->out, "\r\n");
-    snprintf(traced, sizeof traced, "AUTH %s ", mech_names[mech]);
-    trace_sasl(L, e, traced + strlen(traced), sizeof traced - strlen(traced), "<");
-    strncat(traced, ">", sizeof traced - strlen(traced) - 1);
-    trace_f(L, e, "send", "%s", traced);
-    queue_push(L, e, ST_AUTH);
-    queue_head(L, e, ST_AUTH_RESP);
-    secret_free(&e->blob, &e->blob_len);
-  } else {
-    snprintf(traced, sizeof traced, "AUTH %s", mech_names[mech]);
-    emit_line(L, e, traced, strlen(traced), NULL);
-    queue_push(L, e, ST_AUTH);
-  }
-  return 2;
-}
-
-/* ---- message data ----------------------------------------------------- */
-
-/* CRLF normalisation (bare CR and bare LF become CRLF) and, for DATA, dot
- * stuffing; the line state is carried across chunks so a split "\r|\n" or a
- * '.' right after a chunk boundary come out the same as in one piece. */
-static void filter(lua_State *L, engine_t *e, buf_t *o, const char *s, size_t n, int stuff) {
-  size_t i = 0;
-  buf_reserve(L, o, n + n / 8 + 16);
-  while (i < n) {
-    size_t j = i;
-    /* copy the plain run up to the next CR/LF in one go */
-    if (!(e->bol && stuff && s[i] == '.') && !e->after_cr) {
-      while (j < n && s[j] != '\r' && s[j] != '\n') j++;
-      if (j > i) {
-        buf_reserve(L, o, j - i + 3);
-        memcpy(o->p + o->len, s + i, j - i);
-        o->len += j - i;
-        e->bol = 0;
-        i = j;
-        continue;
-      }
-    }
-    buf_reserve(L, o, 3);
-    if (e->after_cr) {
-      /* the LF of a CRLF split across chunks: CRLF is already out */
-      e->after_cr = 0;
-      if (s[i] == '\n') i++;
-      continue;
-    }
-    if (s[i] == '\r' || s[i] == '\n') {
-      o->p[o->len++] = '\r';
-      o->p[o->len++] = '\n';
-      e->after_cr = s[i] == '\r';
-      e->bol = 1;
-    } else {
-      /* a '.' opening a line: stuff it (RFC 5321 4.5.2) */
-      o->p[o->len++] = '.';
-      o->p[o->len++] = '.';
-      e->bol = 0;
-    }
-    i++;
-  }
-}
-
-static int eng_body(lua_State *L) {
-  engine_t *e = check_engine(L);
-  size_t n;
-  const char *s = luaL_checklstring(L, 2, &n);
-  filter(L, e, &e->out, s, n, 1);
-  e->body_bytes += n;
-  return 0;
-}
-
-static void end_of_message(lua_State *L, engine_t *e, buf_t *o) {
-  if (!e->bol) buf_adds(L, o, "\r\n");
-  trace_f(L, e, "send", "<%lu bytes of message data>", (unsigned long)e->body_bytes);
-  e->bol = 1;
-  e->after_cr = 0;
-  e->body_bytes = 0;
-}
-
-static int eng_body_end(lua_State *L) {
-  engine_t *e = check_engine(L);
-  end_of_message(L, e, &e->out);
-  buf_adds(L, &e->out, ".\r\n");
-  trace_add(L, e, "send", ".", 1);
-  queue_push(L, e, ST_DATA_END);
-  return 0;
-}
-
-/* eng:bdat(chunk, last): RFC 3030 framing of the normalised chunk. */
-static int eng_bdat(lua_State *L) {
-  engine_t *e = check_engine(L);
-  size_t n;
-  const char *s = luaL_optlstring(L, 2, "", &n);
-  int last = lua_toboolean(L, 3);
-  char head[64];
-  int hl;
-  e->tmp.len = 0;
-  filter(L, e, &e->tmp, s, n, 0);
-  e->body_bytes += n;
-  if (last) {
-    size_t total = e->body_bytes;
-    if (!e->bol) buf_adds(L, &e->tmp, "\r\n");
-    e->bol = 1;
-    e->after_cr = 0;
-    e->body_bytes = total;
-  }
-  hl = snprintf(head, sizeof head, "BDAT %lu%s", (unsigned long)e->tmp.len, last ? " LAST" : "");
-  emit_line(L, e, head, (size_t)hl, NULL);
-  buf_add(L, &e->out, e->tmp.p ? e->tmp.p : "", e->tmp.len);
-  if (last) {
-    trace_f(L, e, "send", "<%lu bytes of message data>", (unsigned long)e->body_bytes);
-    e->body_bytes = 0;
-  }
-  queue_push(L, e, ST_BDAT);
-  if (e->tmp.cap > (1u << 20)) buf_free(&e->tmp, 0);
-  return 0;
 }
 
 /* ---- lifecycle -------------------------------------------------------- */

@@ -391,6 +391,14 @@ describe("crypto jwt_decode", function()
     assert.is_true(claims["http://example.com/is_root"])
   end)
 
+  it("takes objects with white space before them, arrays inside them and big finite numbers", function()
+    local b64u = crypto.b64url_encode
+    local header, claims = crypto.jwt_decode(b64u(' \r\n\t{"alg":"none"}') .. "." ..
+      b64u('{"scp":["a","b"],"exp":1e300,"n":-0.5}') .. ".")
+    assert.same({ alg = "none" }, header)
+    assert.same({ scp = { "a", "b" }, exp = 1e300, n = -0.5 }, claims)
+  end)
+
   it("fails clearly on opaque, encrypted and broken tokens, never echoing them", function()
     local cases = {
       { "opaque-access-token-value", "expected 3 dot%-separated parts" },
@@ -399,6 +407,25 @@ describe("crypto jwt_decode", function()
       { "eyJhbGciOiJSUzI1NiJ9.bm90IGpzb24.sig", "payload is not a JSON object" },
       { "eyJhbGciOiJSUzI1NiJ9.MTIz.sig", "payload is not a JSON object" },
     }
+    local function b64u(s) return crypto.b64url_encode(s) end
+    local H = b64u('{"alg":"RS256"}')
+    -- a JSON array decodes to a table too; NaN, Infinity and 1e999 to numbers
+    -- that are not finite: none of them is a claims object (issue 12, defect 12)
+    for _, bad in ipairs {
+      { "[]", "payload is not a JSON object" },
+      { ' ["a", "b"]', "payload is not a JSON object" },
+      { "[{}]", "payload is not a JSON object" },
+      { "NaN", "payload is not a JSON object" },
+      { "Infinity", "payload is not a JSON object" },
+      { '{"exp":NaN}', "payload holds a number that is not finite" },
+      { '{"exp":-Infinity}', "payload holds a number that is not finite" },
+      { '{"exp":1e999}', "payload holds a number that is not finite" },
+      { '{"a":{"b":[1,2,{"c":Infinity}]}}', "payload holds a number that is not finite" },
+    } do
+      cases[#cases + 1] = { H .. "." .. b64u(bad[1]) .. ".sig", bad[2] }
+    end
+    cases[#cases + 1] = { b64u("[1]") .. "." .. b64u("{}") .. ".sig", "header is not a JSON object" }
+    cases[#cases + 1] = { b64u('{"alg":NaN}') .. "." .. b64u("{}") .. ".sig", "header holds a number that is not finite" }
     for _, c in ipairs(cases) do
       local no, err = crypto.jwt_decode(c[1])
       expect_err("oauth", "decode", no, err)

@@ -72,6 +72,18 @@ describe("smtp engine", function()
       assert.equal("IDLE", eng:state())
     end)
 
+    it("keeps a capability keyword with a NUL apart from AUTH (found by fuzz/smtp_engine)", function()
+      -- "AUTH\0x" was stored under the C string "AUTH"; the AUTH line after
+      -- it then wrote mechanisms into that string as if it were a table
+      local eng = engine()
+      eng:expect_greeting()
+      replies(eng, "220 hi\r\n")
+      assert.truthy(eng:ehlo("client.example"))
+      local r = replies(eng, "250-hi\r\n250-AUTH\0x y\r\n250 AUTH PLAIN xoauth2\r\n")[1]
+      assert.same({ PLAIN = true, XOAUTH2 = true }, r.caps.AUTH)
+      assert.equal("y", r.caps["AUTH\0X"])
+    end)
+
     it("assembles multi-line replies fed one byte at a time and splits enhanced codes", function()
       local eng = engine()
       eng:noop()

@@ -90,15 +90,32 @@ function M.jws_sign(opts)
   return input .. "." .. C.b64url_encode(sig)
 end
 
+-- JSON numbers that are not finite: lua-cjson reads NaN and Infinity (and
+-- 1e999 overflows to it), which no claim may be.
+local function has_non_finite(v, depth)
+  if type(v) == "number" then return v ~= v or v == math.huge or v == -math.huge end
+  if type(v) ~= "table" or depth > 1000 then return false end
+  for _, x in pairs(v) do
+    if has_non_finite(x, depth + 1) then return true end
+  end
+  return false
+end
+
 local function decode_part(part, what)
   local raw, err = C.b64url_decode(part)
   if not raw then
     return nil, errors.new("oauth", "not a JWT: the " .. what .. " is not base64url (" .. err.message .. ")",
       { reason = "decode" })
   end
+  -- cjson gives a table for an array too: only text that opens with '{' is
+  -- an object (RFC 7519 7.2)
   local ok, v = pcall(cjson.decode, raw)
-  if not ok or type(v) ~= "table" then
+  if not ok or type(v) ~= "table" or not raw:find("^[ \t\r\n]*{") then
     return nil, errors.new("oauth", "not a JWT: the " .. what .. " is not a JSON object", { reason = "decode" })
+  end
+  if has_non_finite(v, 0) then
+    return nil, errors.new("oauth", "not a JWT: the " .. what .. " holds a number that is not finite (NaN or Infinity)",
+      { reason = "decode" })
   end
   return v
 end

@@ -1,0 +1,115 @@
+/* smtp_body.c — the SMTP engine's message data: CRLF normalisation and dot
+ * stuffing for DATA, RFC 3030 framing for BDAT, with the line state carried
+ * across chunks so a body cut anywhere comes out as if sent in one piece. */
+#include <stdio.h>
+#include <string.h>
+#include "smtp_engine.h"
+
+/* A new transaction starts a new message: nothing of the body filter's line
+ * state may carry over from one that was abandoned half-way. */
+void body_reset(engine_t *e) {
+  e->bol = 1;
+  e->after_cr = 0;
+  e->body_bytes = 0;
+  e->tmp.len = 0;
+}
+
+/* ---- message data ----------------------------------------------------- */
+
+/* CRLF normalisation (bare CR and bare LF become CRLF) and, for DATA, dot
+ * stuffing; the line state is carried across chunks so a split "\r|\n" or a
+ * '.' right after a chunk boundary come out the same as in one piece. */
+static void filter(lua_State *L, engine_t *e, buf_t *o, const char *s, size_t n, int stuff) {
+  size_t i = 0;
+  buf_reserve(L, o, n + n / 8 + 16);
+  while (i < n) {
+    size_t j = i;
+    /* copy the plain run up to the next CR/LF in one go */
+    if (!(e->bol && stuff && s[i] == '.') && !e->after_cr) {
+      while (j < n && s[j] != '\r' && s[j] != '\n') j++;
+      if (j > i) {
+        buf_reserve(L, o, j - i + 3);
+        memcpy(o->p + o->len, s + i, j - i);
+        o->len += j - i;
+        e->bol = 0;
+        i = j;
+        continue;
+      }
+    }
+    buf_reserve(L, o, 3);
+    if (e->after_cr) {
+      /* the LF of a CRLF split across chunks: CRLF is already out */
+      e->after_cr = 0;
+      if (s[i] == '\n') i++;
+      continue;
+    }
+    if (s[i] == '\r' || s[i] == '\n') {
+      o->p[o->len++] = '\r';
+      o->p[o->len++] = '\n';
+      e->after_cr = s[i] == '\r';
+      e->bol = 1;
+    } else {
+      /* a '.' opening a line: stuff it (RFC 5321 4.5.2) */
+      o->p[o->len++] = '.';
+      o->p[o->len++] = '.';
+      e->bol = 0;
+    }
+    i++;
+  }
+}
+
+int eng_body(lua_State *L) {
+  engine_t *e = check_engine(L);
+  size_t n;
+  const char *s = luaL_checklstring(L, 2, &n);
+  filter(L, e, &e->out, s, n, 1);
+  e->body_bytes += n;
+  return 0;
+}
+
+static void end_of_message(lua_State *L, engine_t *e, buf_t *o) {
+  if (!e->bol) buf_adds(L, o, "\r\n");
+  trace_f(L, e, "send", "<%lu bytes of message data>", (unsigned long)e->body_bytes);
+  e->bol = 1;
+  e->after_cr = 0;
+  e->body_bytes = 0;
+}
+
+int eng_body_end(lua_State *L) {
+  engine_t *e = check_engine(L);
+  end_of_message(L, e, &e->out);
+  buf_adds(L, &e->out, ".\r\n");
+  trace_add(L, e, "send", ".", 1);
+  queue_push(L, e, ST_DATA_END);
+  return 0;
+}
+
+/* eng:bdat(chunk, last): RFC 3030 framing of the normalised chunk. */
+int eng_bdat(lua_State *L) {
+  engine_t *e = check_engine(L);
+  size_t n;
+  const char *s = luaL_optlstring(L, 2, "", &n);
+  int last = lua_toboolean(L, 3);
+  char head[64];
+  int hl;
+  e->tmp.len = 0;
+  filter(L, e, &e->tmp, s, n, 0);
+  e->body_bytes += n;
+  if (last) {
+    size_t total = e->body_bytes;
+    if (!e->bol) buf_adds(L, &e->tmp, "\r\n");
+    e->bol = 1;
+    e->after_cr = 0;
+    e->body_bytes = total;
+  }
+  hl = snprintf(head, sizeof head, "BDAT %lu%s", (unsigned long)e->tmp.len, last ? " LAST" : "");
+  emit_line(L, e, head, (size_t)hl, NULL);
+  buf_add(L, &e->out, e->tmp.p ? e->tmp.p : "", e->tmp.len);
+  if (last) {
+    trace_f(L, e, "send", "<%lu bytes of message data>", (unsigned long)e->body_bytes);
+    e->body_bytes = 0;
+  }
+  queue_push(L, e, ST_BDAT);
+  if (e->tmp.cap > (1u << 20)) buf_free(&e->tmp, 0);
+  return 0;
+}
