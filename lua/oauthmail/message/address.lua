@@ -20,6 +20,9 @@ function M.check(addr)
   -- no control byte anywhere, escaped in a quoted local part or inside a
   -- domain literal included: the address goes into headers and the envelope
   if addr:find("[%z\1-\31\127]") then return nil, "address contains a control character" end
+  -- "<" and ">" even inside a quoted local part: an SMTP envelope cannot
+  -- carry them (the engine refuses them) and readers split at them
+  if addr:find("[<>]") then return nil, "'" .. addr .. "' contains '<' or '>'" end
   if addr == "" then return nil, "address is empty" end
   if #addr > 254 then return nil, "address is longer than 254 octets" end
   if not encode.valid_utf8(addr) then return nil, "address is not valid UTF-8" end

@@ -259,8 +259,11 @@ end
 -- (no CRLF at the end): literal when it can be, encoded-words otherwise.
 -- Readers drop the one space after the colon, so a value's own leading
 -- white space is written after that space, not in its place.
+-- Leading white space beyond the one space after the colon is dropped by
+-- common readers (Python's email), so such a value is written as encoded
+-- words, which carry it exactly.
 function M.unstructured(name, s)
-  if not needs_encoding(s) then
+  if not needs_encoding(s) and not s:find("^[ \t]") then
     local items = text_items(s)
     if items[1] then items[1][1] = " " .. items[1][1] end
     local field = M.fold(name, items)
