@@ -149,7 +149,11 @@ function M.format(rec)
   local parts = { rec.event and tostring(rec.event) or nil }
   for _, k in ipairs(keys) do
     local v = rec[k]
-    if type(v) == "table" then v = cjson.encode(v) end
+    if type(v) == "table" then
+      v = cjson.encode(v)
+    elseif type(v) == "number" and v == math.floor(v) and v > -1e15 and v < 1e15 then
+      v = string.format("%d", v)
+    end
     parts[#parts + 1] = k .. "=" .. tostring(v)
   end
   return head .. " " .. table.concat(parts, " ")

@@ -236,8 +236,9 @@ function M.exit_code(err)
     return M.EX.CONFIG
   end
   if err.retryable then return M.EX.TEMPFAIL end
+  -- an SMTP 4xx is temporary by definition (err.code of oauth/http errors is an HTTP status)
   local code = tonumber(err.code)
-  if code and code >= 400 and code < 500 then return M.EX.TEMPFAIL end
+  if (kind == "smtp" or kind == "auth") and code and code >= 400 and code < 500 then return M.EX.TEMPFAIL end
   if kind == "network" then return M.EX.TEMPFAIL end
   if kind == "auth" or kind == "oauth" then return M.EX.NOPERM end
   if kind == "store" then

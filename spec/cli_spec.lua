@@ -1,0 +1,298 @@
+-- spec/cli_spec.lua — the `oauthmail` command run as separate processes, as
+-- a user, cron, msmtp and git send-email run it: real tokens from the
+-- oidc-provider, mail through the sandbox (which checks the JWT against the
+-- provider's keys), Dovecot and the smtp-server peer; no terminal anywhere.
+-- Every command's output and trace is checked for secrets (by value), except
+-- what `token` prints on stdout by design.
+local cjson = require "cjson"
+local h = require "spec.support.helpers"
+local cli = require "spec.support.cli"
+local oidc = require "spec.support.oidc"
+local sandbox = require "spec.support.sandbox"
+
+local USER = "noreply@contoso.test"
+
+describe("oauthmail profiles", function()
+  it("finds NAME.lua on OAUTHMAIL_PROFILE_PATH, then XDG_CONFIG_HOME, and by path", function()
+    local home = cli.home()
+    local base = { provider = "generic", token_endpoint = "https://127.0.0.1:1/token", client_id = "x",
+      client_secret = "not-used-secret", user = USER, smtp = { host = "127.0.0.1" } }
+    home.profile("alpha", base)
+    local xdg = home.config .. "/oauthmail/profiles"
+    h.exec("mkdir -p " .. h.quote(xdg))
+    h.write_file(xdg .. "/alpha.lua", "return " .. cli.lua_source(base) .. "\n")
+    h.write_file(xdg .. "/beta.lua", "return " .. cli.lua_source(base) .. "\n")
+    h.write_file(xdg .. "/broken.lua", "return { smpt = {} }\n")
+    local r = cli.run(home, { "profiles" })
+    assert.equals(0, r.rc, r.err)
+    assert.matches("alpha%s+generic, client_credentials, " .. USER:gsub("%p", "%%%0"), r.out)
+    assert.matches("hidden by " .. (home.profiles .. "/alpha.lua"):gsub("%p", "%%%0"), r.out)
+    assert.matches("beta", r.out)
+    assert.matches("broken%s+INVALID: smpt: unknown field %(did you mean 'smtp'%?%)", r.out)
+    local j = cli.run(home, { "profiles", "--json" })
+    local doc = cjson.decode(j.out)
+    assert.equals(home.profiles, doc.search_path[1])
+    assert.equals(xdg, doc.search_path[2])
+    assert.equals("/etc/oauthmail/profiles", doc.search_path[3])
+    assert.equals(home.state .. "/oauthmail", doc.state_dir)
+    assert.equals(4, #doc.profiles)
+  end)
+
+  it("names a missing profile, the folders it looked in, and the nearest name", function()
+    local home = cli.home()
+    home.profile("contoso", { provider = "generic", token_endpoint = "https://127.0.0.1:1/token",
+      client_id = "x", user = USER, smtp = { host = "127.0.0.1" }, refresh_token = "rt-not-used" })
+    local r = cli.run(home, { "token", "--profile", "contsoo" })
+    assert.equals(78, r.rc)
+    assert.equals("", r.out)
+    assert.matches("no profile 'contsoo' %(looked for contsoo%.lua in " .. home.profiles:gsub("%p", "%%%0"), r.err)
+    assert.matches("did you mean 'contoso'%?", r.err)
+    local none = cli.run(home, { "token" })
+    assert.equals(78, none.rc)
+    assert.matches("no profile given: use %-%-profile NAME", none.err)
+    local bad = cli.run(home, { "token", "--profile", home.dir .. "/nowhere.lua" })
+    assert.equals(78, bad.rc)
+    assert.matches("cannot read profile file", bad.err)
+  end)
+
+  it("refuses unknown commands and options with a suggestion (exit 64)", function()
+    local home = cli.home()
+    local r = cli.run(home, { "tokn" })
+    assert.equals(64, r.rc)
+    assert.matches("unknown command 'tokn' %(did you mean 'token'%?%)", r.err)
+    r = cli.run(home, { "token", "--jsno" })
+    assert.equals(64, r.rc)
+    assert.matches("unknown option %-%-jsno %(did you mean %-%-json%?%)", r.err)
+    r = cli.run(home, { "sendmail", "-bs" })
+    assert.equals(64, r.rc)
+    assert.matches("%-bs %(SMTP on stdin%) is not supported", r.err)
+  end)
+end)
+
+describe("oauthmail with the oidc-provider and the sandbox", function()
+  local srv, sb
+
+  setup(function()
+    srv = oidc.start()
+    sb = sandbox.start { user = USER, jwks_uri = srv.issuer .. "/jwks", ca = srv.ca }
+  end)
+
+  teardown(function()
+    if sb then sb.stop() end
+    if srv then srv.stop() end
+  end)
+
+  local seen = 0
+  before_each(function()
+    sb.clear()
+    seen = #sb.messages()
+  end)
+
+  -- the messages delivered since the test began (the maildir outlives a test)
+  local function delivered()
+    local all, out = sb.messages(), {}
+    for i = seen + 1, #all do out[#out + 1] = all[i] end
+    return out
+  end
+
+  local function profile(extra)
+    local p = {
+      provider = "generic", issuer = srv.issuer, token_endpoint = srv.token_endpoint,
+      flow = "client_credentials", client_id = "cc-post", client_secret = srv.secrets.post,
+      client_auth = "client_secret_post", scope = "mail.send", ca_file = srv.ca, user = USER,
+      smtp = sb.smtp(), policy = { attempts = 1 },
+    }
+    for k, v in pairs(extra or {}) do p[k] = v end
+    return p
+  end
+
+  -- every secret a run may have seen: the client secret and each token issued
+  local function secrets(home)
+    local l = { srv.secrets.post }
+    local text = h.read_file(home.state .. "/oauthmail/spec.json") or ""
+    local doc = cjson.decode(text ~= "" and text or "{}")
+    for _, acct in pairs(doc.accounts or {}) do
+      if type(acct) == "table" then
+        for _, k in ipairs { "access_token", "refresh_token" } do
+          if type(acct[k]) == "string" then l[#l + 1] = acct[k] end
+        end
+      end
+    end
+    return l
+  end
+
+  local function no_secrets(home, ...)
+    local list = secrets(home)
+    assert.is_true(#list >= 2, "the store should hold the token the run obtained")
+    for _, text in ipairs { ... } do h.assert_no_secrets(text, list) end
+  end
+
+  it("token: a bare token on stdout, stored under XDG_STATE_HOME (0600), then served from the store", function()
+    local home = cli.home()
+    home.profile("spec", profile())
+    local trace = home.dir .. "/token.jsonl"
+    local r1 = cli.run(home, { "token", "--profile", "spec", "--trace", trace })
+    assert.equals(0, r1.rc, r1.err)
+    assert.equals("", r1.err)
+    local tok = r1.out:match("^(%S+)\n$")
+    assert.truthy(tok, "stdout must be the token and a newline: " .. r1.out)
+    assert.equals(3, select(2, tok:gsub("%.", "")) + 1, "a JWT from the provider")
+    local store = home.state .. "/oauthmail/spec.json"
+    local _, mode = h.exec("stat -c %a " .. h.quote(store))
+    assert.equals("600", mode:match("%d+"))
+    local r2 = cli.run(home, { "token", "--profile", "spec", "--trace", trace })
+    assert.equals(0, r2.rc, r2.err)
+    assert.equals(r1.out, r2.out)
+    local text = h.read_file(trace)
+    local from_store, run_flow = 0, 0
+    for line in text:gmatch("[^\n]+") do
+      local ev = cjson.decode(line)
+      assert.truthy(ev.ts:match("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ$"), ev.ts)
+      assert.equals("spec", ev.profile)
+      assert.truthy(ev.type)
+      if ev.event == "from_store" then from_store = from_store + 1 end
+      if ev.event == "run_flow" then run_flow = run_flow + 1 end
+    end
+    assert.equals(1, run_flow)
+    assert.equals(1, from_store)
+    assert.equals(1, srv.stats().token_requests >= 1 and 1 or 0)
+    local _, tmode = h.exec("stat -c %a " .. h.quote(trace))
+    assert.equals("600", tmode:match("%d+"))
+    no_secrets(home, text, r1.err, r2.err)
+  end)
+
+  it("token --json: access_token, expires_at, token_type, scope", function()
+    local home = cli.home()
+    home.profile("spec", profile())
+    local r = cli.run(home, { "token", "--profile", "spec", "--json" })
+    assert.equals(0, r.rc, r.err)
+    local doc = cjson.decode(r.out)
+    assert.equals("string", type(doc.access_token))
+    assert.is_true(doc.expires_at > os.time())
+    assert.equals("Bearer", doc.token_type)
+    assert.equals("mail.send", doc.scope)
+  end)
+
+  it("token: a wrong client secret exits 77 with the provider's answer and no secret", function()
+    local home = cli.home()
+    home.profile("spec", profile { client_secret = "wrong-secret-value-123" })
+    local r = cli.run(home, { "token", "--profile", "spec" })
+    assert.equals(77, r.rc)
+    assert.equals("", r.out)
+    assert.matches("invalid_client", r.err)
+    h.assert_no_secrets(r.err, { "wrong-secret-value-123", srv.secrets.post })
+  end)
+
+  it("send: composes, attaches, delivers; Bcc only in the envelope", function()
+    local home = cli.home()
+    home.profile("spec", profile())
+    local att = h.write_file(home.dir .. "/report.csv", "a,b\n1,2\n")
+    local trace = home.dir .. "/send.jsonl"
+    local r = cli.run(home, { "send", "--profile", "spec", "--to", "ops@example.org", "--bcc", "audit@example.org",
+      "--subject", "Nightly report", "--text", "All green.", "--attach", att, "--trace", trace })
+    assert.equals(0, r.rc, r.err)
+    assert.matches("^sent <[^>]+> to ops@example%.org, audit@example%.org %(1 attempt%): 250 ", r.out)
+    local msgs = delivered()
+    assert.equals(1, #msgs)
+    assert.same({ "ops@example.org", "audit@example.org" }, msgs[1].to)
+    assert.matches("Subject: Nightly report", msgs[1].data)
+    assert.matches("filename=\"?report%.csv", msgs[1].data)
+    assert.is_nil(msgs[1].data:lower():find("audit@example.org", 1, true))
+    local t = h.read_file(trace)
+    assert.matches('"type":"smtp"', t)
+    assert.matches('"dir":"send"', t)
+    assert.matches('"event":"delivered"', t)
+    no_secrets(home, t, r.out, r.err)
+  end)
+
+  local RAW = "From: Reports <" .. USER .. ">\nTo: ops@example.org\nCc: cc@example.org\n"
+    .. "Bcc: hidden@example.org\nSubject: cron job\n\nline one\n.\nline after a dot\n"
+
+  it("sendmail -t without a terminal: recipients from the headers, Bcc removed, delivered (exit 0)", function()
+    local home = cli.home()
+    home.profile("spec", profile())
+    local r = cli.run(home, { "sendmail", "--profile", "spec", "-t", "-i" }, { stdin = RAW })
+    assert.equals(0, r.rc, r.err)
+    assert.equals("", r.out)
+    assert.equals("", r.err)
+    local msgs = delivered()
+    assert.equals(1, #msgs)
+    assert.same({ "ops@example.org", "cc@example.org", "hidden@example.org" }, msgs[1].to)
+    assert.is_nil(msgs[1].data:find("Bcc", 1, true))
+    assert.is_nil(msgs[1].data:find("hidden@", 1, true))
+    assert.matches("\r\nline after a dot\r\n", msgs[1].data)
+    assert.equals(USER, msgs[1].from)
+  end)
+
+  it("sendmail: recipients as arguments, -f, -F, -oi, ignored flags, and a lone dot ending input without -i", function()
+    local home = cli.home()
+    home.profile("spec", profile())
+    local body = "Subject: no from header\n\nfirst\n.\nnot sent\n"
+    local r = cli.run(home, { "sendmail", "--profile", "spec", "-oem", "-odb", "-f", USER, "-F", "Cron Daemon",
+      "-N", "never", "-v", "--", "a@example.org", "b@example.org" }, { stdin = body })
+    assert.equals(0, r.rc, r.err)
+    local m = delivered()[1]
+    assert.same({ "a@example.org", "b@example.org" }, m.to)
+    assert.matches("From: \"?Cron Daemon\"? <" .. USER:gsub("%p", "%%%0") .. ">", m.data)
+    assert.matches("first\r\n", m.data)
+    assert.is_nil(m.data:find("not sent", 1, true))
+    sb.clear()
+    local r2 = cli.run(home, { "sendmail", "--profile", "spec", "-oi", "c@example.org" }, { stdin = body })
+    assert.equals(0, r2.rc, r2.err)
+    assert.matches("not sent", delivered()[2].data)
+  end)
+
+  it("sendmail exit codes: 77 for a refused token, 69 for a permanent refusal, 75 for a temporary one", function()
+    local home = cli.home()
+    home.profile("spec", profile())
+    local msg = "From: " .. USER .. "\nTo: ops@example.org\nSubject: x\n\nbody\n"
+    sb.faults { { stage = "auth", code = 535, enhanced = "5.7.3", text = "Authentication unsuccessful", times = 4 } }
+    local r = cli.run(home, { "sendmail", "--profile", "spec", "-t" }, { stdin = msg })
+    assert.equals(77, r.rc, r.err)
+    assert.matches("535", r.err)
+    assert.matches("hint: ", r.err)
+    sb.clear()
+    sb.faults { { stage = "rcpt", code = 550, enhanced = "5.1.1", text = "Recipient not found" } }
+    r = cli.run(home, { "sendmail", "--profile", "spec", "-t" }, { stdin = msg })
+    assert.equals(69, r.rc, r.err)
+    assert.matches("550", r.err)
+    sb.clear()
+    sb.faults { { stage = "mail", code = 451, enhanced = "4.7.500", text = "Server busy", times = 3 } }
+    r = cli.run(home, { "sendmail", "--profile", "spec", "-t" }, { stdin = msg })
+    assert.equals(75, r.rc, r.err)
+    assert.matches("451", r.err)
+    sb.clear()
+    r = cli.run(home, { "sendmail", "--profile", "spec", "-t" }, { stdin = "not a message at all" })
+    assert.equals(65, r.rc, r.err)
+    r = cli.run(home, { "sendmail", "--profile", "spec", "-t" }, { stdin = "" })
+    assert.equals(66, r.rc, r.err)
+    assert.equals(0, #delivered())
+    no_secrets(home, r.err)
+  end)
+
+  it("trace FILE: readable lines, filtered by type, profile and time", function()
+    local home = cli.home()
+    home.profile("spec", profile())
+    local trace = home.dir .. "/t.jsonl"
+    assert.equals(0, cli.run(home, { "send", "--profile", "spec", "--to", "ops@example.org", "--subject", "t",
+      "--text", "x", "--trace", trace }).rc)
+    local all = cli.run(home, { "trace", trace })
+    assert.equals(0, all.rc, all.err)
+    assert.matches("spec%s+smtp%s+> EHLO localhost", all.out)
+    assert.matches("spec%s+smtp%s+> AUTH XOAUTH2 <user=noreply@contoso%.test auth=Bearer <redacted>>", all.out)
+    assert.matches("spec%s+mailer%s+sent attempts=1 code=250 ", all.out)
+    local smtp_only = cli.run(home, { "trace", trace, "--type", "smtp" })
+    for line in smtp_only.out:gmatch("[^\n]+") do assert.matches("^%S+ spec%s+smtp ", line) end
+    assert.is_nil(smtp_only.out:find(" http ", 1, true))
+    local http_only = cli.run(home, { "trace", trace, "--kind", "http" })
+    assert.matches(" http ", http_only.out)
+    assert.is_nil(http_only.out:find(" smtp ", 1, true))
+    assert.equals("", cli.run(home, { "trace", trace, "--profile", "other" }).out)
+    assert.equals("", cli.run(home, { "trace", trace, "--since", "2100-01-01" }).out)
+    assert.equals(all.out, cli.run(home, { "trace", trace, "--since", "1h" }).out)
+    assert.equals("", cli.run(home, { "trace", trace, "--until", "2000-01-01" }).out)
+    local json = cli.run(home, { "trace", trace, "--type", "cli", "--json" })
+    assert.matches('^{"ts":"[^"]+","type":"cli","profile":"spec"', json.out)
+    no_secrets(home, all.out)
+  end)
+end)

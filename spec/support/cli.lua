@@ -1,0 +1,90 @@
+-- spec/support/cli.lua — run the `oauthmail` command as a user or a tool
+-- would: a separate process with its own environment, stdin from a file, no
+-- terminal, stdout and stderr kept apart. Also writes profile files and a
+-- wrapper script so msmtp and git send-email can call `oauthmail` by path.
+local h = require "spec.support.helpers"
+
+local M = {}
+
+local build = os.getenv("OAUTHMAIL_BUILD") or ("build/" .. h.lua_version)
+M.lua_path = h.root .. "/lua/?.lua;" .. h.root .. "/lua/?/init.lua;;"
+M.lua_cpath = h.root .. "/" .. build .. "/?.so;;"
+
+-- A value as Lua source (strings, numbers, booleans, nested tables).
+local function lua_source(v, indent)
+  indent = indent or ""
+  local t = type(v)
+  if t == "string" then return string.format("%q", v) end
+  if t == "number" or t == "boolean" then return tostring(v) end
+  if t ~= "table" then error("cannot write a " .. t .. " into a profile") end
+  local keys = {}
+  for k in pairs(v) do keys[#keys + 1] = k end
+  table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+  local parts = {}
+  for _, k in ipairs(keys) do
+    local key = type(k) == "string" and k:match("^[%a_][%w_]*$") and k or ("[" .. lua_source(k) .. "]")
+    parts[#parts + 1] = indent .. "  " .. key .. " = " .. lua_source(v[k], indent .. "  ") .. ","
+  end
+  return "{\n" .. table.concat(parts, "\n") .. "\n" .. indent .. "}"
+end
+M.lua_source = lua_source
+
+-- A fresh home for one test: HOME, XDG folders, a profiles folder and a bin
+-- folder holding the `oauthmail` wrapper. Returns env (a table) and paths.
+function M.home()
+  local dir = h.tmpdir()
+  local home = {
+    dir = dir, profiles = dir .. "/profiles", state = dir .. "/state", config = dir .. "/config",
+    bin = dir .. "/bin",
+  }
+  h.exec("mkdir -p " .. h.quote(home.profiles) .. " " .. h.quote(home.bin) .. " " .. h.quote(home.config))
+  home.env = {
+    HOME = dir, XDG_STATE_HOME = home.state, XDG_CONFIG_HOME = home.config,
+    OAUTHMAIL_PROFILE_PATH = home.profiles, LUA_PATH = M.lua_path, LUA_CPATH = M.lua_cpath,
+    OAUTHMAIL_TTY = "0",
+  }
+  -- what msmtp's passwordeval and git's --sendmail-cmd run
+  home.oauthmail = home.bin .. "/oauthmail"
+  h.write_file(home.oauthmail, "#!/bin/sh\nLUA_PATH=" .. h.quote(M.lua_path) .. " LUA_CPATH=" .. h.quote(M.lua_cpath)
+    .. " exec " .. h.quote(h.lua_bin) .. " " .. h.quote(h.root .. "/bin/oauthmail") .. " \"$@\"\n", "755")
+  function home.profile(name, t)
+    return h.write_file(home.profiles .. "/" .. name .. ".lua", "return " .. lua_source(t) .. "\n")
+  end
+  return home
+end
+
+local function env_prefix(env)
+  local keys = {}
+  for k in pairs(env or {}) do keys[#keys + 1] = k end
+  table.sort(keys)
+  local parts = {}
+  for _, k in ipairs(keys) do parts[#parts + 1] = k .. "=" .. h.quote(env[k]) end
+  return table.concat(parts, " ")
+end
+M.env_prefix = env_prefix
+
+-- cli.run(home, argv_list, {stdin=string, env={}}) -> {rc=, out=, err=}
+-- No terminal anywhere: stdin is a file (or /dev/null), stdout and stderr files,
+-- and setsid takes away the controlling terminal as cron does.
+function M.run(home, argv, o)
+  o = o or {}
+  local dir = h.tmpdir()
+  local inp = dir .. "/stdin"
+  h.write_file(inp, o.stdin or "")
+  local env = {}
+  for k, v in pairs(home.env) do env[k] = v end
+  for k, v in pairs(o.env or {}) do env[k] = v end
+  -- the sanitizer run preloads its runtimes into the Lua that loads the core
+  for _, k in ipairs { "LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS" } do env[k] = env[k] or os.getenv(k) end
+  local args = {}
+  for i, a in ipairs(argv) do args[i] = h.quote(a) end
+  local cmd = string.format("cd %s && env -i PATH=%s %s setsid %s %s %s <%s >%s/out 2>%s/err; echo $? >%s/rc",
+    h.quote(dir), h.quote(os.getenv("PATH") or "/usr/bin:/bin"), env_prefix(env), h.lua_bin,
+    h.quote(h.root .. "/bin/oauthmail"), table.concat(args, " "), h.quote(inp), h.quote(dir), h.quote(dir),
+    h.quote(dir))
+  h.exec(cmd)
+  return { rc = tonumber(h.read_file(dir .. "/rc")), out = h.read_file(dir .. "/out") or "",
+    err = h.read_file(dir .. "/err") or "" }
+end
+
+return M
