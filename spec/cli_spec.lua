@@ -270,6 +270,104 @@ describe("oauthmail with the oidc-provider and the sandbox", function()
     no_secrets(home, r.err)
   end)
 
+  local function msmtp_conf(home, o)
+    local conf = home.dir .. "/msmtprc"
+    h.write_file(conf, table.concat({
+      "defaults", "tls on", "tls_starttls " .. (o.starttls == false and "off" or "on"), "tls_trust_file " .. o.ca,
+      "logfile " .. home.dir .. "/msmtp.log", "account spec", "host " .. (o.host or "127.0.0.1"), "port " .. o.port,
+      "from " .. USER, "auth " .. o.auth, "user " .. USER,
+      "passwordeval \"" .. home.oauthmail .. " token --profile spec\"", "account default : spec", "" }, "\n"), "600")
+    return conf
+  end
+
+  local function run_tool(home, cmd, stdin)
+    local inp = h.write_file(home.dir .. "/tool-stdin", stdin or "")
+    local env = {}
+    for k, v in pairs(home.env) do if k ~= "LUA_PATH" and k ~= "LUA_CPATH" then env[k] = v end end
+    return h.exec("cd " .. h.quote(home.dir) .. " && env -i PATH=" .. h.quote(os.getenv("PATH")) .. " "
+      .. cli.env_prefix(env) .. " setsid " .. cmd .. " <" .. h.quote(inp))
+  end
+
+  it("msmtp with passwordeval 'oauthmail token' and auth xoauth2 delivers through the sandbox", function()
+    local home = cli.home()
+    home.profile("spec", profile())
+    local conf = msmtp_conf(home, { port = sb.port, ca = sb.ca, auth = "xoauth2" })
+    local msg = "From: " .. USER .. "\nTo: ops@example.org\nSubject: via msmtp\n\nhello from msmtp\n"
+    local ok, out = run_tool(home, "msmtp -C " .. h.quote(conf) .. " -t", msg)
+    assert.is_true(ok, out)
+    local msgs = delivered()
+    assert.equals(1, #msgs)
+    assert.matches("Subject: via msmtp", msgs[1].data)
+    assert.matches("^jwt%-", msgs[1].token)   -- the sandbox verified the provider's signature
+    -- a second message: the token comes from the store, the provider is not asked again
+    local before = srv.stats().token_requests
+    ok, out = run_tool(home, "msmtp -C " .. h.quote(conf) .. " -t", msg)
+    assert.is_true(ok, out)
+    assert.equals(before, srv.stats().token_requests)
+    assert.equals(2, #delivered())
+    no_secrets(home, out, h.read_file(home.dir .. "/msmtp.log") or "")
+  end)
+
+  it("msmtp with auth oauthbearer through Dovecot's submission service (token checked by introspection)", function()
+    local peers = require "spec.support.smtp_peers"
+    assert.truthy(peers.have_dovecot(), "dovecot is not installed")
+    local home = cli.home()
+    home.profile("spec", profile())
+    local first = cli.run(home, { "token", "--profile", "spec" })
+    assert.equals(0, first.rc, first.err)
+    local token = first.out:match("^(%S+)")
+    local dove = peers.dovecot { token = token, user = USER }
+    local ok, out = pcall(function()
+      local conf = msmtp_conf(home, { port = dove.port, ca = dove.ca, auth = "oauthbearer", host = "localhost" })
+      local msg = "From: " .. USER .. "\nTo: bob@example.org\nSubject: via dovecot\n\nbearer\n"
+      local sent, tool_out = run_tool(home, "msmtp -C " .. h.quote(conf) .. " -t", msg)
+      assert.is_true(sent, tool_out)
+      local msgs = dove.sink.messages()
+      assert.equals(1, #msgs)
+      assert.matches("Subject: via dovecot", msgs[1].data)
+      assert.same({ "bob@example.org" }, msgs[1].to)
+      -- a wrong token is refused by the same server: the check is real
+      h.write_file(home.dir .. "/bad", "#!/bin/sh\necho not-the-token-at-all\n", "755")
+      local bad = h.read_file(conf):gsub("passwordeval [^\n]+", "passwordeval \"" .. home.dir .. "/bad\"")
+      h.write_file(conf, bad, "600")
+      local refused = run_tool(home, "msmtp -C " .. h.quote(conf) .. " -t", msg)
+      assert.is_false(refused)
+      assert.equals(1, #dove.sink.messages())
+      return tool_out
+    end)
+    dove.stop()
+    assert(ok, out)
+    no_secrets(home, out)
+  end)
+
+  it("git send-email --sendmail-cmd='oauthmail sendmail' delivers a patch series; Bcc never in the headers", function()
+    local home = cli.home()
+    home.profile("spec", profile())
+    local repo = home.dir .. "/repo"
+    local git = "git -C " .. h.quote(repo) .. " -c user.name=Dev -c user.email=" .. USER .. " "
+    assert(h.exec("git init -q " .. h.quote(repo)))
+    for i = 1, 2 do
+      h.write_file(repo .. "/file" .. i .. ".txt", "change " .. i .. "\n")
+      assert(h.exec(git .. "add . && " .. git .. "commit -q -m 'change number " .. i .. "'"))
+    end
+    assert(h.exec(git .. "format-patch -q -2 -o " .. h.quote(home.dir .. "/patches")))
+    local ok, out = run_tool(home, "git -C " .. h.quote(repo) .. " -c user.name=Dev -c user.email=" .. USER
+      .. " send-email --confirm=never --suppress-cc=all --no-validate "
+      .. "--from " .. h.quote("Dev <" .. USER .. ">") .. " --to ops@example.org --bcc secret-bcc@example.org "
+      .. "--sendmail-cmd=" .. h.quote(home.oauthmail .. " sendmail --profile spec") .. " "
+      .. h.quote(home.dir .. "/patches"))
+    assert.is_true(ok, out)
+    local msgs = delivered()
+    assert.equals(2, #msgs)
+    for i, m in ipairs(msgs) do
+      assert.matches("Subject: %[PATCH " .. i .. "/2%] change number " .. i, m.data)
+      assert.same({ "ops@example.org", "secret-bcc@example.org" }, m.to)
+      assert.is_nil(m.data:lower():find("secret%-bcc"))
+      assert.is_nil(m.data:find("\nBcc:", 1, true))
+    end
+    assert.matches("In%-Reply%-To: ", msgs[2].data)
+  end)
+
   it("trace FILE: readable lines, filtered by type, profile and time", function()
     local home = cli.home()
     home.profile("spec", profile())
