@@ -102,7 +102,9 @@ describe("oauthmail with the oidc-provider and the sandbox", function()
       client_auth = "client_secret_post", scope = "mail.send", ca_file = srv.ca, user = USER,
       smtp = sb.smtp(), policy = { attempts = 1 },
     }
-    for k, v in pairs(extra or {}) do p[k] = v end
+    for k, v in pairs(extra or {}) do
+      if v == false then p[k] = nil else p[k] = v end
+    end
     return p
   end
 
@@ -366,6 +368,142 @@ describe("oauthmail with the oidc-provider and the sandbox", function()
       assert.is_nil(m.data:find("\nBcc:", 1, true))
     end
     assert.matches("In%-Reply%-To: ", msgs[2].data)
+  end)
+
+  -- doctor: one line per step; returns the result and the steps by name
+  local function doctor(home, extra_args)
+    local argv = { "doctor", "--profile", "spec", "--timeout", "5", "--trace", home.dir .. "/doctor.jsonl" }
+    for _, a in ipairs(extra_args or {}) do argv[#argv + 1] = a end
+    local r = cli.run(home, argv)
+    local steps = {}
+    for line in r.out:gmatch("[^\n]+") do
+      local mark, step = line:match("^(%S+)%s+(%a+)%s")
+      if mark and (mark == "ok" or mark == "WARN" or mark == "FAIL" or mark == "--") and not steps[step] then
+        steps[step] = mark
+      end
+    end
+    r.steps = steps
+    r.trace = h.read_file(home.dir .. "/doctor.jsonl") or ""
+    return r
+  end
+
+  it("doctor: a good profile passes every step (exit 0) and sends no mail", function()
+    local home = cli.home()
+    home.profile("spec", profile())
+    local r = doctor(home)
+    assert.equals(0, r.rc, r.out .. r.err)
+    for _, step in ipairs { "profile", "dns", "tcp", "tls", "ehlo", "token", "claims", "auth" } do
+      assert.equals("ok", r.steps[step], step .. " in\n" .. r.out)
+    end
+    assert.matches("tls%s+TLSv1%.[23] ", r.out)
+    assert.matches("certificate [^\n]*localhost, %d+ days left", r.out)
+    assert.matches("ehlo%s+AUTH XOAUTH2; SIZE=35882577 PIPELINING SMTPUTF8 8BITMIME", r.out)
+    assert.matches("token%s+from the client_credentials flow", r.out)
+    assert.matches("claims%s+aud=urn:oauthmail:test:mail", r.out)
+    assert.matches("auth%s+AUTH XOAUTH2 as " .. USER:gsub("%p", "%%%0") .. " accepted %(235%)", r.out)
+    assert.matches("all checks passed", r.out)
+    assert.equals(0, #delivered())
+    -- the second run takes the token from the store
+    local again = doctor(home, { "--json" })
+    assert.equals(0, again.rc)
+    local doc = cjson.decode(again.out)
+    assert.is_true(doc.ok)
+    local by = {}
+    for _, st in ipairs(doc.steps) do by[st.step] = st end
+    assert.equals("from the store", by.token.source)
+    assert.equals("pass", by.auth.verdict)
+    assert.matches('"type":"doctor"', again.trace)
+    assert.matches('"type":"smtp"', again.trace)
+    no_secrets(home, r.out, r.err, again.out, again.trace)
+  end)
+
+  local function assert_first_failure(r, step, fix_pattern)
+    assert.equals(1, r.rc, r.out .. r.err)
+    assert.equals("FAIL", r.steps[step], step .. " in\n" .. r.out)
+    assert.matches("first failure: " .. step .. " ", r.out)
+    assert.matches("fix:%s+[^\n]*" .. fix_pattern, r.out)
+  end
+
+  it("doctor: a wrong client secret fails at the token step with the provider's error and the fix", function()
+    local home = cli.home()
+    home.profile("spec", profile { client_secret = "wrong-secret-for-doctor" })
+    local r = doctor(home)
+    assert_first_failure(r, "token", "client_secret")
+    assert.equals("ok", r.steps.auth == nil and "ok" or r.steps.auth:gsub("%-%-", "ok"))
+    assert.matches("invalid_client", r.out)
+    h.assert_no_secrets(r.out .. r.err .. r.trace, { "wrong-secret-for-doctor", srv.secrets.post })
+  end)
+
+  it("doctor: a host that does not resolve fails at DNS", function()
+    local home = cli.home()
+    home.profile("spec", profile { smtp = sb.smtp { host = "no-such-host.invalid" } })
+    local r = doctor(home)
+    assert_first_failure(r, "dns", "smtp%.host")
+  end)
+
+  it("doctor: a port nobody listens on fails at TCP", function()
+    local home = cli.home()
+    home.profile("spec", profile { smtp = sb.smtp { port = h.free_port() } })
+    local r = doctor(home)
+    assert_first_failure(r, "tcp", "smtp%.port")
+    assert.matches("connection refused", r.out)
+  end)
+
+  it("doctor: a server without STARTTLS fails at TLS, never falling back to plain text", function()
+    local peers = require "spec.support.smtp_peers"
+    local plain = peers.node_smtp { tls = "none", auth = { "XOAUTH2" }, user = USER }
+    local home = cli.home()
+    home.profile("spec", profile { smtp = { host = "127.0.0.1", port = plain.port, tls = "starttls", ca_file = srv.ca,
+      timeout = 5 } })
+    local r = doctor(home)
+    plain.stop()
+    assert_first_failure(r, "tls", "465")
+    assert.matches("does not offer STARTTLS", r.out)
+    assert.matches('"dir":"recv","text":"250[ %-]AUTH XOAUTH2"', r.trace)
+    assert.is_nil(r.trace:find('"dir":"send","text":"AUTH', 1, true))
+  end)
+
+  it("doctor: an expired server certificate fails at TLS", function()
+    local certs = require("spec.support.certs").get()
+    local port = h.free_port()
+    local peer = h.spawn("openssl s_server -quiet -accept 127.0.0.1:" .. port .. " -cert " .. h.quote(certs.expired.cert)
+      .. " -key " .. h.quote(certs.expired.key), { lifetime = 120 })
+    h.wait_port(port)
+    local home = cli.home()
+    home.profile("spec", profile { smtp = { host = "127.0.0.1", port = port, tls = "implicit", ca_file = srv.ca,
+      timeout = 5 } })
+    local r = doctor(home)
+    peer.stop()
+    assert_first_failure(r, "tls", "renew")
+    assert.matches("expired", r.out)
+  end)
+
+  it("doctor: a token for the wrong audience fails at the claims step (Exchange's needs), AUTH not tried", function()
+    local home = cli.home()
+    home.profile("spec", profile { provider = "microsoft", tenant = "contoso.test", issuer = false })
+    local r = doctor(home)
+    assert_first_failure(r, "claims", "outlook%.office365%.com/%.default")
+    assert.matches("cause:%s+Exchange Online %(app%-only%) accepts only tokens for the audience", r.out)
+    assert.matches("this one is for urn:oauthmail:test:mail", r.out)
+    assert.equals("--", r.steps.auth)
+    no_secrets(home, r.out, r.err, r.trace)
+  end)
+
+  it("doctor: credential life — certificate end date warns, a passed secret end date fails", function()
+    local home = cli.home()
+    home.profile("spec", profile { client_id = "cc-jwt", client_secret = false, client_auth = "private_key_jwt",
+      client_certificate = { cert = srv.keys.jwt.cert, key = srv.keys.jwt.key } })
+    local r = doctor(home)
+    assert.equals(0, r.rc, r.out .. r.err)
+    assert.equals("WARN", r.steps.credentials)
+    assert.matches("client certificate expires on %d+%-%d+%-%d+ %(%d days%)", r.out)
+    local home2 = cli.home()
+    home2.profile("spec", profile { secret_expires = "2020-01-01" })
+    local r2 = doctor(home2)
+    assert_first_failure(r2, "credentials", "new client secret")
+    assert.matches("client secret expired on 2020%-01%-01", r2.out)
+    -- every other step still ran and passed
+    assert.equals("ok", r2.steps.auth)
   end)
 
   it("trace FILE: readable lines, filtered by type, profile and time", function()

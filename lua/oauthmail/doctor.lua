@@ -15,6 +15,16 @@ M.TLS_WARN_DAYS = 14        -- the server's certificate
 M.MS_REFRESH_IDLE = 90      -- Microsoft: a refresh token unused this many days is dead
 M.MS_REFRESH_WARN = 60
 
+-- RFC 6749 5.2 errors the decoder has no provider code for: the fix to try.
+M.OAUTH_HINTS = {
+  invalid_client = "the provider did not accept the client: check client_id and client_secret (the secret's "
+    .. "value, not its id) or the client certificate, and client_auth",
+  invalid_grant = "the stored grant is no longer valid (expired, revoked or rotated): sign in again with "
+    .. "oauthmail login",
+  invalid_scope = "the provider refused the scope: check the profile's scope",
+  unauthorized_client = "this client may not use this flow: enable the grant in the app registration",
+}
+
 -- ------------------------------------------------------------ helpers
 
 local function b64url_json(part)
@@ -136,8 +146,11 @@ end
 function Run:fail(step, err, fix, cause)
   if type(err) == "table" then decoder.explain(err, self.ctx) end
   local e = type(err) == "table" and err or {}
-  return self:add(step, "fail", tostring(e.message or err), {
-    cause = cause or e.cause, fix = fix or e.fix or e.hint, code = e.code, enhanced = e.enhanced,
+  local detail = tostring(e.message or err)
+  if e.oauth_error and not detail:find(e.oauth_error, 1, true) then detail = detail .. " (" .. e.oauth_error .. ")" end
+  if e.provider_code and not detail:find(e.provider_code, 1, true) then detail = detail .. " " .. e.provider_code end
+  return self:add(step, "fail", detail, {
+    cause = cause or e.cause, fix = fix or e.fix or e.hint or M.OAUTH_HINTS[e.oauth_error], code = e.code, enhanced = e.enhanced,
     error_kind = e.kind, reason = e.reason, oauth_error = e.oauth_error, provider_code = e.provider_code,
   })
 end

@@ -248,23 +248,13 @@ function M.exit_code(err)
   return M.EX.UNAVAILABLE
 end
 
--- RFC 6749 5.2 errors the decoder has no provider code for.
-local OAUTH_HINTS = {
-  invalid_client = "the provider did not accept the client: check client_id and client_secret (the secret's "
-    .. "value, not its id) or the client certificate, and client_auth",
-  invalid_grant = "the stored grant is no longer valid (expired, revoked or rotated): sign in again with "
-    .. "oauthmail login",
-  invalid_scope = "the provider refused the scope: check the profile's scope",
-  unauthorized_client = "this client may not use this flow: enable the grant in the app registration",
-}
-
 -- Print an error for a person: message, hint, on stderr (even with --quiet).
 function M.report(err)
   if type(err) == "table" and err.oauth_error then
     if not tostring(err.message):find(err.oauth_error, 1, true) then
       err.message = tostring(err.message) .. " (" .. err.oauth_error .. ")"
     end
-    err.hint = err.hint or OAUTH_HINTS[err.oauth_error]
+    err.hint = err.hint or require("oauthmail.doctor").OAUTH_HINTS[err.oauth_error]
   end
   local text = tostring(err)
   if type(err) == "table" and err.cause and not (err.hint or ""):find(err.cause, 1, true) then

@@ -34,6 +34,7 @@ function M.run(ctx, opts)
   end
   local report = require("oauthmail.doctor").run(p, {
     timeout = timeout,
+    trace = ctx.tracer and function(ev) ctx:event(ev) end,
     on_step = function(s)
       ctx:event { type = "doctor", event = "step", step = s.step, verdict = s.verdict, detail = s.detail,
         cause = s.cause, fix = s.fix, code = s.code, enhanced = s.enhanced }
