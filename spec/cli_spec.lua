@@ -532,3 +532,149 @@ describe("oauthmail with the oidc-provider and the sandbox", function()
     no_secrets(home, all.out)
   end)
 end)
+
+describe("oauthmail login and logout against the oidc-provider", function()
+  local srv
+
+  setup(function() srv = oidc.start() end)
+  teardown(function() if srv then srv.stop() end end)
+
+  local function profile(client, extra)
+    local c = srv.cfg(client)
+    local p = {
+      provider = "generic", issuer = srv.issuer, token_endpoint = c.token_endpoint,
+      authorization_endpoint = c.authorization_endpoint, device_authorization_endpoint = c.device_authorization_endpoint,
+      revocation_endpoint = c.revocation_endpoint, client_id = client, client_auth = "none",
+      scope = "openid offline_access", ca_file = srv.ca, user = USER,
+      smtp = { host = "127.0.0.1", port = 25 },
+      oauth = { prompt = "consent" },
+    }
+    for k, v in pairs(extra or {}) do p[k] = v end
+    return p
+  end
+
+  local function stored(home)
+    local doc = cjson.decode(h.read_file(home.state .. "/oauthmail/spec.json") or "{}")
+    local _, rec = next(doc.accounts or {})
+    return rec
+  end
+
+  local function secrets_of(rec)
+    local l = {}
+    for _, k in ipairs { "access_token", "refresh_token", "id_token" } do
+      if type(rec[k]) == "string" then l[#l + 1] = rec[k] end
+    end
+    return l
+  end
+
+  it("device code: the code and address, a live countdown on a terminal, stored; then token from the store; "
+    .. "logout revokes the refresh token at the provider", function()
+    local home = cli.home()
+    home.profile("spec", profile("device", { flow = "device_code" }))
+    local trace = home.dir .. "/login.jsonl"
+    local proc = cli.spawn(home, { "login", "--profile", "spec", "--trace", trace },
+      { ready = "enter the code (%S+)", env = { OAUTHMAIL_TTY = "1" } })
+    local code = proc.match[1]
+    -- let the countdown tick, then approve as the user would on the device page
+    h.sleep(1.5)
+    assert.is_true(srv.device(code).approved)
+    assert.equals(0, proc.wait(60), proc.output())
+    local out = proc.output()
+    assert.matches("To sign in, open https://127%.0%.0%.1:%d+/device", out)
+    assert.matches("The code expires in %d+:%d%d%.", out)
+    assert.matches("\r\27%[Kwaiting for approval: %d+:%d%d left %(checked 0 times, every 5 s%)", out)
+    assert.matches("signed in %(device_code%); tokens stored in " .. (home.state .. "/oauthmail/spec.json"):gsub("%p", "%%%0"), out)
+    local rec = stored(home)
+    assert.equals("string", type(rec.refresh_token))
+    local before = srv.stats().token_requests
+    local t = cli.run(home, { "token", "--profile", "spec" })
+    assert.equals(0, t.rc, t.err)
+    assert.equals(rec.access_token .. "\n", t.out)
+    assert.equals(before, srv.stats().token_requests)
+    h.assert_no_secrets(out .. (h.read_file(trace) or ""), secrets_of(rec))
+
+    local lo = cli.run(home, { "logout", "--profile", "spec", "--trace", trace })
+    assert.equals(0, lo.rc, lo.err)
+    assert.matches("revoked and deleted the stored tokens", lo.err)
+    assert.is_nil(stored(home))
+    -- the provider now refuses the old refresh token
+    local oauth2 = require "oauthmail.oauth2"
+    local tok, err = oauth2.refresh(srv.cfg("device"), rec.refresh_token)
+    assert.is_nil(tok)
+    assert.equals("invalid_grant", err.oauth_error)
+    -- and the command says a sign-in is needed (77), without running the flow itself
+    local after = cli.run(home, { "token", "--profile", "spec" })
+    assert.equals(77, after.rc)
+    assert.matches('run "oauthmail login %-%-profile spec"', after.err)
+    h.assert_no_secrets(lo.err .. after.err .. (h.read_file(trace) or ""), secrets_of(rec))
+    local again = cli.run(home, { "logout", "--profile", "spec" })
+    assert.equals(0, again.rc)
+    assert.matches("nothing stored", again.err)
+  end)
+
+  it("device code without a terminal: no countdown, the code still shown", function()
+    local home = cli.home()
+    home.profile("spec", profile("device", { flow = "device_code" }))
+    local proc = cli.spawn(home, { "login", "--profile", "spec", "--quiet" }, { ready = "enter the code (%S+)" })
+    assert.is_true(srv.device(proc.match[1]).approved)
+    assert.equals(0, proc.wait(60), proc.output())
+    assert.is_nil(proc.output():find("waiting for approval", 1, true))
+    assert.is_nil(proc.output():find("signed in", 1, true))
+    assert.equals("string", type(stored(home).refresh_token))
+  end)
+
+  it("device code denied: exit 77 with the reason", function()
+    local home = cli.home()
+    home.profile("spec", profile("device", { flow = "device_code" }))
+    local proc = cli.spawn(home, { "login", "--profile", "spec" }, { ready = "enter the code (%S+)" })
+    srv.device(proc.match[1], "deny")
+    assert.equals(77, proc.wait(60), proc.output())
+    assert.matches("denied", proc.output())
+    assert.is_nil(stored(home))
+  end)
+
+  it("browser: --browser CMD opens the sign-in page, the loopback listener gets the code, tokens stored", function()
+    local home = cli.home()
+    home.profile("spec", profile("native", { flow = "authorization_code" }))
+    local browser = "node " .. h.quote(h.peers .. "/oidc.mjs") .. " --open " .. srv.issuer .. " " .. h.quote(srv.ca)
+    local r = cli.run(home, { "login", "--profile", "spec", "--browser", browser, "--timeout", "60" })
+    assert.equals(0, r.rc, r.err)
+    assert.matches("Opening the sign%-in page in the browser", r.err)
+    assert.matches("signed in %(authorization_code%)", r.err)
+    -- the page the browser was shown on the loopback listener
+    local lb = srv.wait_browse()
+    assert.equals(200, lb.delivered)
+    assert.truthy(lb.page:find("Signed in", 1, true))
+    local rec = stored(home)
+    assert.equals("string", type(rec.refresh_token))
+    local code = lb.location:match("[?&]code=([^&]+)")
+    local l = secrets_of(rec)
+    l[#l + 1] = code
+    h.assert_no_secrets(r.err .. r.out, l)
+  end)
+
+  it("browser --no-browser prints the address; a browser elsewhere completes the sign-in", function()
+    local home = cli.home()
+    home.profile("spec", profile("native", { flow = "authorization_code" }))
+    local proc = cli.spawn(home, { "login", "--profile", "spec", "--no-browser" },
+      { ready = "(https://127%.0%.0%.1:%d+/auth%?%S+)" })
+    srv.browse(proc.match[1], "approve", true)
+    assert.equals(0, proc.wait(60), proc.output())
+    assert.equals("string", type(stored(home).refresh_token))
+  end)
+
+  it("browser --manual: the address the browser ends on is pasted on stdin", function()
+    local home = cli.home()
+    home.profile("spec", profile("native", { flow = "authorization_code" }))
+    local proc = cli.spawn(home, { "login", "--profile", "spec", "--manual" },
+      { ready = "(https://127%.0%.0%.1:%d+/auth%?%S+)", fifo = true })
+    local doc = srv.browse(proc.match[1], "approve", false)
+    assert.matches("^http://127%.0%.0%.1/%?code=", doc.location)
+    proc.feed(doc.location .. "\n")
+    assert.equals(0, proc.wait(60), proc.output())
+    local rec = stored(home)
+    assert.equals("string", type(rec.refresh_token))
+    h.assert_no_secrets(proc.output(), secrets_of(rec))
+    assert.is_nil(proc.output():find(doc.location:match("code=([^&]+)"), 1, true))
+  end)
+end)

@@ -87,4 +87,44 @@ function M.run(home, argv, o)
     err = h.read_file(dir .. "/err") or "" }
 end
 
+-- cli.spawn(home, argv, {ready=pattern, env={}, fifo=true}) -> proc: the
+-- command in the background (for login, which waits for a person). proc.wait()
+-- -> exit code (bounded); proc.feed(text) writes to its stdin when fifo=true.
+function M.spawn(home, argv, o)
+  o = o or {}
+  local dir = h.tmpdir()
+  local env = {}
+  for k, v in pairs(home.env) do env[k] = v end
+  for k, v in pairs(o.env or {}) do env[k] = v end
+  local args = {}
+  for i, a in ipairs(argv) do args[i] = h.quote(a) end
+  local stdin = "/dev/null"
+  if o.fifo then
+    stdin = dir .. "/stdin"
+    assert(h.exec("mkfifo " .. h.quote(stdin)))
+  end
+  local inner = string.format("cd %s && env -i PATH=%s %s %s %s %s <%s; echo \"EXIT=$?\"", h.quote(dir),
+    h.quote(os.getenv("PATH") or "/usr/bin:/bin"), env_prefix(env), h.lua_bin, h.quote(h.root .. "/bin/oauthmail"),
+    table.concat(args, " "), h.quote(stdin))
+  -- a FIFO is opened read-write, so the shell does not wait for a writer
+  if o.fifo then inner = inner:gsub(" <(%S+); echo", " <>%1; echo") end
+  local proc = h.spawn("sh -c " .. h.quote(inner), { ready = o.ready, timeout = o.timeout or 60, lifetime = 300 })
+  function proc.feed(text)
+    local f = assert(io.open(stdin, "w"))
+    f:write(text)
+    f:close()
+  end
+  function proc.wait(timeout)
+    local deadline = h.now() + (timeout or 60)
+    repeat
+      local code = proc.output():match("EXIT=(%d+)")
+      if code then return tonumber(code) end
+      h.sleep(0.1)
+    until h.now() > deadline
+    proc.stop()
+    error("oauthmail did not finish:\n" .. proc.output())
+  end
+  return proc
+end
+
 return M
