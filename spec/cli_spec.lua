@@ -55,6 +55,28 @@ describe("oauthmail profiles", function()
     assert.matches("cannot read profile file", bad.err)
   end)
 
+  it("is installed by make install as a command for the Lua it was built for", function()
+    local tree = h.tmpdir()
+    local build = os.getenv("OAUTHMAIL_BUILD") or ("build/" .. h.lua_version)
+    local ok, out = h.exec("cd " .. h.quote(h.root) .. " && make -s install PREFIX=" .. h.quote(tree) .. " LUA_VERSION="
+      .. h.lua_version .. " BUILD=" .. h.quote(build))
+    assert.is_true(ok, out)
+    local bin = tree .. "/bin/oauthmail"
+    local first = h.read_file(bin):match("^#!(%S+)")
+    local _, want = h.exec("command -v " .. h.lua_bin)
+    assert.equals(want:match("%S+"), first)
+    -- no LUA_PATH: the command finds the modules where make install put them
+    local home = cli.home()
+    local san = ""
+    for _, k in ipairs { "LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS" } do
+      if os.getenv(k) then san = san .. " " .. k .. "=" .. h.quote(os.getenv(k)) end
+    end
+    local run_ok, text = h.exec(h.lua_bin .. " -v >/dev/null; env -i" .. san .. " HOME=" .. h.quote(home.dir) .. " OAUTHMAIL_PROFILE_PATH=" .. h.quote(home.profiles)
+      .. " " .. h.quote(bin) .. " profiles")
+    assert.is_true(run_ok, text)
+    assert.matches("search path:\n  " .. home.profiles:gsub("%p", "%%%0"), text)
+  end)
+
   it("refuses unknown commands and options with a suggestion (exit 64)", function()
     local home = cli.home()
     local r = cli.run(home, { "tokn" })
