@@ -45,8 +45,13 @@ function M.home()
   }
   -- what msmtp's passwordeval and git's --sendmail-cmd run
   home.oauthmail = home.bin .. "/oauthmail"
+  -- (under the sanitizer run only the Lua that loads the core gets its runtimes)
+  local san = ""
+  for _, k in ipairs { "LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS" } do
+    if os.getenv(k) then san = san .. " " .. k .. "=" .. h.quote(os.getenv(k)) end
+  end
   h.write_file(home.oauthmail, "#!/bin/sh\nLUA_PATH=" .. h.quote(M.lua_path) .. " LUA_CPATH=" .. h.quote(M.lua_cpath)
-    .. " exec " .. h.quote(h.lua_bin) .. " " .. h.quote(h.root .. "/bin/oauthmail") .. " \"$@\"\n", "755")
+    .. san .. " exec " .. h.quote(h.lua_bin) .. " " .. h.quote(h.root .. "/bin/oauthmail") .. " \"$@\"\n", "755")
   function home.profile(name, t)
     return h.write_file(home.profiles .. "/" .. name .. ".lua", "return " .. lua_source(t) .. "\n")
   end
