@@ -71,7 +71,8 @@ describe("oauthmail profiles", function()
     for _, k in ipairs { "LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS" } do
       if os.getenv(k) then san = san .. " " .. k .. "=" .. h.quote(os.getenv(k)) end
     end
-    local run_ok, text = h.exec(h.lua_bin .. " -v >/dev/null; env -i" .. san .. " HOME=" .. h.quote(home.dir) .. " OAUTHMAIL_PROFILE_PATH=" .. h.quote(home.profiles)
+    local run_ok, text = h.exec(h.lua_bin .. " -v >/dev/null; env -i" .. san .. " HOME=" .. h.quote(home.dir)
+      .. " OAUTHMAIL_PROFILE_PATH=" .. h.quote(home.profiles)
       .. " " .. h.quote(bin) .. " profiles")
     assert.is_true(run_ok, text)
     assert.matches("search path:\n  " .. home.profiles:gsub("%p", "%%%0"), text)
