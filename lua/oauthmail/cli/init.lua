@@ -15,8 +15,9 @@ M.COMMANDS = {
   doctor = "check a profile step by step and say where it breaks",
   logout = "revoke the refresh token and delete the stored tokens",
   trace = "print a JSON Lines trace file readably",
+  sandbox = "run the local token service and Exchange-shaped SMTP server (Lua)",
 }
-local ORDER = { "profiles", "login", "token", "send", "sendmail", "doctor", "logout", "trace" }
+local ORDER = { "profiles", "login", "token", "send", "sendmail", "doctor", "logout", "trace", "sandbox" }
 
 local function usage(out)
   local lines = { "usage: oauthmail COMMAND [--profile NAME] [options]", "", "commands:" }
