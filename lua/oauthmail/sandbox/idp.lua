@@ -40,7 +40,9 @@ function Idp:issue(client_id, user, scope)
   local claims = { iss = self.issuer, tid = self.tenant, appid = client_id, iat = now,
     exp = now + self.token_lifetime, ver = "2.0" }
   local want = tostring(scope or "")
-  if user then
+  if want:find("https://mail.google.com/", 1, true) then
+    claims.aud, claims.scope, claims.email = "https://mail.google.com/", "https://mail.google.com/", user
+  elseif user then
     claims.aud = USER_AUD
     claims.upn, claims.preferred_username = user, user
     claims.scp = want:find("SMTP.Send", 1, true) and "SMTP.Send" or "openid"

@@ -24,7 +24,8 @@ function Faults:take(stage)
   for i, f in ipairs(self.list) do
     if f.stage == stage then
       if (f.times or 1) > 1 then f.times = f.times - 1 else table.remove(self.list, i) end
-      self.used[#self.used + 1] = stage .. ":" .. tostring(f.code or f.error or "")
+      local code = tonumber(f.code)
+      self.used[#self.used + 1] = stage .. ":" .. (code and string.format("%d", code) or tostring(f.error or ""))
       return f
     end
   end

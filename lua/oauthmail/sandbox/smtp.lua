@@ -45,8 +45,10 @@ end
 function Server:check(user, token)
   local box = self.mailboxes[(user or ""):lower()]
   local claims = token and self.idp:lookup(token)
-  if box and box.kind == "google" and not claims then
-    return "google"
+  if box and box.kind == "google" then
+    -- Gmail takes only its own scope; anything else gets the error challenge
+    if not claims or claims.aud ~= "https://mail.google.com/" or claims.exp <= self.clock() then return "google" end
+    return nil
   end
   local bad = "535 5.7.3 Authentication unsuccessful [" .. HOST .. "]"
   if not box or not claims then return bad end
