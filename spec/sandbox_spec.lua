@@ -185,7 +185,7 @@ describe("oauthmail sandbox with switches", function()
       return rec
     end
     local first = store()
-    h.sleep(1.2)
+    h.sleep(2.1)   -- whole seconds: past the token's end, whatever the rounding
     local t = cli.run(home, { "token", "--profile", sb.device, "--trace", trace })
     assert.equals(0, t.rc, t.err)
     local second = store()
