@@ -7,7 +7,7 @@
 -- Entra's do; the SMTP side looks them up in this process's memory.
 local cjson = require("cjson.safe").new()
 local crypto = require "oauthmail.crypto"
-local endpoint = require "oauthmail.oauth2.endpoint"
+local url = require "oauthmail.url"
 local loop = require "oauthmail.sandbox.loop"
 
 local M = {}
@@ -87,7 +87,7 @@ function Idp:client(req, form)
   if basic and basic:match("^[Bb]asic ") then
     local dec = crypto.b64decode(basic:match("^%S+%s+(%S+)") or "") or ""
     local u, p = dec:match("^([^:]*):(.*)$")
-    if u then id, secret = endpoint.urldecode(u), endpoint.urldecode(p) end
+    if u then id, secret = url.decode(u), url.decode(p) end
   end
   local c = id and self.clients[id]
   if not c then return nil, oauth_error("invalid_client", "AADSTS700016: application '" .. tostring(id)
@@ -114,7 +114,7 @@ function Idp:token(req)
   self.stats.token_requests = self.stats.token_requests + 1
   local f = self.faults and self.faults:take("token")
   if f then return oauth_error(f.error or "temporarily_unavailable", f.text or "fault switch", f.code or 503) end
-  local form = endpoint.parse_query(req.body or "")
+  local form = url.parse_query(req.body or "")
   local client_id, err, client = self:client(req, form)
   if not client_id then return err end
   local grant = form.grant_type
@@ -151,7 +151,7 @@ end
 
 -- The authorization page approves at once: a redirect with the code.
 function Idp:authorize(req)
-  local q = endpoint.parse_query(req.query or "")
+  local q = url.parse_query(req.query or "")
   local c = self.clients[q.client_id or ""]
   if not c then return { status = 400, body = "unknown client", type = "text/plain" } end
   local uri = q.redirect_uri or ""
@@ -165,12 +165,12 @@ function Idp:authorize(req)
   self.codes[code] = { client_id = q.client_id, redirect_uri = uri, challenge = q.code_challenge,
     scope = q.scope, user = q.login_hint or self.default_user }
   local sep = uri:find("?", 1, true) and "&" or "?"
-  local loc = uri .. sep .. endpoint.form { { "code", code }, { "state", q.state } }
+  local loc = uri .. sep .. url.form { { "code", code }, { "state", q.state } }
   return { status = 302, body = "", type = "text/plain", headers = { Location = loc } }
 end
 
 function Idp:devicecode(req)
-  local form = endpoint.parse_query(req.body or "")
+  local form = url.parse_query(req.body or "")
   local c = self.clients[form.client_id or ""]
   if not c then return oauth_error("invalid_client", "AADSTS700016: unknown application", 401) end
   local dc = "sbdev-" .. rand(24)
@@ -184,7 +184,7 @@ function Idp:devicecode(req)
 end
 
 function Idp:revoke(req)
-  local form = endpoint.parse_query(req.body or "")
+  local form = url.parse_query(req.body or "")
   local client_id, err = self:client(req, form)
   if not client_id then return err end
   local t = form.token or ""
