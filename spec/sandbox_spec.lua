@@ -27,7 +27,9 @@ local function start(home, args)
   -- a copy of the written profile with some fields changed
   function sb.variant(name, changes)
     local p = dofile(sb.profile)
-    for k, v in pairs(changes) do p[k] = v end
+    for k, v in pairs(changes) do
+      if v == false then p[k] = nil else p[k] = v end
+    end
     p.name = name
     local path = dir .. "/" .. name .. ".lua"
     h.write_file(path, "return " .. cli.lua_source(p) .. "\n")
@@ -142,6 +144,41 @@ describe("oauthmail sandbox", function()
 end)
 
 describe("oauthmail sandbox with switches", function()
+  it("progress on a terminal: a failed attempt and the retry are said on stderr; --quiet silences them", function()
+    local home = cli.home()
+    local sb = start(home, { "--fault", "mail:451:4.7.500" })
+    local p = sb.variant("retry", { policy = { backoff_base = 0 } })
+    local r = cli.run(home, { "send", "--profile", p, "--to", "ops@example.org", "--text", "x" }, { env = { OAUTHMAIL_TTY = "1" } })
+    assert.equals(0, r.rc, r.err)
+    assert.matches("attempt 1 failed with 451 4%.7%.500: will retry", r.err)
+    assert.matches("\r\27%[K", r.err)
+    sb.control("POST", "/faults", { faults = { { stage = "mail", code = 451, enhanced = "4.7.500" } } })
+    local q = cli.run(home, { "send", "--profile", p, "--to", "ops@example.org", "--text", "x", "--quiet" },
+      { env = { OAUTHMAIL_TTY = "1" } })
+    sb.stop()
+    assert.equals(0, q.rc, q.err)
+    assert.equals("", q.err)
+  end)
+
+  it("logout keeps the tokens when revocation fails; --local-only deletes them", function()
+    local home = cli.home()
+    local sb = start(home)
+    local p = sb.variant("norevoke", { flow = "device_code", client_id = "00000000-0000-0000-0000-0000000000bb",
+      client_secret = false, store = { kind = "file", path = sb.dir .. "/nr.json" },
+      revocation_endpoint = "http://127.0.0.1:" .. h.free_port() .. "/revoke" })
+    assert.equals(0, cli.run(home, { "login", "--profile", p }).rc)
+    local r = cli.run(home, { "logout", "--profile", p })
+    assert.equals(75, r.rc, r.err)
+    assert.matches("revocation failed, the stored tokens are kept", r.err)
+    assert.matches("%-%-local%-only", r.err)
+    assert.equals(0, cli.run(home, { "token", "--profile", p }).rc)
+    r = cli.run(home, { "logout", "--profile", p, "--local-only" })
+    sb.stop()
+    assert.equals(0, r.rc, r.err)
+    assert.matches("deleted the stored tokens", r.err)
+    assert.equals(77, cli.run(home, { "token", "--profile", p }).rc)
+  end)
+
   it("--token-lifetime under 10 minutes: 501 5.5.127 and the margin hint", function()
     local home = cli.home()
     local sb = start(home, { "--token-lifetime", "400" })
