@@ -8,9 +8,19 @@ local cjson = require("cjson.safe").new()
 
 local M = {}
 
--- Wall-clock seconds with a fraction where the core can give one.
+-- Wall-clock seconds with milliseconds: the core has no gettimeofday, so
+-- the first event asks `date` once (traces are opt-in) and the monotonic
+-- clock advances it; without `date`, whole seconds.
+local base_wall, base_mono
 local function now()
-  return os.time()
+  local mono = require("oauthmail.core").monotime
+  if not base_wall then
+    local p = io.popen("date +%s.%N 2>/dev/null")
+    local t = p and tonumber(p:read("*l") or "")
+    if p then p:close() end
+    base_wall, base_mono = t or os.time(), mono()
+  end
+  return base_wall + (mono() - base_mono)
 end
 
 local function timestamp(t)
