@@ -750,6 +750,63 @@ describe("oauthmail login and logout against the oidc-provider", function()
     assert.equals("string", type(stored(home).refresh_token))
   end)
 
+  it("browser, as a user meets it: headless Chromium (chromium-driver) signs in and consents on the provider's "
+    .. "pages and lands on the loopback page; screenshot kept in spec/tmp", function()
+    assert.truthy(h.exec("command -v chromedriver && test -x /usr/bin/chromium"),
+      "needs Debian's chromium and chromium-driver (bin/setup installs them)")
+    local home = cli.home()
+    home.profile("spec", profile("native", { flow = "authorization_code" }))
+    local proc = cli.spawn(home, { "login", "--profile", "spec", "--no-browser", "--timeout", "120" },
+      { ready = "(https://127%.0%.0%.1:%d+/auth%?%S+)" })
+    local port = h.free_port()
+    local driver = h.spawn("chromedriver --port=" .. port, { ready = "started successfully", timeout = 60, lifetime = 300 })
+    local function call(method, path, body)
+      local status, doc = cli.http11(port, method, path, body)
+      assert(status == 200, "webdriver " .. method .. " " .. path .. ": " .. tostring(status) .. " "
+        .. (type(doc) == "table" and cjson.encode(doc) or tostring(doc)))
+      return doc.value
+    end
+    local base
+    local ok, err = pcall(function()
+      local sess = call("POST", "/session", { capabilities = { alwaysMatch = { browserName = "chrome",
+        acceptInsecureCerts = true,   -- the provider's certificate comes from the test's own CA
+        ["goog:chromeOptions"] = { binary = "/usr/bin/chromium",
+          args = { "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage" } } } } })
+      base = "/session/" .. sess.sessionId
+      local function title() return call("GET", base .. "/title") end
+      local function wait_title(want)
+        local deadline = h.now() + 60
+        repeat
+          local t = title()
+          if t == want then return t end
+          h.sleep(0.2)
+        until h.now() > deadline
+        error("the browser never showed the page '" .. want .. "' (last: " .. tostring(title()) .. ")")
+      end
+      local function run(js) return call("POST", base .. "/execute/sync", { script = js, args = { 0 } }) end
+      call("POST", base .. "/url", { url = proc.match[1] })
+      wait_title("login")
+      run("document.querySelector('input[name=login]').value = 'testuser';"
+        .. "document.querySelector('input[name=password]').value = 'test-password';"
+        .. "document.getElementById('login').submit();")
+      wait_title("consent")
+      run("document.getElementById('consent').submit();")
+      wait_title("Signed in")
+      local text = run("return document.body.innerText;")
+      assert.matches("You can close this window", text)
+      assert.matches("^http://127%.0%.0%.1:%d+/%?code=", run("return location.href;"))
+      local png = require("oauthmail.crypto").b64decode(call("GET", base .. "/screenshot"))
+      h.exec("mkdir -p " .. h.quote(h.root .. "/spec/tmp"))
+      h.write_file(h.root .. "/spec/tmp/login-browser.png", png)
+      assert.equals("\137PNG", png:sub(1, 4))
+    end)
+    if base then pcall(call, "DELETE", base) end   -- closes the browser, also after a failure
+    driver.stop()
+    assert(ok, err)
+    assert.equals(0, proc.wait(60), proc.output())
+    assert.equals("string", type(stored(home).refresh_token))
+  end)
+
   it("browser --manual: the address the browser ends on is pasted on stdin", function()
     local home = cli.home()
     home.profile("spec", profile("native", { flow = "authorization_code" }))

@@ -92,6 +92,44 @@ function M.run(home, argv, o)
     err = h.read_file(dir .. "/err") or "" }
 end
 
+-- One HTTP/1.1 exchange with Connection: close (chromedriver refuses 1.0):
+-- cli.http11(port, method, path, body_table) -> status, decoded JSON (or text)
+function M.http11(port, method, path, body)
+  local cjson = require "cjson"
+  local conn = require "oauthmail.conn"
+  local c = assert(conn.connect { host = "127.0.0.1", port = port, timeout = 60 })
+  local text = body and cjson.encode(body) or ""
+  assert(c:send(string.format("%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+    .. "Content-Length: %d\r\nConnection: close\r\n\r\n%s", method, path, port, #text, text)))
+  -- read until the body is complete (chromedriver keeps the connection open)
+  local raw = ""
+  for _ = 1, 100000 do
+    local d = c:receive_some(65536)
+    if not d then break end
+    raw = raw .. d
+    local hd, got = raw:match("^(.-)\r\n\r\n(.*)$")
+    local len = hd and tonumber(hd:lower():match("content%-length:%s*(%d+)"))
+    if len and #got >= len then break end
+    if hd and hd:lower():find("transfer%-encoding:%s*chunked") and got:find("\r\n0\r\n\r\n$") then break end
+  end
+  c:close()
+  local head, rest = raw:match("^(.-)\r\n\r\n(.*)$")
+  if not head then return nil, raw end
+  if head:lower():find("transfer%-encoding:%s*chunked") then
+    local out, pos = {}, 1
+    while true do
+      local size, after = rest:match("^(%x+)[^\r\n]*\r\n()", pos)
+      size = size and tonumber(size, 16)
+      if not size or size == 0 then break end
+      out[#out + 1] = rest:sub(after, after + size - 1)
+      pos = after + size + 2
+    end
+    rest = table.concat(out)
+  end
+  local ok, doc = pcall(cjson.decode, rest)
+  return tonumber(head:match("^HTTP/1%.%d (%d+)")), ok and doc or rest
+end
+
 -- cli.spawn(home, argv, {ready=pattern, env={}, fifo=true}) -> proc: the
 -- command in the background (for login, which waits for a person). proc.wait()
 -- -> exit code (bounded); proc.feed(text) writes to its stdin when fifo=true.
