@@ -152,6 +152,19 @@ describe("oauthmail sandbox with switches", function()
     assert.equals(0, r.rc, r.err)
     assert.matches("attempt 1 failed with 451 4%.7%.500: will retry", r.err)
     assert.matches("\r\27%[K", r.err)
+    -- a big attachment: the upload's percentage
+    local big = h.write_file(home.dir .. "/big.bin", string.rep("0123456789abcdef", 96 * 1024))
+    local up = cli.run(home, { "send", "--profile", p, "--to", "ops@example.org", "--attach", big },
+      { env = { OAUTHMAIL_TTY = "1" } })
+    assert.equals(0, up.rc, up.err)
+    assert.matches("uploading: 0%% of 2%.1 MB", up.err)
+    assert.matches("uploading: 4%d%% of 2%.1 MB.*uploading: 100%% of 2%.1 MB", up.err)
+    local msgs = sb.messages()
+    assert.is_true(msgs[#msgs].size > 2 * 1024 * 1024)
+    -- without a terminal: nothing on stderr
+    local plain = cli.run(home, { "send", "--profile", p, "--to", "ops@example.org", "--attach", big })
+    assert.equals(0, plain.rc, plain.err)
+    assert.equals("", plain.err)
     sb.control("POST", "/faults", { faults = { { stage = "mail", code = 451, enhanced = "4.7.500" } } })
     local q = cli.run(home, { "send", "--profile", p, "--to", "ops@example.org", "--text", "x", "--quiet" },
       { env = { OAUTHMAIL_TTY = "1" } })

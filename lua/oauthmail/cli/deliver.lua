@@ -26,9 +26,38 @@ function M.mailer(ctx)
   return require("oauthmail").new(p)
 end
 
+-- Big messages say how far the upload is (on a terminal): the message object
+-- is wrapped so each chunk its reader hands to the session is counted.
+M.PROGRESS_MIN = 1024 * 1024
+
+function M.with_progress(ctx, m)
+  if not ctx:progress_on() or type(m.size) ~= "function" then return m end
+  local total = m:size()
+  if not total or total < M.PROGRESS_MIN then return m end
+  local w = setmetatable({}, { __index = m })
+  function w.size() return total end
+  function w.reader()
+    local inner = m:reader()
+    local done, shown = 0, -1
+    return function()
+      local chunk, err = inner()
+      if chunk then
+        done = done + #chunk
+        local pct = math.floor(done * 100 / total)
+        if pct ~= shown then
+          shown = pct
+          ctx:status(string.format("uploading: %d%% of %.1f MB", pct, total / 1048576))
+        end
+      end
+      return chunk, err
+    end
+  end
+  return w
+end
+
 -- deliver.send(ctx, mailer, msg) -> receipt | nil, err
 function M.send(ctx, mailer, msg)
-  local receipt, err = mailer:send(msg)
+  local receipt, err = mailer:send(M.with_progress(ctx, msg))
   ctx:status_done()
   mailer:close()
   if receipt then

@@ -72,8 +72,16 @@ function M.run(ctx, opts, pos)
   end
   local mailer, err = deliver.mailer(ctx)
   if not mailer then common.report(err) return common.exit_code(err) end
+  -- composed here (not inside send) so a big one can report its upload;
+  -- a profile's before_send hook still gets the plain table it expects
+  local m = msg
+  if not mailer.hooks.before_send then
+    msg.from = msg.from or mailer.settings.from
+    m, err = require("oauthmail.message").compose(msg)
+    if not m then common.report(err) mailer:close() return common.exit_code(err) end
+  end
   local receipt
-  receipt, err = deliver.send(ctx, mailer, msg)
+  receipt, err = deliver.send(ctx, mailer, m)
   if not receipt then common.report(err) return common.exit_code(err) end
   if opts.json then
     local cjson = require "cjson"
