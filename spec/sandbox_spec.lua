@@ -105,6 +105,20 @@ describe("oauthmail sandbox", function()
     open[3]:close()
   end)
 
+  it("client credentials with a certificate: the assertion's signature is verified against the registered one", function()
+    local r = send(home, sb.dir .. "/sandbox-cert.lua")
+    assert.equals(0, r.rc, r.err)
+    local other = require("spec.support.oidc").make_client_cert(h.tmpdir(), "stranger")
+    local p = dofile(sb.dir .. "/sandbox-cert.lua")
+    p.client_certificate = { cert = other.cert, key = other.key }
+    p.store = { kind = "file", path = sb.dir .. "/stranger.json" }
+    local path = h.write_file(sb.dir .. "/stranger.lua", "return " .. cli.lua_source(p) .. "\n")
+    local bad = send(home, path)
+    assert.equals(77, bad.rc, bad.err)
+    assert.matches("AADSTS700027", bad.err)
+    assert.matches("does not verify", bad.err)
+  end)
+
   it("535 5.7.139 for a mailbox with SMTP AUTH off: exit 77 and the Exchange fix", function()
     local p = sb.variant("disabled", { user = "disabled@contoso.test" })
     local r = send(home, p)

@@ -12,7 +12,8 @@ M.HELP = [[
 usage: oauthmail sandbox [--dir DIR] [--port N] [--idp-port N] [--control-port N] [--fault SPEC]...
                          [--token-lifetime S] [--device-delay S] [--quota N] [--user ADDR] [--no-tls]
 A Microsoft-shaped token service and an Exchange-shaped SMTP server on 127.0.0.1, in Lua.
-Writes DIR/sandbox.lua (client credentials) and DIR/sandbox-device.lua (device code), then serves
+Writes DIR/sandbox.lua (client credentials with a secret), DIR/sandbox-cert.lua (with a certificate)
+and DIR/sandbox-device.lua (device code), then serves
 until killed (or POST /stop on the control port). Delivered mail: DIR/maildir/new/*.eml.
   --fault STAGE:CODE:ENHANCED[:TEXT][*TIMES]   e.g. auth:535:5.7.139, connect:421:4.7.66, mail:451:4.7.500*3
      stages: connect auth mail rcpt data token
@@ -52,7 +53,7 @@ function M.run(ctx, opts)
     tls = not opts.no_tls, faults = faults, token_lifetime = opts.lifetime_n, device_delay = opts.delay_n,
     quota = opts.quota_n, user = opts.user }
   if not sb then common.report(err) return common.exit_code(err) end
-  local app, dev = sb:write_profiles()
+  local app, dev, cert = sb:write_profiles()
   io.stdout:write(string.format("SANDBOX READY smtp=%d idp=%d control=%d\n", sb.smtp_l:port(), sb.idp_l:port(),
     sb.control_l:port()))
   io.stdout:write("  token service  ", sb.issuer, "\n")
@@ -60,7 +61,8 @@ function M.run(ctx, opts)
     or " (no TLS: the openssl command was not found)", "\n")
   io.stdout:write("  control        http://127.0.0.1:", sb.control_l:port(), " (POST /faults, DELETE /faults, GET /stats, POST /stop)\n")
   io.stdout:write("  maildir        ", dir, "/maildir/new\n")
-  io.stdout:write("  profiles       ", app, "  (client credentials)\n                 ", dev, "  (device code)\n")
+  io.stdout:write("  profiles       ", app, "  (client credentials, secret)\n                 ", dev, "  (device code)\n")
+  if cert then io.stdout:write("                 ", cert, "  (client credentials, certificate)\n") end
   io.stdout:write("try: oauthmail send --profile ", app, " --to someone@example.org --subject hi --text hello\n")
   io.stdout:flush()
   ctx:event { type = "cli", event = "sandbox", smtp_port = sb.smtp_l:port() }

@@ -62,6 +62,19 @@ local function make_cert(dir)
   return nil
 end
 
+-- An RSA key and certificate for the certificate client (what a tenant
+-- uploads to its app registration), and its public key for verification.
+local function make_client_cert(dir)
+  local key, cert, pub = dir .. "/client.key", dir .. "/client.crt", dir .. "/client.pub"
+  local f = io.open(pub, "rb")
+  if f then f:close() return cert, key, pub end
+  local ok = os.execute("openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj /CN=oauthmail-sandbox-client "
+    .. "-keyout " .. sh(key) .. " -out " .. sh(cert) .. " >/dev/null 2>&1 && openssl x509 -in " .. sh(cert)
+    .. " -pubkey -noout >" .. sh(pub))
+  if ok == true or ok == 0 then return cert, key, pub end
+  return nil
+end
+
 -- sandbox.new{dir=, port=0, idp_port=0, control_port=0, tls=true, user=, google_user=,
 --   token_lifetime=3600, device_delay=1, faults={...}} -> sandbox | nil, err
 function M.new(o)
@@ -90,13 +103,18 @@ function M.new(o)
   self.client_id = "00000000-0000-0000-0000-0000000000aa"
   self.client_secret = "sandbox-secret-" .. crypto.b64url_encode(crypto.random(12))
   self.public_client = "00000000-0000-0000-0000-0000000000bb"
+  self.cert_client = "00000000-0000-0000-0000-0000000000cc"
+  local ccert, ckey, cpub = make_client_cert(dir)
+  if ccert then self.client_cert = { cert = ccert, key = ckey, pub = cpub } end
   self.mailboxes = {
     [self.user:lower()] = { kind = "microsoft", smtp_auth = true, quota = o.quota },
     [self.google_user:lower()] = { kind = "google" },
     ["disabled@contoso.test"] = { kind = "microsoft", smtp_auth = false },
   }
   self.idp = idp_mod.new { issuer = self.issuer, tenant = "contoso.test", default_user = self.user,
-    clients = { [self.client_id] = { secret = self.client_secret }, [self.public_client] = {} },
+    clients = { [self.client_id] = { secret = self.client_secret }, [self.public_client] = {},
+      [self.cert_client] = self.client_cert and { pubkey = self.client_cert.pub } or nil },
+    dir = dir,
     token_lifetime = o.token_lifetime, device_delay = o.device_delay, stats = self.stats, faults = self.faults }
   self.smtp = smtp_mod.new { idp = self.idp, mailboxes = self.mailboxes, tls = tls, maildir = dir .. "/maildir",
     faults = self.faults, stats = self.stats }
@@ -139,16 +157,19 @@ end
 -- The profile for this sandbox's Microsoft-shaped mailbox (app-only or delegated).
 function M.profile(self, kind)
   local p = {
-    name = "sandbox" .. (kind == "device" and "-device" or ""),
+    name = "sandbox" .. (kind and ("-" .. kind) or ""),
     provider = "microsoft", tenant = "contoso.test", user = self.user,
     token_endpoint = self.issuer .. "/token", authorization_endpoint = self.issuer .. "/authorize",
     device_authorization_endpoint = self.issuer .. "/devicecode", revocation_endpoint = self.issuer .. "/revoke",
     smtp = { host = "127.0.0.1", port = self.smtp_l:port(), tls = self.tls and "starttls" or "none",
       ca_file = self.tls and self.tls.cert or nil, allow_plaintext_auth = not self.tls or nil },
-    store = { kind = "file", path = self.dir .. "/" .. (kind == "device" and "tokens-device" or "tokens") .. ".json" },
+    store = { kind = "file", path = self.dir .. "/tokens" .. (kind and ("-" .. kind) or "") .. ".json" },
   }
   if kind == "device" then
     p.flow, p.client_id = "device_code", self.public_client
+  elseif kind == "cert" then
+    p.flow, p.client_id = "client_credentials", self.cert_client
+    p.client_certificate = { cert = self.client_cert.cert, key = self.client_cert.key }
   else
     p.flow, p.client_id, p.client_secret = "client_credentials", self.client_id, self.client_secret
   end
@@ -167,13 +188,16 @@ local function lua_source(v, indent)
   return "{\n" .. table.concat(out, "\n") .. "\n" .. indent .. "}"
 end
 
--- Write sandbox.lua and sandbox-device.lua profiles into dir; returns their paths.
+-- Write sandbox.lua, sandbox-device.lua and (with the openssl command)
+-- sandbox-cert.lua profiles into dir; returns their paths.
 function M.write_profiles(self)
-  local a = self.dir .. "/sandbox.lua"
-  local b = self.dir .. "/sandbox-device.lua"
-  assert(write(a, "-- written by oauthmail sandbox\nreturn " .. lua_source(M.profile(self)) .. "\n", 384))
-  assert(write(b, "-- written by oauthmail sandbox\nreturn " .. lua_source(M.profile(self, "device")) .. "\n", 384))
-  return a, b
+  local paths = {}
+  for _, kind in ipairs { false, "device", self.client_cert and "cert" or nil } do
+    local path = self.dir .. "/sandbox" .. (kind and ("-" .. kind) or "") .. ".lua"
+    assert(write(path, "-- written by oauthmail sandbox\nreturn " .. lua_source(M.profile(self, kind or nil)) .. "\n", 384))
+    paths[#paths + 1] = path
+  end
+  return paths[1], paths[2], paths[3]
 end
 
 function M.run(self, until_fn) return self.loop:run(until_fn) end
