@@ -139,6 +139,7 @@ function M.spawn(home, argv, o)
   local env = {}
   for k, v in pairs(home.env) do env[k] = v end
   for k, v in pairs(o.env or {}) do env[k] = v end
+  for _, k in ipairs { "LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS" } do env[k] = env[k] or os.getenv(k) end
   local args = {}
   for i, a in ipairs(argv) do args[i] = h.quote(a) end
   local stdin = "/dev/null"
