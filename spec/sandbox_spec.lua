@@ -274,6 +274,28 @@ describe("oauthmail sandbox with switches", function()
       { first.access_token, first.refresh_token, second.access_token, second.refresh_token })
   end)
 
+  it("doctor: a Microsoft refresh token unused for 70 days warns, for 95 days fails (90-day inactivity expiry)", function()
+    local home = cli.home()
+    local sb = start(home)
+    assert.equals(0, cli.run(home, { "login", "--profile", sb.device }).rc)
+    local path = sb.dir .. "/tokens-device.json"
+    local function age(days)
+      local doc = cjson.decode(h.read_file(path))
+      for _, rec in pairs(doc.accounts) do rec.obtained_at = os.time() - days * 86400 end
+      h.write_file(path, cjson.encode(doc), "600")
+    end
+    age(70)
+    local r = cli.run(home, { "doctor", "--profile", sb.device })
+    assert.equals(0, r.rc, r.out)
+    assert.matches("WARN credentials refresh token last used 70 days ago %(dies after 90 unused%)", r.out)
+    age(95)
+    r = cli.run(home, { "doctor", "--profile", sb.device })
+    sb.stop()
+    assert.equals(1, r.rc, r.out)
+    assert.matches("FAIL credentials refresh token last used 95 days ago", r.out)
+    assert.matches("fix:%s+sign in again: oauthmail login", r.out)
+  end)
+
   it("browser sign-in: the authorization page approves and redirects to the loopback listener", function()
     local home = cli.home()
     local sb = start(home)
