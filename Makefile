@@ -69,6 +69,12 @@ install: $(CORE)
 	for f in $(LUAS); do \
 	  install -D -m 0644 lua/$$f $(DESTDIR)$(PREFIX)/share/lua/$(LUA_ABI)/$$f || exit 1; \
 	done
+	# the command, for the Lua this tree was built for, finding the modules where they went
+	install -d $(DESTDIR)$(PREFIX)/bin
+	sed -e '1s|.*|#!$(shell command -v $(LUA_BIN))|' \
+	    -e 's|^local INSTALLED = nil$$|local INSTALLED = { lua = "$(PREFIX)/share/lua/$(LUA_ABI)", lib = "$(PREFIX)/lib/lua/$(LUA_ABI)" }|' \
+	    bin/oauthmail > $(DESTDIR)$(PREFIX)/bin/oauthmail
+	chmod 0755 $(DESTDIR)$(PREFIX)/bin/oauthmail
 
 # What the rockspec's make backend runs (`luarocks make`): the C module is
 # built in build/rock with luarocks' CC/CFLAGS and the Lua headers it found,
@@ -99,7 +105,7 @@ test: $(CORE)
 endif
 
 lint:
-	luacheck lua spec fuzz bin/busted-run bin/module-check bin/gen-rockspec $(wildcard examples/*.lua examples/*/*.lua bench/*.lua)
+	luacheck lua spec fuzz bin/oauthmail bin/busted-run bin/module-check bin/gen-rockspec $(wildcard examples/*.lua examples/*/*.lua bench/*.lua)
 
 # The lua binary is not instrumented, so the sanitizer runtimes are preloaded;
 # spec/support/helpers.lua removes them again for the peers it starts.

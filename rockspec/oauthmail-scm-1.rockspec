@@ -37,4 +37,6 @@ build = {
   install_variables = {
     INST_LIBDIR = "$(LIBDIR)", INST_LUADIR = "$(LUADIR)", INST_BINDIR = "$(BINDIR)",
   },
+  -- luarocks wraps the script for the Lua the rock is built for
+  install = { bin = { oauthmail = "bin/oauthmail" } },
 }

@@ -25,6 +25,7 @@ M.SCHEMA = {
   client_secret = "string",
   client_certificate = { fields = { cert = "string", key = "string", passphrase = "string",
     alg = enum("PS256", "RS256"), kid = "string" } },
+  secret_expires = "string",   -- the client secret's end date (YYYY-MM-DD), for oauthmail doctor
   client_auth = enum("client_secret_basic", "client_secret_post", "private_key_jwt", "none"),
   user = "string",
   from = "string",
