@@ -90,21 +90,16 @@ function Session:_flush()
   return true
 end
 
-local function settimeout(conn, seconds)
-  if conn.settimeout then conn:settimeout(seconds) end
-end
-
--- The one place that waits: the next reply, reading more bytes as needed.
+-- The one place that reads: the next reply, reading more bytes as needed.
 -- One deadline covers the whole reply, so a server that dribbles a byte now
--- and then cannot keep it alive for max_reply waits.
+-- and then cannot keep it alive for max_reply waits. The transport waits
+-- (through oauthmail.wait) until that deadline; its timeout error states the
+-- session's timeout, not what was left of it.
 function Session:_reply()
-  local deadline, shortened
+  local deadline
   while true do
     local r, err = self.eng:reply()
     self:_trace()
-    if r or err then
-      if shortened then settimeout(self.conn, self.timeout) end
-    end
     if r and r.command == "IDLE" then
       -- a reply nobody asked for: a 421 shutdown, or a server out of step
       if r.code == 421 then return self:_broken(reply_error("smtp", "server closed the session", r)) end
@@ -118,16 +113,11 @@ function Session:_reply()
     local now = core.monotime()
     if not deadline then
       deadline = now + self.timeout
-    else
-      local left = deadline - now
-      if left <= 0 then
-        return self:_broken(errors.new("network", string.format("no complete reply from the server within %g s",
-          self.timeout), { reason = "timeout", retryable = true }))
-      end
-      settimeout(self.conn, left)
-      shortened = true
+    elseif deadline - now <= 0 then
+      return self:_broken(errors.new("network", string.format("no complete reply from the server within %g s",
+        self.timeout), { reason = "timeout", retryable = true }))
     end
-    local data, rerr = self.conn:receive_some(RECV_MAX)
+    local data, rerr = self.conn:receive_some(RECV_MAX, deadline)
     if not data then
       -- a server that said 421 to a pipelined command closes at once: its
       -- reply, not the closed connection, is what the caller needs to see
