@@ -417,7 +417,7 @@ describe("tokens (scripted flows)", function()
       assert.matches("flow blew up", tostring(msg), 1, true)
       assert.equals("suspended", coroutine.status(co))
       -- another process can take the lock at once
-      local lk, lerr = core.fs.lock(path .. ".lock", { timeout = 0.2 })
+      local lk, lerr = require("oauthmail.fs").lock(path .. ".lock", { timeout = 0.2 })
       assert.truthy(lk, tostring(lerr))
       lk:unlock()
       -- and the main thread is not told a refresh is in flight

@@ -157,7 +157,7 @@ function M.listen(opts)
 end
 
 local function check_timeout(t)
-  if type(t) ~= "number" or not (t > 0) or t > 86400 then
+  if type(t) ~= "number" or t ~= t or t <= 0 or t > 86400 then
     error("bad argument #1 to 'accept' (timeout must be a number of seconds greater than 0 and at most 86400)", 3)
   end
   return t

@@ -4,6 +4,7 @@
 -- provider's rate, volume and connection limits. The clock, the sleep and the
 -- random source are injectable so tests can run a day in a millisecond.
 local core = require "oauthmail.core"
+local waiter = require "oauthmail.wait"
 local errors = require "oauthmail.errors"
 
 local M = {}
@@ -88,7 +89,7 @@ function M.new(opts)
   for k, v in pairs(M.DEFAULTS) do self[k] = v end
   for k, v in pairs(opts) do self[k] = v end
   self.clock = opts.clock or M.default_clock()
-  self.sleep = opts.sleep or core.sleep
+  self.sleep = opts.sleep or waiter.sleep
   self.random = opts.random or math.random
   count("policy.new", "attempts", self.attempts)
   count("policy.new", "max_messages_per_session", self.max_messages_per_session)
@@ -128,7 +129,7 @@ function M.governor(limits, opts)
     on_limit = limits.on_limit or "wait",
     max_wait = limits.max_wait or 120,
     clock = opts.clock or M.default_clock(),
-    sleep = opts.sleep or core.sleep,
+    sleep = opts.sleep or waiter.sleep,
     minute = {},   -- send times within the last minute
     day = {},      -- {t=, n=} per message within the last 24 hours
     open = 0,      -- connections held now

@@ -4,7 +4,7 @@
 -- decoding of OAuth error answers into the shared error value. Nothing here
 -- ever puts a secret (client secret, assertion, code, verifier, token) into an
 -- error message or a trace event.
-local core = require "oauthmail.core"
+local waiter = require "oauthmail.wait"
 local errors = require "oauthmail.errors"
 local urls = require "oauthmail.url"
 local crypto = require "oauthmail.crypto"
@@ -303,7 +303,7 @@ function M.call(cfg, url, params, opts)
   local retry = cfg.retry or {}
   local attempts = retry.attempts or 3
   local max_wait = retry.max_wait or 30
-  local sleep = cfg.sleep or core.sleep
+  local sleep = cfg.sleep or waiter.sleep
   local waited = 0
   local attempt = 0
   local started = core.monotime()
