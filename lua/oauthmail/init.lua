@@ -422,6 +422,12 @@ function Mailer:stats()
   return { sent = self.sent, connections = self.governor.connections, session_open = self.session ~= nil }
 end
 
+-- oauthmail.run(fn, ...) / oauthmail.spawn(fn, ...): the built-in loop
+-- (oauthmail.loop); oauthmail.wait: the one waiter (docs/concurrency.md).
+local loop = require "oauthmail.loop"
+M.run, M.spawn = loop.run, loop.spawn
+M.wait = require "oauthmail.wait"
+
 M.Mailer = Mailer
 M.errors = errors
 M.profile = profile_mod

@@ -529,7 +529,7 @@ function Session:send(msg)
   local to, params = self:_prepare(msg)
   if not to then return nil, params end
   local next_chunk = source(msg.data)
-  local ret = { pcall(self._transaction, self, msg, to, params, next_chunk) }
+  local ret = { errors.pcall(self._transaction, self, msg, to, params, next_chunk) }
   if not ret[1] then
     if type(ret[2]) == "table" and ret[2].reader_error then
       -- a half-sent message must never be completed: drop the connection
@@ -793,7 +793,7 @@ function Session:close()
   if self.closed then return true end
   self.closed = true
   if self.conn and not self.broken then
-    local ok = pcall(function()
+    local ok = errors.pcall(function()
       if select(1, self.eng:pending()) == 0 then
         self.eng:quit()
         if self:_flush() then self:_reply() end

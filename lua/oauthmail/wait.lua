@@ -84,6 +84,11 @@ function M.sleep(seconds)
   return current.sleep(seconds)
 end
 
+-- wait.pcall(f, ...) -> pcall's results, but a wait inside f may yield to a
+-- loop on every Lua version (errors.pcall: on PUC 5.1, f runs in a coroutine
+-- whose yields are passed up).
+M.pcall = require("oauthmail.errors").pcall
+
 -- ------------------------------------------------------------ conditions
 
 local Cond = {}
