@@ -1,6 +1,5 @@
 -- spec/fs_spec.lua — core.fs: locks with deadlines, atomic replace (including
 -- a crash in the middle of it), stat, private directories, bounded reads.
-local core = require "oauthmail.core"
 local h = require "spec.support.helpers"
 local fs = require "oauthmail.fs"  -- core.fs plus the waiting lock
 

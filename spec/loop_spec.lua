@@ -3,7 +3,6 @@
 -- are in flight against real peers that answer slowly. Counted, not timed:
 -- the ticker's count and the server's concurrent connections.
 local oauthmail = require "oauthmail"
-local loop = require "oauthmail.loop"
 local wait = require "oauthmail.wait"
 local smtp = require "oauthmail.smtp"
 local core = require "oauthmail.core"

@@ -400,7 +400,6 @@ describe("tokens (scripted flows)", function()
 
     -- finding 4: a raise must not leave the lock or the in-flight marker behind
     it("releases the lock and the in-flight marker when a refresh raises in a coroutine that lives on", function()
-      local core = require "oauthmail.core"
       local dir = h.tmpdir()
       local path = dir .. "/tokens.json"
       local m, fake, _, st = manager_for(CC, { store = store.file { path = path } })
