@@ -111,6 +111,9 @@ function M.spawn(fn, ...)
   return t
 end
 
+-- tasks side by side, for mailer:send_many
+waiter.spawn = M.spawn
+
 -- oauthmail.run(fn, ...) -> fn's results, once fn and every task spawned
 -- meanwhile are done. An error in any task ends the loop and is raised here.
 function M.run(fn, ...)

@@ -106,6 +106,45 @@ function Policy:backoff(n)
   return d * (1 - self.jitter * self.random())
 end
 
+-- ------------------------------------------------------------ the send loop
+
+-- policy:deliver(ops) -> result, attempts | nil, last_err, attempts
+-- The retry / re-auth / reconnect loop for any transport. ops:
+--   clock()                         seconds
+--   try(attempt) -> result | nil, err, stage, handle   one attempt ("open" or "send" failed)
+--   classify(err, attempt, stage)   -> action (policy.classify plus the profile's hook)
+--   failed(err, action, attempt, handle)   undo what the attempt holds (drop the session,
+--                                   lower the concurrency on "throttle", ...)
+--   trace(ev)
+-- "reauth" here is final: the transport's open already refreshed and retried once.
+function Policy:deliver(ops)
+  local started = ops.clock()
+  local attempt, last = 0, nil
+  while attempt < self.attempts do
+    attempt = attempt + 1
+    local result, err, stage, handle = ops.try(attempt)
+    if result then return result, attempt end
+    local action = ops.classify(err, attempt, stage)
+    if action == "reauth" then action = "fail" end
+    last = err
+    ops.failed(err, action, attempt, handle)
+    if action == "fail" then break end
+    local pause = 0
+    if action == "reconnect" then
+      if attempt > 1 then pause = self:backoff(attempt - 1) end
+    else -- throttle, retry
+      pause = self:backoff(attempt)
+    end
+    if attempt >= self.attempts then break end
+    if ops.clock() - started + pause > self.max_time then
+      ops.trace { event = "give_up", reason = "max_time" }
+      break
+    end
+    if pause > 0 then self.sleep(pause) end
+  end
+  return nil, last, attempt
+end
+
 -- ------------------------------------------------------------ governor
 
 local Governor = {}
