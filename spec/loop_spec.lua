@@ -8,6 +8,8 @@ local smtp = require "oauthmail.smtp"
 local core = require "oauthmail.core"
 local h = require "spec.support.helpers"
 local smtp_peers = require "spec.support.smtp_peers"
+local oidc = require "spec.support.oidc"
+local sandbox = require "spec.support.sandbox"
 
 local TOKEN = "loop-spec-token-0123456789"
 local USER = "alice@example.org"
@@ -94,5 +96,45 @@ describe("the built-in loop", function()
     -- for the slow replies (at least the 600 ms of one reply, in 20 ms ticks)
     assert.equals(20, peer.stats().max_concurrent)
     assert.truthy(ticks_during >= 15, "ticker ran " .. ticks_during .. " times")
+  end)
+
+  it("keeps a ticker running while a token refresh waits on a slow oidc-provider, then sends", function()
+    local srv = oidc.start()
+    local sb = sandbox.start { user = USER, jwks_uri = srv.issuer .. "/jwks", ca = srv.ca }
+    assert.equals(200, (srv.request("POST", "/test/slow", { path = "/token", ms = 1500 })))
+    local mailer = assert(oauthmail.new {
+      name = "loop", provider = "generic", issuer = srv.issuer, token_endpoint = srv.token_endpoint,
+      flow = "client_credentials", client_id = "cc-post", client_secret = srv.secrets.post,
+      client_auth = "client_secret_post", scope = "mail.send", ca_file = srv.ca, user = USER,
+      smtp = sb.smtp(), limits = { connections = 5 },
+    })
+    local before = srv.stats().token_requests
+    local ticks, ticks_during, results = 0, nil, {}
+    oauthmail.run(function()
+      local stop = false
+      oauthmail.spawn(function()
+        while not stop do ticks = ticks + 1 wait.sleep(0.02) end
+      end)
+      local first = ticks
+      local done = 0
+      for i = 1, 5 do
+        oauthmail.spawn(function()
+          results[i] = { mailer:send { raw = message(i), to = "ops@example.org" } }
+          done = done + 1
+        end)
+      end
+      while done < 5 do wait.sleep(0.05) end
+      ticks_during = ticks - first
+      stop = true
+    end)
+    mailer:close()
+    for i = 1, 5 do assert.is_truthy(results[i][1], tostring(results[i][2])) end
+    assert.equals(1, srv.stats().token_requests - before)   -- five senders, one (slow) refresh
+    assert.equals(5, #sb.messages())
+    -- the refresh alone took 1.5 s: the ticker ran through it
+    assert.truthy(ticks_during >= 30, "ticker ran " .. ticks_during .. " times")
+    srv.request("POST", "/test/slow", { path = "/token", ms = 0 })
+    sb.stop()
+    srv.stop()
   end)
 end)
