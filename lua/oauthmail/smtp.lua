@@ -181,6 +181,7 @@ local function check_opts(opts)
   if opts.tls ~= nil and not DEFAULT_PORT[opts.tls] then
     error("oauthmail.smtp.open: 'tls' must be \"starttls\", \"implicit\" or \"none\"", 3)
   end
+  if opts.connect ~= nil and type(opts.connect) ~= "function" then error("oauthmail.smtp.open: 'connect' must be a function", 3) end
   if opts.trace ~= nil and type(opts.trace) ~= "function" and not (getmetatable(opts.trace) or {}).__call then
     error("oauthmail.smtp.open: 'trace' must be a function", 3)
   end
@@ -188,7 +189,8 @@ end
 
 -- smtp.open{host=, port=, tls=, timeout=, helo=, trace=, allow_plaintext_auth=, ...TLS options}
 -- `transport` (a table with send/receive_some/starttls/close) replaces the
--- connection, for tests.
+-- connection, for tests; `connect(conn_opts) -> transport | nil, err` makes
+-- one per session (a host's sockets: oauthmail.transport.cosocket).
 function M.open(opts)
   check_opts(opts)
   local tls = opts.tls or "starttls"
@@ -204,7 +206,9 @@ function M.open(opts)
     local c = tls_options(opts)
     c.host, c.port, c.timeout = self.host, self.port, self.timeout
     c.tls = tls == "implicit" and "implicit" or "none"
-    conn, err = require("oauthmail.conn").connect(c)
+    -- a host that cannot let oauthmail wait on its own sockets (nginx) gives
+    -- a connect function whose connection speaks the same contract
+    conn, err = (opts.connect or require("oauthmail.conn").connect)(c)
     if not conn then return nil, as_error(err) end
   end
   self.conn = conn
