@@ -277,7 +277,7 @@ local function backoff(attempt) return math.min(2 ^ (attempt - 1), 8) end
 -- waited knows why: "(3 attempts in 3.0 s)". This layer owns the retries of
 -- an endpoint call; stage = "token" tells the mailer not to retry on top.
 local function give_up(err, attempt, started)
-  local elapsed = core.monotime() - started
+  local elapsed = waiter.now() - started
   err.attempts = attempt
   err.elapsed = math.floor(elapsed * 10 + 0.5) / 10
   err.stage = "token"
@@ -306,7 +306,7 @@ function M.call(cfg, url, params, opts)
   local sleep = cfg.sleep or waiter.sleep
   local waited = 0
   local attempt = 0
-  local started = core.monotime()
+  local started = waiter.now()
   local last_err
   while true do
     attempt = attempt + 1
