@@ -141,6 +141,28 @@ describe("mailer pool", function()
     assert.equals(30, #peer2.messages())
   end)
 
+  it("send_many renewing sessions inside a batch gives each governor slot back once", function()
+    local peer = smtp_peers.node_smtp { token = token.access_token }
+    local policy = require "oauthmail.policy"
+    local gov = policy.governor { connections = 2 }
+    -- another mailer of the mailbox holds one of the two connections
+    local other = assert(oauthmail.new(node_profile(peer, { policy = { governor = gov } })))
+    assert(other:send { raw = raw(0, "o"), to = "ops@example.org" })
+    assert.equals(1, gov.open)
+    local mailer = assert(oauthmail.new(node_profile(peer, {
+      policy = { governor = gov, max_messages_per_session = 2 } })))
+    local list = {}
+    for i = 1, 10 do list[i] = { raw = raw(i, "r"), to = "ops@example.org" } end
+    local results = mailer:send_many(list, { batch = 5 })
+    for i = 1, 10 do assert.is_truthy(results[i] and results[i].reply, tostring(results[i] and results[i].message)) end
+    mailer:close()
+    assert.equals(1, gov.open)   -- the other mailer's slot is still counted
+    other:close()
+    assert.equals(0, gov.open)
+    local n = tally(peer.messages())
+    for i = 1, 10 do assert.equals(1, n["r" .. i .. "@pool.test"], "message " .. i) end
+  end)
+
   it("a finalizer closes the sockets without talking to the server (no QUIT)", function()
     local peer = smtp_peers.node_smtp { token = token.access_token }
     local trace = h.trace_collector()

@@ -272,11 +272,11 @@ end
 -- After a delivery nothing may raise (a caller that retries on exceptions
 -- would send the message twice): the receipt is made first, the pool's
 -- release and the trace are protected.
-function Mailer:_delivered(m, receipt, attempt, e)
+function Mailer:_delivered(m, receipt, attempt, e, keep)
   local out = receipt_for(m, receipt, attempt)
   e.sent = e.sent + 1
   self.sent = self.sent + 1
-  pcall(self.pool.release, self.pool, e)
+  if not keep then pcall(self.pool.release, self.pool, e) end
   pcall(self.governor.record, self.governor, #m.to)
   self:_trace { event = "sent", message_id = m.message_id, attempts = attempt, code = receipt.code }
   return out
@@ -370,7 +370,7 @@ function Mailer:_batch(batch, results)
   for k, i in ipairs(batch.i) do
     local r = out and out[k]
     if r and not errors.is(r) and r.code then
-      results[i] = self:_delivered(batch.m[k], r, 1, e)
+      results[i] = self:_delivered(batch.m[k], r, 1, e, true)   -- the batch gives the session back once
     elseif r and errors.is(r) and self:_classify(r, 1, "send") == "fail" then
       r.attempts = 1
       results[i] = r

@@ -48,6 +48,8 @@ end
 
 -- Close a session the pool no longer keeps, and give its slot back.
 function Pool:_drop(e, reason)
+  if e.dropped then return end
+  e.dropped = true
   remove(self.entries, e)
   self.trace { event = "session_closed", reason = reason }
   local ok = pcall(self.transport.close, self.transport, e.s)
@@ -152,6 +154,7 @@ end
 -- pool:release(entry, drop_reason): back to the pool, or closed when
 -- drop_reason is given or the session may not serve again.
 function Pool:release(e, reason)
+  if e.dropped then return end
   e.busy = false
   if self.closed then reason = reason or "close" end
   if reason then
