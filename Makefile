@@ -35,9 +35,9 @@ ifneq ($(LUA_INCDIR),)
 else
   LUA_CFLAGS := $(shell pkg-config --cflags $(LUA_PC))
 endif
-ALL_CFLAGS  = $(CFLAGS) -std=gnu99 -fPIC -fvisibility=hidden $(WARN) \
+ALL_CFLAGS  = $(CFLAGS) -std=gnu99 -pthread -fPIC -fvisibility=hidden $(WARN) \
               $(LUA_CFLAGS) $(shell pkg-config --cflags openssl libcurl)
-ALL_LDFLAGS = $(LDFLAGS) -shared $(shell pkg-config --libs openssl libcurl)
+ALL_LDFLAGS = $(LDFLAGS) -shared -pthread -ldl $(shell pkg-config --libs openssl libcurl)
 ifneq ($(TESTING),)
   ALL_CFLAGS  += -DOAUTHMAIL_TESTING
 endif

@@ -2,11 +2,13 @@
 -- TLS over oauthmail.conn, offers PIPELINING, CHUNKING, 8BITMIME, SIZE and
 -- AUTH (any credentials pass), discards every message. Replies are held until
 -- the client's bytes run out, so a pipelined group costs one write back.
--- Usage: lua bench/smtp_sink.lua CERT KEY   (prints "listening on PORT")
+-- Usage: lua bench/smtp_sink.lua CERT KEY [concurrent]   (prints "listening on PORT")
+-- With "concurrent" it serves every connection at once under oauthmail.run
+-- (each connection a task; one poll(2) for all of them).
 local conn = require "oauthmail.conn"
 
 local cert, key = arg[1], arg[2]
-local l = assert(conn.listen { host = "127.0.0.1", port = 0, tls = { cert = cert, key = key } })
+local l = assert(conn.listen { host = "127.0.0.1", port = 0, backlog = 2048, tls = { cert = cert, key = key } })
 io.stdout:write("listening on ", l:port(), "\n")
 io.stdout:flush()
 
@@ -105,11 +107,26 @@ local function serve(c)
   end
 end
 
-while true do
-  local c = l:accept(3600)
-  if not c then break end
-  c:settimeout(120)
-  local m = serve(c)
-  c:close()
-  io.stderr:write("sink: connection done, ", m, " messages\n")
+if arg[3] == "concurrent" then
+  local loop = require "oauthmail.loop"
+  loop.run(function()
+    while true do
+      local c = l:accept(3600)
+      if not c then break end
+      c:settimeout(600)
+      loop.spawn(function()
+        serve(c)
+        c:close()
+      end)
+    end
+  end)
+else
+  while true do
+    local c = l:accept(3600)
+    if not c then break end
+    c:settimeout(120)
+    local m = serve(c)
+    c:close()
+    io.stderr:write("sink: connection done, ", m, " messages\n")
+  end
 end

@@ -167,6 +167,7 @@ int luaopen_oauthmail_core(lua_State *L) {
   lua_setfield(L, -2, "monotime");
   lua_pushcfunction(L, core_sleep);
   lua_setfield(L, -2, "sleep");
+  om_poll_open(L);
   for (i = 0; families[i].name; i++) {
     lua_newtable(L);
     families[i].open(L);

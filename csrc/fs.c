@@ -21,7 +21,6 @@
 #define FS_LOCK_TYPE "oauthmail.fs.lock"
 #define FS_READ_DEFAULT_MAX (16 * 1024 * 1024)
 #define FS_SECRET_BUF "oauthmail.fs.secretbuf"
-#define FS_LOCK_MAX_WAIT 86400
 
 typedef struct {
   int fd;          /* -1 once unlocked */
@@ -32,12 +31,6 @@ static int fail_errno(lua_State *L, int err, const char *what, const char *path)
   return om_fail(L, "store", reason, "%s %s: %s", what, path, strerror(err));
 }
 
-static void sleep_seconds(double s) {
-  struct timespec ts;
-  ts.tv_sec = (time_t)s;
-  ts.tv_nsec = (long)((s - (double)ts.tv_sec) * 1e9);
-  while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
-}
 
 /* ---- locks ------------------------------------------------------------ */
 
@@ -78,43 +71,38 @@ static int lock_tostring(lua_State *L) {
   return 1;
 }
 
-/* fs.lock(path, {exclusive=true, timeout=10}) -> lock | nil, err
- * flock(2) on an open descriptor, polled with LOCK_NB so the wait has a
- * deadline: a blocking flock could hang a process forever behind a stuck peer. */
-static int fs_lock_open(lua_State *L) {
+/* fs.lock_try(path [, {exclusive=true}]) -> lock | false (held elsewhere) | nil, err
+ * One flock(2) with LOCK_NB on an open descriptor: it never waits. The wait
+ * with a deadline is oauthmail.fs.lock, in Lua, through the one waiter (a
+ * blocking flock could hang a process forever behind a stuck peer). */
+static int fs_lock_try(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   int exclusive = 1;
-  double timeout = 10, deadline, pause = 0.005;
   fs_lock *lk;
   int fd;
   if (!lua_isnoneornil(L, 2)) {
     luaL_checktype(L, 2, LUA_TTABLE);
     exclusive = om_opt_bool(L, 2, "exclusive", 1);
-    timeout = om_opt_number(L, 2, "timeout", 10);
   }
-  /* NaN and inf would make the deadline unreachable (NaN < 0 is false). */
-  luaL_argcheck(L, isfinite(timeout) && timeout >= 0 && timeout <= FS_LOCK_MAX_WAIT, 2,
-                "timeout must be a number of seconds in [0, 86400]");
   lk = (fs_lock *)lua_newuserdata(L, sizeof *lk);
   lk->fd = -1;   /* closed first: an error below leaves a harmless object */
   om_setmetatable(L, FS_LOCK_TYPE);
   fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0) return fail_errno(L, errno, "cannot open lock file", path);
   lk->fd = fd;
-  deadline = om_now() + timeout;
   for (;;) {
     if (flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) == 0) return 1;
-    if (errno != EWOULDBLOCK && errno != EINTR) {
+    if (errno == EINTR) continue;
+    if (errno == EWOULDBLOCK) {
+      lock_release(lk);
+      lua_pushboolean(L, 0);
+      return 1;
+    }
+    {
       int err = errno;
       lock_release(lk);
       return fail_errno(L, err, "cannot lock", path);
     }
-    if (om_now() >= deadline) {
-      lock_release(lk);
-      return om_fail(L, "store", "timeout", "timed out after %g s waiting for lock on %s", timeout, path);
-    }
-    sleep_seconds(pause);
-    if (pause < 0.05) pause *= 2;
   }
 }
 
@@ -475,7 +463,7 @@ static const luaL_Reg secretbuf_metamethods[] = {
 };
 
 static const luaL_Reg fs_funcs[] = {
-  { "lock", fs_lock_open },
+  { "lock_try", fs_lock_try },
   { "atomic_write", fs_atomic_write },
   { "stat", fs_stat },
   { "mkdir_private", fs_mkdir_private },

@@ -1,10 +1,16 @@
-/* http.c — one bounded HTTPS request through the libcurl easy API.
+/* http.c — one bounded HTTPS request through libcurl's multi interface,
+ * driven as steps: start() configures it, step() lets curl do what it can
+ * now and returns either the result or what to wait for. curl's sockets are
+ * gathered in an epoll set, so the Lua side waits on one descriptor (through
+ * oauthmail.wait) until curl's own timer runs out; nothing here waits.
  * Nothing calls back into Lua while curl runs: response headers, body and
  * trace data are collected in C buffers (bounded, wiped when freed) and
- * handed to Lua after curl_easy_perform returns, so no Lua error can ever
+ * handed to Lua when the transfer is over, so no Lua error can ever
  * longjmp across libcurl frames. Policy (redaction, form encoding, which
  * URLs are allowed) lives in lua/oauthmail/http.lua. */
 #include <errno.h>
+#include <unistd.h>
+#include <sys/epoll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <curl/curl.h>
@@ -65,6 +71,11 @@ struct event {
 
 typedef struct {
   CURL *curl;
+  CURLM *multi;
+  int epfd;          /* curl's sockets, as one descriptor to wait on */
+  long timer_ms;     /* curl's next timeout, -1 for none */
+  int started, finished;
+  double timeout;
   struct curl_slist *headers;
   struct buf body, head;
   size_t max_body;
@@ -85,8 +96,13 @@ static void headers_free(struct curl_slist *list) {
 
 static void request_release(request *r) {
   size_t i;
+  if (r->multi && r->curl) curl_multi_remove_handle(r->multi, r->curl);
   if (r->curl) curl_easy_cleanup(r->curl);
   r->curl = NULL;
+  if (r->multi) curl_multi_cleanup(r->multi);
+  r->multi = NULL;
+  if (r->epfd >= 0) close(r->epfd);
+  r->epfd = -1;
   if (r->headers) headers_free(r->headers);
   r->headers = NULL;
   buf_free(&r->body);
@@ -389,25 +405,50 @@ static void set_headers(lua_State *L, request *r, int opts) {
 #define SETOPT(opt, val) do { if (curl_easy_setopt(r->curl, (opt), (val)) != CURLE_OK) \
   return luaL_error(L, "libcurl rejected %s", #opt); } while (0)
 
-/* core.http.request(opts) -> response, events | nil, err, events
+/* curl tells which sockets it wants watched; they go into the epoll set. */
+static int on_socket(CURL *e, curl_socket_t fd, int what, void *ud, void *sockp) {
+  request *r = (request *)ud;
+  struct epoll_event ev;
+  (void)e;
+  (void)sockp;
+  if (what == CURL_POLL_REMOVE) {
+    epoll_ctl(r->epfd, EPOLL_CTL_DEL, fd, NULL);
+    return 0;
+  }
+  memset(&ev, 0, sizeof ev);
+  ev.data.fd = fd;
+  if (what == CURL_POLL_IN || what == CURL_POLL_INOUT) ev.events |= EPOLLIN;
+  if (what == CURL_POLL_OUT || what == CURL_POLL_INOUT) ev.events |= EPOLLOUT;
+  if (epoll_ctl(r->epfd, EPOLL_CTL_MOD, fd, &ev) != 0 && errno == ENOENT)
+    epoll_ctl(r->epfd, EPOLL_CTL_ADD, fd, &ev);
+  return 0;
+}
+
+static int on_timer(CURLM *m, long timeout_ms, void *ud) {
+  (void)m;
+  ((request *)ud)->timer_ms = timeout_ms;
+  return 0;
+}
+
+/* core.http.start(opts) -> request (run it with request:step())
  * opts (validated by http.lua): method, url, headers, body, timeout,
  * connect_timeout, ca_file, ca_path, verify, client_cert, client_key,
  * client_key_passphrase, proxy (string or false), follow_redirects,
  * max_body, trace (boolean). */
-static int http_request(lua_State *L) {
+static int http_start(lua_State *L) {
   request *r;
   const char *url, *method, *body, *s;
   size_t bodyn = 0;
   double timeout, connect_timeout, max_body;
   int verify, follow, ty;
-  CURLcode rc;
   CURLU *u;
   char *host = NULL;
-  long status = 0;
 
   luaL_checktype(L, 1, LUA_TTABLE);
   r = (request *)lua_newuserdata(L, sizeof *r);
   memset(r, 0, sizeof *r);
+  r->epfd = -1;
+  r->timer_ms = -1;
   om_setmetatable(L, HTTP_REQUEST);
 
   url = om_opt_string(L, 1, "url", NULL);
@@ -423,6 +464,7 @@ static int http_request(lua_State *L) {
   luaL_argcheck(L, connect_timeout > 0 && connect_timeout <= 1e6, 1, "connect_timeout must be in (0, 1e6] seconds");
   luaL_argcheck(L, max_body >= 0 && max_body < 4294967296.0, 1, "max_body out of range");
   r->max_body = (size_t)max_body;
+  r->timeout = timeout;
   ty = om_getfield(L, 1, "body");
   if (ty == LUA_TSTRING) body = lua_tolstring(L, -1, &bodyn);
   else if (ty == LUA_TNIL) body = NULL;
@@ -506,8 +548,9 @@ static int http_request(lua_State *L) {
   } else {
     if (strcmp(method, "POST") != 0) SETOPT(CURLOPT_CUSTOMREQUEST, method);
     if (body || strcmp(method, "POST") == 0) {
+      /* copied: the request outlives this call's arguments */
       SETOPT(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)bodyn);
-      SETOPT(CURLOPT_POSTFIELDS, body ? body : "");
+      SETOPT(CURLOPT_COPYPOSTFIELDS, body ? body : "");
     }
   }
   if (r->tracing) {
@@ -516,10 +559,23 @@ static int http_request(lua_State *L) {
     SETOPT(CURLOPT_VERBOSE, 1L);
   }
 
-  rc = curl_easy_perform(r->curl);
+  r->epfd = epoll_create1(EPOLL_CLOEXEC);
+  if (r->epfd < 0) return luaL_error(L, "epoll_create1: %s", strerror(errno));
+  r->multi = curl_multi_init();
+  if (!r->multi) return luaL_error(L, "curl_multi_init failed");
+  curl_multi_setopt(r->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
+  curl_multi_setopt(r->multi, CURLMOPT_SOCKETDATA, r);
+  curl_multi_setopt(r->multi, CURLMOPT_TIMERFUNCTION, on_timer);
+  curl_multi_setopt(r->multi, CURLMOPT_TIMERDATA, r);
+  if (curl_multi_add_handle(r->multi, r->curl) != CURLM_OK) return luaL_error(L, "curl_multi_add_handle failed");
+  return 1;
+}
 
+static int finish(lua_State *L, request *r, CURLcode rc) {
+  long status = 0;
+  r->finished = 1;
   if (rc != CURLE_OK) {
-    fail_curl(L, r, rc, timeout);
+    fail_curl(L, r, rc, r->timeout);
     if (r->tracing) push_events(L, r);
     else lua_pushnil(L);
     request_release(r);
@@ -546,6 +602,48 @@ static int http_request(lua_State *L) {
   return 2;
 }
 
+/* request:step() -> response, events | nil, err, events (done) |
+ * false, "r", fd, seconds (wait for fd to be readable, at most that long;
+ * seconds is nil when curl set no timer) */
+static int request_step(lua_State *L) {
+  request *r = (request *)luaL_checkudata(L, 1, HTTP_REQUEST);
+  int running = 0, n, i;
+  CURLMsg *msg;
+  if (r->finished || !r->multi) return luaL_error(L, "request:step: the request is over");
+  if (!r->started) {
+    r->started = 1;
+    curl_multi_socket_action(r->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+  } else {
+    struct epoll_event evs[16];
+    do n = epoll_wait(r->epfd, evs, 16, 0); while (n < 0 && errno == EINTR);
+    if (n <= 0) {
+      curl_multi_socket_action(r->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    } else {
+      for (i = 0; i < n; i++) {
+        int flags = 0;
+        if (evs[i].events & EPOLLIN) flags |= CURL_CSELECT_IN;
+        if (evs[i].events & EPOLLOUT) flags |= CURL_CSELECT_OUT;
+        if (evs[i].events & (EPOLLERR | EPOLLHUP)) flags |= CURL_CSELECT_ERR;
+        curl_multi_socket_action(r->multi, evs[i].data.fd, flags, &running);
+      }
+    }
+  }
+  while ((msg = curl_multi_info_read(r->multi, &n)) != NULL) {
+    if (msg->msg == CURLMSG_DONE && msg->easy_handle == r->curl) return finish(L, r, msg->data.result);
+  }
+  lua_pushboolean(L, 0);
+  lua_pushliteral(L, "r");
+  lua_pushinteger(L, r->epfd);
+  if (r->timer_ms >= 0) lua_pushnumber(L, (double)r->timer_ms / 1000.0);
+  else lua_pushnil(L);
+  return 4;
+}
+
+static const luaL_Reg request_methods[] = {
+  { "step", request_step },
+  { NULL, NULL }
+};
+
 static const luaL_Reg request_metamethods[] = {
   { "__gc", request_gc },
 #if LUA_VERSION_NUM >= 504
@@ -555,7 +653,7 @@ static const luaL_Reg request_metamethods[] = {
 };
 
 static const luaL_Reg http_funcs[] = {
-  { "request", http_request },
+  { "start", http_start },
   { NULL, NULL }
 };
 
@@ -566,7 +664,11 @@ void om_http_open(lua_State *L) {
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) luaL_error(L, "curl_global_init failed");
     initialised = 1;
   }
-  if (luaL_newmetatable(L, HTTP_REQUEST)) om_setfuncs(L, request_metamethods);
+  if (luaL_newmetatable(L, HTTP_REQUEST)) {
+    om_setfuncs(L, request_metamethods);
+    om_newlib(L, request_methods);
+    lua_setfield(L, -2, "__index");
+  }
   lua_pop(L, 1);
   om_setfuncs(L, http_funcs);
   {

@@ -1,8 +1,7 @@
 -- spec/fs_spec.lua — core.fs: locks with deadlines, atomic replace (including
 -- a crash in the middle of it), stat, private directories, bounded reads.
-local core = require "oauthmail.core"
 local h = require "spec.support.helpers"
-local fs = core.fs
+local fs = require "oauthmail.fs"  -- core.fs plus the waiting lock
 
 -- Run a Lua chunk in a child interpreter with arguments; returns ok, output, rc.
 local function run_lua_umask(umask, code, ...)
@@ -48,7 +47,7 @@ describe("core.fs.lock", function()
   it("is held against another process, which times out", function()
     local path = h.tmpdir() .. "/b.lock"
     local l1 = assert(fs.lock(path))
-    local script = "local fs = require('oauthmail.core').fs; local l, e = fs.lock(arg[1], {timeout = 0.2});"
+    local script = "local fs = require('oauthmail.fs'); local l, e = fs.lock(arg[1], {timeout = 0.2});"
       .. " io.write(l and 'got' or e.message)"
     local _, out = run_lua(script, path)
     assert.matches("timed out after 0.2 s waiting for lock on", out, 1, true)

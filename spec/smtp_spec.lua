@@ -598,7 +598,7 @@ describe("smtp session (fake transport)", function()
 
     it("bounds a whole reply by one deadline, however slowly its bytes come", function()
       local reply = "250 " .. string.rep("x", 200) .. "\r\n"
-      local t = { out = { "220 fake\r\n" }, calls = 0, timeouts = {} }
+      local t = { out = { "220 fake\r\n" }, calls = 0, deadlines = {} }
       function t.send(_, d)
         if d:match("^EHLO") then
           -- in two pieces, well in time
@@ -609,15 +609,17 @@ describe("smtp session (fake transport)", function()
         end
         return true
       end
-      function t.settimeout(_, sec) t.timeout = sec; t.timeouts[#t.timeouts + 1] = sec end
-      function t.receive_some()
+      -- the transport gets the reply's deadline with every read
+      function t.receive_some(_, _, deadline)
         if #t.out > 0 then return table.remove(t.out, 1) end
         if not t.dribble then return nil, errors.new("network", "timed out", { reason = "timeout" }) end
+        t.deadlines[#t.deadlines + 1] = deadline
         -- one byte every 0.2 s: each wait is short, the reply is endless
         t.calls = t.calls + 1
         if t.calls > 40 then return nil, errors.new("network", "the fake server gave up", { reason = "closed" }) end
-        if t.timeout and t.timeout < 0.2 then
-          core.sleep(t.timeout)
+        local left = deadline - core.monotime()
+        if left < 0.2 then
+          core.sleep(math.max(left, 0))
           return nil, errors.new("network", "timed out", { reason = "timeout" })
         end
         core.sleep(0.2)
@@ -627,11 +629,6 @@ describe("smtp session (fake transport)", function()
       end
       function t.close() t.closed = true end
       local s = assert(smtp.open { transport = t, tls = "none", timeout = 1 })
-      -- the second piece waited for what was left; then the connection got
-      -- its whole timeout back
-      assert.equal(2, #t.timeouts)
-      assert.truthy(t.timeouts[1] < 1)
-      assert.equal(1, t.timeout)
       local t0 = core.monotime()
       local ok, err = s:noop()
       local took = core.monotime() - t0
@@ -641,7 +638,37 @@ describe("smtp session (fake transport)", function()
       assert.is_true(err.retryable)
       assert.truthy(took < 5, "took " .. took .. " s")
       assert.truthy(t.calls <= 7, t.calls .. " reads")
-      for _, v in ipairs(t.timeouts) do assert.truthy(v > 0 and v <= 1) end
+      -- one deadline for the whole reply, about the session's timeout away
+      assert.truthy(#t.deadlines >= 2)
+      for _, d in ipairs(t.deadlines) do assert.equal(t.deadlines[1], d) end
+      assert.truthy(t.deadlines[1] - t0 <= 1.01)
+    end)
+
+    it("states the session's timeout when a dribbling server runs it out (not what was left of it)", function()
+      -- a real socket: the greeting's first line comes at once, then one byte
+      -- every 0.3 s and never the end of the reply
+      local script = h.tmpdir() .. "/dribble.lua"
+      h.write_file(script, [[
+        local conn = require "oauthmail.conn"
+        local l = assert(conn.listen { host = "127.0.0.1", port = 0 })
+        io.stdout:write("PORT ", l:port(), "\n") io.stdout:flush()
+        local c = assert(l:accept(20))
+        c:send("220-hello\r\n")
+        for _ = 1, 40 do
+          require("oauthmail.core").sleep(0.3)
+          if not c:send("x") then break end
+        end
+      ]])
+      local proc = h.spawn(h.lua_bin .. " " .. script, { ready = "PORT (%d+)" })
+      local t0 = core.monotime()
+      local s, err = smtp.open { host = "127.0.0.1", port = tonumber(proc.match[1]), tls = "none", timeout = 1 }
+      local took = core.monotime() - t0
+      assert.is_nil(s)
+      assert.equal("timeout", err.reason)
+      assert.matches("after 1 s", err.message)
+      assert.is_nil(err.message:find("after 0%."), err.message)
+      assert.truthy(took >= 0.9 and took < 3, "took " .. took)
+      proc.stop()
     end)
 
     it("abandons the session on a malformed reply, with the text in the error", function()

@@ -400,7 +400,6 @@ describe("tokens (scripted flows)", function()
 
     -- finding 4: a raise must not leave the lock or the in-flight marker behind
     it("releases the lock and the in-flight marker when a refresh raises in a coroutine that lives on", function()
-      local core = require "oauthmail.core"
       local dir = h.tmpdir()
       local path = dir .. "/tokens.json"
       local m, fake, _, st = manager_for(CC, { store = store.file { path = path } })
@@ -417,7 +416,7 @@ describe("tokens (scripted flows)", function()
       assert.matches("flow blew up", tostring(msg), 1, true)
       assert.equals("suspended", coroutine.status(co))
       -- another process can take the lock at once
-      local lk, lerr = core.fs.lock(path .. ".lock", { timeout = 0.2 })
+      local lk, lerr = require("oauthmail.fs").lock(path .. ".lock", { timeout = 0.2 })
       assert.truthy(lk, tostring(lerr))
       lk:unlock()
       -- and the main thread is not told a refresh is in flight

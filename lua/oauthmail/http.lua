@@ -6,6 +6,7 @@ local core = require "oauthmail.core"
 local errors = require "oauthmail.errors"
 local redact = require "oauthmail.redact"
 local urls = require "oauthmail.url"
+local wait = require "oauthmail.wait"
 
 local C = core.http
 local cjson = require("cjson.safe").new()
@@ -174,6 +175,28 @@ local function emit_trace(trace, events, secrets)
   return true
 end
 
+-- Run one core.http request to its end, waiting on curl's descriptors
+-- through oauthmail.wait (curl's own timer bounds each wait; the request's
+-- timeout, enforced by curl, bounds the whole).
+function M.perform(o)
+  local req = C.start(o)
+  local cap = (o.timeout or 30) + 5
+  local stop = core.monotime() + cap
+  while true do
+    local a, b, fd, seconds = req:step()
+    if a ~= false then return a, b, fd end
+    local now = core.monotime()
+    if now > stop then
+      -- curl enforces the timeout; this bounds a curl that stopped asking
+      return nil, errors.new("network", string.format("HTTP request timed out after %g s", o.timeout or 30),
+        { reason = "timeout" })
+    end
+    local d = seconds and (now + seconds) or stop
+    if d > stop then d = stop end
+    if seconds ~= 0 then wait.fd(fd, b, d) end
+  end
+end
+
 -- http.request{...} -> {status=, headers=, body=, url=} | nil, err
 -- HTTP error statuses are responses, not errors: the OAuth layer reads them.
 function M.request(opts)
@@ -214,7 +237,7 @@ function M.request(opts)
   end
 
   local resp, events
-  resp, err, events = C.request {
+  resp, err, events = M.perform {
     method = method, url = opts.url, headers = headers, body = body,
     timeout = opts.timeout, connect_timeout = opts.connect_timeout, max_body = opts.max_body,
     ca_file = opts.ca_file, ca_path = opts.ca_path, verify = opts.verify,

@@ -1,7 +1,9 @@
 -- oauthmail — the API most users touch: oauthmail.new(profile) -> mailer,
--- mailer:send(message) -> receipt, mailer:close(). The mailer keeps one
--- authenticated SMTP session while its token has margin left, and applies the
--- send policy (oauthmail.policy): re-authenticate once on 535, reconnect and
+-- mailer:send(message) -> receipt, mailer:send_many(list), mailer:close().
+-- The mailer keeps a pool of authenticated sessions (oauthmail.pool, up to
+-- the mailbox's connection limit, each while its token has margin left) over
+-- a transport (oauthmail.transport.smtp), shared by every coroutine that
+-- sends, and applies the send policy (policy:deliver): re-authenticate once on 535, reconnect and
 -- send again on 421 / a dropped connection / a timeout before the final reply,
 -- back off on 4xx, stop on 5xx; a message counts as sent only after the
 -- server's 2xx to the end of its data. See docs/mailer.md.
@@ -10,7 +12,9 @@ local profile_mod = require "oauthmail.profile"
 local policy_mod = require "oauthmail.policy"
 local redact = require "oauthmail.redact"
 local decoder = require "oauthmail.decoder"
-local smtp = require "oauthmail.smtp"
+local pool_mod = require "oauthmail.pool"
+local smtp_transport = require "oauthmail.transport.smtp"
+local wait = require "oauthmail.wait"
 local tokens = require "oauthmail.tokens"
 
 local M = { _VERSION = "oauthmail 0.1" }
@@ -125,6 +129,7 @@ function M.new(profile)
   end
   self.tokens = mgr
   self.clock = clock
+  self:_setup_pool()
   return self
 end
 
@@ -175,25 +180,6 @@ end
 
 -- ------------------------------------------------------------ sessions
 
-function Mailer:_drop_session(reason)
-  local s = self.session
-  if not s then return end
-  self.session = nil
-  self:_trace { event = "session_closed", reason = reason }
-  s:close()
-  self.governor:release()
-end
-
-function Mailer:_session_usable()
-  local s = self.session
-  if not s or s.broken or s.closed then return false end
-  if not self.policy.reuse then return false end
-  if self.session_sent >= self.policy.max_messages_per_session then return false end
-  local exp = self.session_token_expires
-  if exp and exp - self.clock() < self.session_margin then return false end
-  return true
-end
-
 function Mailer:_explain(err)
   if errors.is(err) or type(err) == "table" then decoder.explain(err, self.settings.ctx) end
   return err
@@ -214,76 +200,23 @@ function Mailer:_token()
   return tok
 end
 
-function Mailer:_auth(s, tok)
-  local o = self.settings.smtp
-  return s:auth { mechanism = o.mechanism, user = self.user, token = tok.access_token, two_step = o.two_step }
-end
-
-function Mailer:_connect()
-  local o = {}
-  for k, v in pairs(self.settings.smtp) do o[k] = v end
-  o.mechanism, o.two_step = nil, nil
-  o.trace = self.trace and function(ev) self:_trace(ev) end
-  return smtp.open(o)
-end
-
--- Connect and authenticate while holding a governor slot. On a refused
--- authentication the token is invalidated, refreshed once, and tried once
--- more. Returns s, tok | nil, err; self.opening is the session to close
--- when it does not return one.
-function Mailer:_connect_auth(tok)
-  local s, err = self:_connect()
-  if not s then return nil, self:_explain(err) end
-  self.opening = s
-  local ok
-  ok, err = self:_auth(s, tok)
-  if not ok and self.policy.reauth and policy_mod.classify(err) == "reauth" then
-    self:_trace { event = "reauth", code = err.code, enhanced = err.enhanced }
-    self.tokens:invalidate(tok)
-    local terr
-    tok, terr = self:_token()
-    if not tok then return nil, terr, s end
-    if s.broken then
-      s:close()
-      s, err = self:_connect()
-      if not s then return nil, self:_explain(err) end
-      self.opening = s
-    end
-    ok, err = self:_auth(s, tok)
-  end
-  if not ok then return nil, self:_explain(err), s end
-  return s, tok
-end
-
--- A session authenticated with a token that has margin left. The governor
--- slot taken here is given back on every path that does not keep the
--- session, a raise below included (re-raised once the slot is free).
-function Mailer:_open()
-  if self:_session_usable() then return self.session end
-  if self.session then self:_drop_session("renew") end
-  local tok, err = self:_token()
-  if not tok then return nil, err end
-  local ok
-  ok, err = self.governor:acquire()
-  if not ok then return nil, err end
-  self.opening = nil
-  local done, s, tok2 = errors.pcall(self._connect_auth, self, tok)
-  local opened = self.opening
-  self.opening = nil
-  if not done or not s then
-    if opened then pcall(opened.close, opened) end
-    self.governor:release()
-    if not done then error(s, 0) end
-    return nil, tok2
-  end
-  tok = tok2
-  self.session, self.session_sent = s, 0
-  self.session_token_expires = tok.expires_at
-  -- the token manager's rule: a token that lives shorter than the margin
-  -- is used for half its remaining life, not refused outright
-  self.session_margin = self.tokens:margin_for { expires_at = tok.expires_at, obtained_at = self.clock() }
-  self:_trace { event = "session_open", host = self.settings.smtp.host }
-  return s
+-- The transport and the pool of its sessions (oauthmail.pool), made once.
+function Mailer:_setup_pool()
+  local trace = function(ev) self:_trace(ev) end
+  self.transport = smtp_transport.new(self.settings.smtp, {
+    user = self.user, trace = self.trace and trace or nil,
+  })
+  self.pool = pool_mod.new {
+    transport = self.transport, governor = self.governor, policy = self.policy, clock = self.clock,
+    host = self.settings.smtp.host, max_wait = self.governor.max_wait,
+    token = function() return self:_token() end,
+    invalidate = function(tok) self.tokens:invalidate(tok) end,
+    explain = function(err) return self:_explain(err) end,
+    -- the token manager's rule: a token that lives shorter than the margin
+    -- is used for half its remaining life, not refused outright
+    margin_for = function(tok) return self.tokens:margin_for { expires_at = tok.expires_at, obtained_at = self.clock() } end,
+    trace = trace,
+  }
 end
 
 -- ------------------------------------------------------------ sending
@@ -300,11 +233,96 @@ end
 
 local ACTIONS = { reauth = true, reconnect = true, throttle = true, retry = true, fail = true }
 
--- mailer:send(message) -> receipt | nil, err
--- receipt = {message_id, accepted, rejected, attempts, transport="smtp", reply={code, enhanced, text}}
-function Mailer:send(msg)
-  if self.closed then error("mailer:send: the mailer is closed", 2) end
-  self.trace_error = nil
+function Mailer:_classify(err, attempt, stage)
+  self:_explain(err)
+  local action = self.transport:classify(err)
+  if self.hooks.classify then
+    local custom = self.hooks.classify(err, { attempt = attempt, stage = stage })
+    if custom ~= nil and not ACTIONS[custom] then
+      -- a typo must not become a silent retry loop: give up, and say why
+      self:_trace { event = "classify_invalid", returned = tostring(custom), action = "fail" }
+      custom = "fail"
+    end
+    if custom ~= nil then action = custom end
+  end
+  return action
+end
+
+-- A failed attempt gives back what it holds: the session goes unless the
+-- failure was a transient refusal on a session still usable; 432 4.3.2
+-- lowers the mailbox's concurrency.
+function Mailer:_failed(err, action, attempt, e)
+  self:_trace { event = "attempt_failed", attempt = attempt, action = action == "reauth" and "fail" or action,
+    kind = err.kind, code = err.code, enhanced = err.enhanced }
+  if e then
+    if action == "retry" or action == "fail" then self.pool:release(e) else self.pool:release(e, action) end
+  end
+  if action == "throttle" then self.governor:lower() end
+end
+
+-- The receipt for a delivered message; built before anything else happens.
+local function receipt_for(m, receipt, attempt)
+  return {
+    message_id = m.message_id, accepted = receipt.accepted, rejected = rejected_list(receipt.rejected),
+    attempts = attempt, transport = "smtp",
+    reply = { code = receipt.code, enhanced = receipt.enhanced, text = receipt.text },
+  }
+end
+
+-- After a delivery nothing may raise (a caller that retries on exceptions
+-- would send the message twice): the receipt is made first, the pool's
+-- release and the trace are protected.
+function Mailer:_delivered(m, receipt, attempt, e, keep)
+  local out = receipt_for(m, receipt, attempt)
+  e.sent = e.sent + 1
+  self.sent = self.sent + 1
+  if not keep then pcall(self.pool.release, self.pool, e) end
+  pcall(self.governor.record, self.governor, #m.to)
+  self:_trace { event = "sent", message_id = m.message_id, attempts = attempt, code = receipt.code }
+  return out
+end
+
+-- One message through the policy loop (policy:deliver) over the pool.
+function Mailer:_deliver(m)
+  local pool = self.pool
+  local started = self.clock()
+  local receipt, last, attempts = self.policy:deliver {
+    clock = self.clock,
+    trace = function(ev) self:_trace(ev) end,
+    try = function(attempt)
+      local e, oerr = pool:acquire()
+      if not e then return nil, oerr, "open" end
+      local ok, r, serr = errors.pcall(self.transport.submit, self.transport, e.s, m)
+      if not ok then
+        pool:release(e, "error")
+        error(r, 0)
+      end
+      if not r then return nil, serr, "send", e end
+      return self:_delivered(m, r, attempt, e)
+    end,
+    classify = function(err, attempt, stage) return self:_classify(err, attempt, stage) end,
+    failed = function(err, action, attempt, e) self:_failed(err, action, attempt, e) end,
+  }
+  if receipt then
+    receipt.trace_error = self.trace_error
+    return receipt
+  end
+  if last.stage == "token" then
+    last.attempts = last.attempts or 1   -- requests to the token endpoint
+  else
+    last.attempts = attempts
+    if attempts > 1 or last.kind == "network" then
+      last.message = last.message .. string.format(" (%d attempt%s in %.1f s)", attempts, attempts == 1 and "" or "s",
+        self.clock() - started)
+    end
+  end
+  if last.retryable == nil then last.retryable = false end
+  last.trace_error = self.trace_error
+  return nil, last
+end
+
+-- Run hooks and checks that come before any attempt: m (prepared) | nil, err.
+function Mailer:_accept(msg, level)
   if self.hooks.before_send then
     local r, why = self.hooks.before_send(msg)
     if r == false then
@@ -316,97 +334,135 @@ function Mailer:send(msg)
   end
   local m, perr = self:_prepare(msg)
   if not m then return nil, perr end
-  if type(m.from) ~= "string" then error("mailer:send: no sender: set from in the message or the profile", 2) end
+  if type(m.from) ~= "string" then error("mailer:send: no sender: set from in the message or the profile", level + 1) end
   local ok, err = self.governor:admit(#m.to)
   if not ok then return nil, err end
-  local pol = self.policy
-  local started = self.clock()
-  local attempt, last = 0, nil
-  while attempt < pol.attempts do
-    attempt = attempt + 1
-    local action
-    local s, oerr = self:_open()
-    if not s then
-      err = oerr
-    else
-      local receipt
-      receipt, err = s:send { from = m.from, to = m.to, data = m.data(), size = m.size, eight_bit = m.eight_bit }
-      if receipt then
-        -- delivered: from here on nothing may raise (the receipt is built
-        -- first, the trace is protected), or a retry would send it twice
-        local out = {
-          message_id = m.message_id, accepted = receipt.accepted, rejected = rejected_list(receipt.rejected),
-          attempts = attempt, transport = "smtp",
-          reply = { code = receipt.code, enhanced = receipt.enhanced, text = receipt.text },
-        }
-        self.session_sent = self.session_sent + 1
-        self.sent = self.sent + 1
-        self.governor:record(#m.to)
-        self:_trace { event = "sent", message_id = m.message_id, attempts = attempt, code = receipt.code }
-        out.trace_error = self.trace_error
-        return out
-      end
-    end
-    self:_explain(err)
-    action = policy_mod.classify(err)
-    if self.hooks.classify then
-      local custom = self.hooks.classify(err, { attempt = attempt, stage = s and "send" or "open" })
-      if custom ~= nil and not ACTIONS[custom] then
-        -- a typo must not become a silent retry loop: give up, and say why
-        self:_trace { event = "classify_invalid", returned = tostring(custom), action = "fail" }
-        custom = "fail"
-      end
-      if custom ~= nil then action = custom end
-    end
-    -- a 535 that survived the refresh inside _open is final
-    if action == "reauth" then action = "fail" end
-    last = err
-    self:_trace { event = "attempt_failed", attempt = attempt, action = action, kind = err.kind,
-      code = err.code, enhanced = err.enhanced }
-    if action == "fail" then break end
-    local wait = 0
-    if action == "reconnect" then
-      self:_drop_session("reconnect")
-      if attempt > 1 then wait = pol:backoff(attempt - 1) end
-    elseif action == "throttle" then
-      self:_drop_session("throttle")
-      self.governor:lower()
-      wait = pol:backoff(attempt)
-    else -- retry
-      if self.session and self.session.broken then self:_drop_session("broken") end
-      wait = pol:backoff(attempt)
-    end
-    if attempt >= pol.attempts then break end
-    if self.clock() - started + wait > pol.max_time then
-      self:_trace { event = "give_up", reason = "max_time" }
-      break
-    end
-    if wait > 0 then pol.sleep(wait) end
-  end
-  if self.session and self.session.broken then self:_drop_session("broken") end
-  if last.stage == "token" then
-    last.attempts = last.attempts or 1   -- requests to the token endpoint
-  else
-    last.attempts = attempt
-    if attempt > 1 or last.kind == "network" then
-      last.message = last.message .. string.format(" (%d attempt%s in %.1f s)", attempt, attempt == 1 and "" or "s",
-        self.clock() - started)
-    end
-  end
-  if last.retryable == nil then last.retryable = false end
-  last.trace_error = self.trace_error
-  return nil, last
+  return m
 end
 
--- mailer:close(): QUIT the session (if any). Idempotent; send after close raises.
+-- mailer:send(message) -> receipt | nil, err
+-- receipt = {message_id, accepted, rejected, attempts, transport="smtp", reply={code, enhanced, text}}
+-- Safe to call from many coroutines at once: each message takes a session
+-- of the pool (docs/concurrency.md).
+function Mailer:send(msg)
+  if self.closed then error("mailer:send: the mailer is closed", 2) end
+  self.trace_error = nil
+  local m, err = self:_accept(msg, 2)
+  if not m then return nil, err end
+  return self:_deliver(m)
+end
+
+-- One batch on one session, pipelined; what the batch could not settle
+-- (the session broke, or a transient refusal) goes again through send's
+-- policy loop, one by one.
+function Mailer:_batch(batch, results)
+  local e, oerr = self.pool:acquire()
+  local out
+  if e then
+    local ok, r = errors.pcall(self.transport.submit_many, self.transport, e.s, batch.m)
+    if not ok then
+      self.pool:release(e, "error")
+      error(r, 0)
+    end
+    out = r
+  end
+  local redo = {}
+  for k, i in ipairs(batch.i) do
+    local r = out and out[k]
+    if r and not errors.is(r) and r.code then
+      results[i] = self:_delivered(batch.m[k], r, 1, e, true)   -- the batch gives the session back once
+    elseif r and errors.is(r) and self:_classify(r, 1, "send") == "fail" then
+      r.attempts = 1
+      results[i] = r
+    else
+      redo[#redo + 1] = k
+    end
+  end
+  if e then self.pool:release(e) end
+  if not e then self:_trace { event = "batch_open_failed", kind = oerr.kind, code = oerr.code } end
+  for _, k in ipairs(redo) do
+    local r, err = self:_deliver(batch.m[k])
+    results[batch.i[k]] = r or err
+  end
+end
+
+-- mailer:send_many(list [, {batch=50}]) -> results aligned with list (receipts or errors)
+-- Pipelines each batch on one session (MAIL/RCPT/BDAT LAST per message when
+-- the server offers PIPELINING and CHUNKING) and spreads the batches over
+-- the pool when the waiter can run tasks side by side (oauthmail.run,
+-- cqueues, luv); otherwise one batch after the other.
+function Mailer:send_many(list, o)
+  if self.closed then error("mailer:send_many: the mailer is closed", 2) end
+  if type(list) ~= "table" then error("mailer:send_many: expected a list of messages", 2) end
+  local size = (o and o.batch) or 50
+  if type(size) ~= "number" or size < 1 or size % 1 ~= 0 then error("mailer:send_many: batch must be a positive whole number", 2) end
+  self.trace_error = nil
+  local results, batches, cur = {}, {}, nil
+  for i, msg in ipairs(list) do
+    local m, err = self:_accept(msg, 2)
+    if not m then
+      results[i] = err
+    else
+      -- the whole message in memory, so it can go in a pipelined group
+      local data = m.data()
+      if type(data) ~= "string" then
+        local parts = {}
+        if io.type(data) == "file" then parts[1] = data:read("*a") else
+          for chunk in data do parts[#parts + 1] = chunk end
+        end
+        data = table.concat(parts)
+      end
+      m.data = function() return data end
+      if not cur or #cur.m >= size then
+        cur = { m = {}, i = {} }
+        batches[#batches + 1] = cur
+      end
+      cur.m[#cur.m + 1], cur.i[#cur.i + 1] = m, i
+    end
+  end
+  local spawn = wait.current().spawn
+  local workers = math.min(#batches, self.pool:limit())
+  if spawn and workers > 1 then
+    local next_batch, running, failure = 1, workers, nil
+    local finished = wait.cond()
+    for _ = 1, workers do
+      spawn(function()
+        local ok, err = errors.pcall(function()
+          while next_batch <= #batches and not failure do
+            local b = batches[next_batch]
+            next_batch = next_batch + 1
+            self:_batch(b, results)
+          end
+        end)
+        if not ok then failure = failure or err end
+        running = running - 1
+        finished:signal()
+      end)
+    end
+    while running > 0 do finished:wait(wait.now() + 86400) end
+    if failure then error(failure, 0) end
+  else
+    for _, b in ipairs(batches) do self:_batch(b, results) end
+  end
+  return results
+end
+
+-- mailer:close(): QUIT the idle sessions (busy ones close when their
+-- message is done). Idempotent; send after close raises.
 function Mailer:close()
   if self.closed then return true end
   self.closed = true
-  self:_drop_session("close")
+  self.pool:close()
   return true
 end
 Mailer.__close = Mailer.close
-Mailer.__gc = function(self) if not self.closed then pcall(Mailer.close, self) end end
+-- A finalizer must not talk to the network: the sockets are closed, no QUIT.
+Mailer.__gc = function(self)
+  if not self.closed and self.pool then
+    self.closed = true
+    pcall(self.pool.abandon, self.pool)
+  end
+end
 
 -- mailer:login() -> token | nil, err: run the profile's flow now, interactive
 -- ones included (device code, browser), and store the result.
@@ -417,10 +473,18 @@ function Mailer:login()
   return tok
 end
 
--- mailer:stats() -> {sent=, connections=, session_open=}
+-- mailer:stats() -> {sent=, connections= (the limit now), sessions=, busy=, session_open=}
 function Mailer:stats()
-  return { sent = self.sent, connections = self.governor.connections, session_open = self.session ~= nil }
+  local n, busy = self.pool:count()
+  return { sent = self.sent, connections = self.governor.connections, sessions = n, busy = busy,
+    session_open = n > 0 }
 end
+
+-- oauthmail.run(fn, ...) / oauthmail.spawn(fn, ...): the built-in loop
+-- (oauthmail.loop); oauthmail.wait: the one waiter (docs/concurrency.md).
+local loop = require "oauthmail.loop"
+M.run, M.spawn = loop.run, loop.spawn
+M.wait = require "oauthmail.wait"
 
 M.Mailer = Mailer
 M.errors = errors

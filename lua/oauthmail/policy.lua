@@ -4,6 +4,7 @@
 -- provider's rate, volume and connection limits. The clock, the sleep and the
 -- random source are injectable so tests can run a day in a millisecond.
 local core = require "oauthmail.core"
+local waiter = require "oauthmail.wait"
 local errors = require "oauthmail.errors"
 
 local M = {}
@@ -88,7 +89,7 @@ function M.new(opts)
   for k, v in pairs(M.DEFAULTS) do self[k] = v end
   for k, v in pairs(opts) do self[k] = v end
   self.clock = opts.clock or M.default_clock()
-  self.sleep = opts.sleep or core.sleep
+  self.sleep = opts.sleep or waiter.sleep
   self.random = opts.random or math.random
   count("policy.new", "attempts", self.attempts)
   count("policy.new", "max_messages_per_session", self.max_messages_per_session)
@@ -103,6 +104,45 @@ function Policy:backoff(n)
   local d = self.backoff_base * 2 ^ (n - 1)
   if d > self.backoff_max then d = self.backoff_max end
   return d * (1 - self.jitter * self.random())
+end
+
+-- ------------------------------------------------------------ the send loop
+
+-- policy:deliver(ops) -> result, attempts | nil, last_err, attempts
+-- The retry / re-auth / reconnect loop for any transport. ops:
+--   clock()                         seconds
+--   try(attempt) -> result | nil, err, stage, handle   one attempt ("open" or "send" failed)
+--   classify(err, attempt, stage)   -> action (policy.classify plus the profile's hook)
+--   failed(err, action, attempt, handle)   undo what the attempt holds (drop the session,
+--                                   lower the concurrency on "throttle", ...)
+--   trace(ev)
+-- "reauth" here is final: the transport's open already refreshed and retried once.
+function Policy:deliver(ops)
+  local started = ops.clock()
+  local attempt, last = 0, nil
+  while attempt < self.attempts do
+    attempt = attempt + 1
+    local result, err, stage, handle = ops.try(attempt)
+    if result then return result, attempt end
+    local action = ops.classify(err, attempt, stage)
+    if action == "reauth" then action = "fail" end
+    last = err
+    ops.failed(err, action, attempt, handle)
+    if action == "fail" then break end
+    local pause = 0
+    if action == "reconnect" then
+      if attempt > 1 then pause = self:backoff(attempt - 1) end
+    else -- throttle, retry
+      pause = self:backoff(attempt)
+    end
+    if attempt >= self.attempts then break end
+    if ops.clock() - started + pause > self.max_time then
+      ops.trace { event = "give_up", reason = "max_time" }
+      break
+    end
+    if pause > 0 then self.sleep(pause) end
+  end
+  return nil, last, attempt
 end
 
 -- ------------------------------------------------------------ governor
@@ -128,7 +168,7 @@ function M.governor(limits, opts)
     on_limit = limits.on_limit or "wait",
     max_wait = limits.max_wait or 120,
     clock = opts.clock or M.default_clock(),
-    sleep = opts.sleep or core.sleep,
+    sleep = opts.sleep or waiter.sleep,
     minute = {},   -- send times within the last minute
     day = {},      -- {t=, n=} per message within the last 24 hours
     open = 0,      -- connections held now

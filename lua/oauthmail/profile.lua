@@ -56,6 +56,7 @@ M.SCHEMA = {
     ca_file = "string", ca_path = "string", verify = "boolean", min_tls = "string", client_cert = "string",
     client_key = "string", servername = "string", helo = "string",
     mechanism = enum("xoauth2", "oauthbearer"), two_step = "boolean", allow_plaintext_auth = "boolean",
+    connect = "function",
   } },
   store = "table",
   margin = "seconds",

@@ -90,21 +90,16 @@ function Session:_flush()
   return true
 end
 
-local function settimeout(conn, seconds)
-  if conn.settimeout then conn:settimeout(seconds) end
-end
-
--- The one place that waits: the next reply, reading more bytes as needed.
+-- The one place that reads: the next reply, reading more bytes as needed.
 -- One deadline covers the whole reply, so a server that dribbles a byte now
--- and then cannot keep it alive for max_reply waits.
+-- and then cannot keep it alive for max_reply waits. The transport waits
+-- (through oauthmail.wait) until that deadline; its timeout error states the
+-- session's timeout, not what was left of it.
 function Session:_reply()
-  local deadline, shortened
+  local deadline
   while true do
     local r, err = self.eng:reply()
     self:_trace()
-    if r or err then
-      if shortened then settimeout(self.conn, self.timeout) end
-    end
     if r and r.command == "IDLE" then
       -- a reply nobody asked for: a 421 shutdown, or a server out of step
       if r.code == 421 then return self:_broken(reply_error("smtp", "server closed the session", r)) end
@@ -118,16 +113,11 @@ function Session:_reply()
     local now = core.monotime()
     if not deadline then
       deadline = now + self.timeout
-    else
-      local left = deadline - now
-      if left <= 0 then
-        return self:_broken(errors.new("network", string.format("no complete reply from the server within %g s",
-          self.timeout), { reason = "timeout", retryable = true }))
-      end
-      settimeout(self.conn, left)
-      shortened = true
+    elseif deadline - now <= 0 then
+      return self:_broken(errors.new("network", string.format("no complete reply from the server within %g s",
+        self.timeout), { reason = "timeout", retryable = true }))
     end
-    local data, rerr = self.conn:receive_some(RECV_MAX)
+    local data, rerr = self.conn:receive_some(RECV_MAX, deadline)
     if not data then
       -- a server that said 421 to a pipelined command closes at once: its
       -- reply, not the closed connection, is what the caller needs to see
@@ -191,6 +181,7 @@ local function check_opts(opts)
   if opts.tls ~= nil and not DEFAULT_PORT[opts.tls] then
     error("oauthmail.smtp.open: 'tls' must be \"starttls\", \"implicit\" or \"none\"", 3)
   end
+  if opts.connect ~= nil and type(opts.connect) ~= "function" then error("oauthmail.smtp.open: 'connect' must be a function", 3) end
   if opts.trace ~= nil and type(opts.trace) ~= "function" and not (getmetatable(opts.trace) or {}).__call then
     error("oauthmail.smtp.open: 'trace' must be a function", 3)
   end
@@ -198,7 +189,8 @@ end
 
 -- smtp.open{host=, port=, tls=, timeout=, helo=, trace=, allow_plaintext_auth=, ...TLS options}
 -- `transport` (a table with send/receive_some/starttls/close) replaces the
--- connection, for tests.
+-- connection, for tests; `connect(conn_opts) -> transport | nil, err` makes
+-- one per session (a host's sockets: oauthmail.transport.cosocket).
 function M.open(opts)
   check_opts(opts)
   local tls = opts.tls or "starttls"
@@ -214,7 +206,9 @@ function M.open(opts)
     local c = tls_options(opts)
     c.host, c.port, c.timeout = self.host, self.port, self.timeout
     c.tls = tls == "implicit" and "implicit" or "none"
-    conn, err = require("oauthmail.conn").connect(c)
+    -- a host that cannot let oauthmail wait on its own sockets (nginx) gives
+    -- a connect function whose connection speaks the same contract
+    conn, err = (opts.connect or require("oauthmail.conn").connect)(c)
     if not conn then return nil, as_error(err) end
   end
   self.conn = conn
@@ -539,7 +533,7 @@ function Session:send(msg)
   local to, params = self:_prepare(msg)
   if not to then return nil, params end
   local next_chunk = source(msg.data)
-  local ret = { pcall(self._transaction, self, msg, to, params, next_chunk) }
+  local ret = { errors.pcall(self._transaction, self, msg, to, params, next_chunk) }
   if not ret[1] then
     if type(ret[2]) == "table" and ret[2].reader_error then
       -- a half-sent message must never be completed: drop the connection
@@ -803,7 +797,7 @@ function Session:close()
   if self.closed then return true end
   self.closed = true
   if self.conn and not self.broken then
-    local ok = pcall(function()
+    local ok = errors.pcall(function()
       if select(1, self.eng:pending()) == 0 then
         self.eng:quit()
         if self:_flush() then self:_reply() end

@@ -7,6 +7,7 @@ local cjson = require "cjson.safe"
 local errors = require "oauthmail.errors"
 local store_mod = require "oauthmail.store"
 local endpoint = require "oauthmail.oauth2.endpoint"
+local wait = require "oauthmail.wait"
 
 local M = {}
 local Manager = {}
@@ -25,9 +26,11 @@ end
 local INVALID_TTL = 86400
 
 -- Yielded by get() from a coroutine while another coroutine of this manager
--- is refreshing (only possible when the flow's I/O itself yields): the
--- scheduler resumes the waiter later, and get() then returns the shared result.
-M.WAIT = setmetatable({}, { __tostring = function() return "oauthmail.tokens.WAIT" end })
+-- is refreshing, when the waiter in use cannot park coroutines itself (the
+-- default blocking one): the caller's scheduler resumes the waiter later, and
+-- get() then returns the shared result. Under a loop's waiter (oauthmail.run,
+-- cqueues, luv) the coroutine is parked and woken when the refresh ends.
+M.WAIT = wait.WAIT
 
 M.DEFAULT_MARGIN = 300
 
@@ -359,9 +362,11 @@ function Manager:single_flight(fn, ...)
     -- bounded like the store's lock: a holder that is never resumed again
     -- must not keep its waiters forever
     local deadline = self.clock() + self.lock_timeout
+    local mono_deadline = wait.now() + self.lock_timeout
+    self.refreshed = self.refreshed or wait.cond()
     repeat
-      coroutine.yield(M.WAIT)
-      if self.inflight ~= nil and self.clock() >= deadline then
+      self.refreshed:wait(mono_deadline)
+      if self.inflight ~= nil and (self.clock() >= deadline or wait.now() >= mono_deadline) then
         return errors.fail("store", string.format("timed out after %g s waiting for another coroutine's "
           .. "token refresh (the coroutine refreshing was not resumed)", self.lock_timeout), { reason = "timeout" })
       end
@@ -371,6 +376,7 @@ function Manager:single_flight(fn, ...)
   self.inflight = me
   local res = pack(protected_call(fn, self, ...))
   self.inflight = nil
+  if self.refreshed then self.refreshed:signal() end
   if not res[1] then
     -- a raise (flow, trace hook, programming error) gives back the lock
     -- before it goes on to the caller

@@ -21,6 +21,7 @@
 //            `path` get these canned answers in order (slow_down, 429, ...); clear drops
 //            what is still queued first.
 //   GET  /test/stats   {token_requests, last_browse, injected_requests: [{path, method, headers, body}]}
+//   POST /test/slow  {path, ms}  requests to `path` are answered that much later (0 ends it)
 import https from 'node:https';
 import http from 'node:http';
 import fs from 'node:fs';
@@ -51,6 +52,7 @@ function main() {
 
   const stats = { token_requests: 0, last_browse: null, injected_requests: [] };
   const injected = new Map();
+  const delays = new Map();  // path -> ms, for the concurrency specs
 
   for (const c of conf.clients) {
     // Lua's JSON encoder writes an empty list as {}.
@@ -305,6 +307,9 @@ function main() {
       const responses = Array.isArray(body.responses) ? body.responses : []; // Lua sends [] as {}
       injected.set(body.path, [...(injected.get(body.path) || []), ...responses]);
       json(res, 200, { queued: injected.get(body.path).length });
+    } else if (path === '/test/slow') {
+      if (body.ms > 0) delays.set(body.path, body.ms); else delays.delete(body.path);
+      json(res, 200, { slow: body.ms || 0 });
     } else if (path === '/test/browse') {
       if (body.follow === false) { json(res, 200, await browse(body)); return; }
       stats.last_browse = { pending: true };
@@ -327,6 +332,7 @@ function main() {
       if (path === '/token' && req.method === 'POST') {
         stats.token_requests += 1;
       }
+      if (delays.has(path)) await new Promise((resolve) => setTimeout(resolve, delays.get(path)));
       const queue = injected.get(path);
       if (queue && queue.length) {
         const canned = queue.shift();

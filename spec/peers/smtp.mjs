@@ -7,6 +7,11 @@
 // endpoint (for Dovecot's passdb oauth2) and, with tls "none" and no auth,
 // acts as the relay sink behind Dovecot's submission service. With
 // cfg.crash_in_data the process kills itself in the middle of the data.
+// For the concurrency specs: cfg.tokens (more accepted tokens; the spool
+// records which one a session used as token_index), cfg.data_delay_ms (the
+// reply to the end of a message comes that much later), cfg.max_connections
+// (a connection beyond it gets 432 4.3.2 at the greeting) and cfg.stats (a
+// file kept up to date with {connections, current, max_concurrent, refused}).
 // Usage: node smtp.mjs config.json   (prints "listening on PORT")
 import { SMTPServer } from 'smtp-server';
 import fs from 'node:fs';
@@ -14,6 +19,14 @@ import http from 'node:http';
 
 const cfg = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
 const reject = new Set(Array.isArray(cfg.reject) ? cfg.reject : []);
+const tokens = [cfg.token, ...(Array.isArray(cfg.tokens) ? cfg.tokens : [])];
+const counts = { connections: 0, current: 0, max_concurrent: 0, refused: 0 };
+function saveStats() {
+  if (!cfg.stats) return;
+  // replaced whole, so a reader never sees a half-written file
+  fs.writeFileSync(cfg.stats + '.tmp', JSON.stringify(counts));
+  fs.renameSync(cfg.stats + '.tmp', cfg.stats);
+}
 
 const server = new SMTPServer({
   secure: cfg.tls === 'implicit',
@@ -27,9 +40,35 @@ const server = new SMTPServer({
   logger: false,
   disableReverseLookup: true,
   banner: 'oauthmail test peer',
+  onConnect(session, callback) {
+    if (cfg.max_connections && counts.current >= cfg.max_connections) {
+      counts.refused += 1;
+      saveStats();
+      const err = new Error('4.3.2 Concurrent connections limit exceeded');
+      err.responseCode = 432;
+      return callback(err);
+    }
+    session.counted = true;
+    counts.connections += 1;
+    counts.current += 1;
+    if (counts.current > counts.max_concurrent) counts.max_concurrent = counts.current;
+    saveStats();
+    callback();
+  },
+  onClose(session) {
+    if (session.counted) {
+      session.counted = false;
+      counts.current -= 1;
+      saveStats();
+    }
+  },
   onAuth(auth, session, callback) {
     if (auth.method === 'XOAUTH2') {
-      if (auth.username === cfg.user && auth.accessToken === cfg.token) return callback(null, { user: auth.username });
+      const index = tokens.indexOf(auth.accessToken);
+      if (auth.username === cfg.user && auth.accessToken && index >= 0) {
+        session.token_index = index;
+        return callback(null, { user: auth.username });
+      }
       // the error challenge Google sends, answered by the client, then 535
       return callback(null, { data: { status: '401', schemes: 'Bearer', scope: 'https://mail.example.org/smtp.send' } });
     }
@@ -62,8 +101,10 @@ const server = new SMTPServer({
         size: data.length,
         data: data.length <= 65536 ? data : undefined,
         user: session.user,
+        token_index: session.token_index,
       }) + '\n');
-      callback(null, 'queued as m' + Date.now());
+      const done = () => callback(null, 'queued as m' + Date.now());
+      if (cfg.data_delay_ms) setTimeout(done, cfg.data_delay_ms); else done();
     });
   },
 });

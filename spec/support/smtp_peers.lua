@@ -79,6 +79,8 @@ function M.node_smtp(opts)
     max_auth_line = opts.max_auth_line or 0, spool = dir .. "/spool.jsonl",
     password = opts.password, introspect = opts.introspect or false,
     auth_optional = opts.auth_optional or false, crash_in_data = opts.crash_in_data or false,
+    tokens = opts.tokens, data_delay_ms = opts.data_delay_ms, max_connections = opts.max_connections,
+    stats = dir .. "/stats.json",
   }
   local json = require "cjson"
   h.write_file(dir .. "/config.json", json.encode(cfg))
@@ -89,6 +91,12 @@ function M.node_smtp(opts)
   proc.introspect_port = opts.introspect and tonumber(proc.match[1])
   proc.ca = certs.ca
   proc.spool = cfg.spool
+  -- {connections=, current=, max_concurrent=, refused=} counted by the server
+  function proc.stats()
+    local text = h.read_file(cfg.stats)
+    if not text or text == "" then return { connections = 0, current = 0, max_concurrent = 0, refused = 0 } end
+    return json.decode(text)
+  end
   -- messages the server accepted, as {from=, to={}, data=}
   function proc.messages()
     local out = {}

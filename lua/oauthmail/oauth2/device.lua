@@ -3,6 +3,7 @@
 -- server sets (interval, +5 s on slow_down) until approval, denial, expiry or
 -- the deadline the server gave with the code.
 local core = require "oauthmail.core"
+local waiter = require "oauthmail.wait"
 local errors = require "oauthmail.errors"
 local endpoint = require "oauthmail.oauth2.endpoint"
 local discovery = require "oauthmail.oauth2.discovery"
@@ -25,7 +26,7 @@ local function pending(doc) return doc.error == "authorization_pending" or doc.e
 function M.device_code(cfg)
   local c, err = discovery.resolve(cfg, { "device_authorization_endpoint", "token_endpoint" })
   if not c then return nil, err end
-  local sleep = c.sleep or core.sleep
+  local sleep = c.sleep or waiter.sleep
   local doc, derr = endpoint.call(c, c.device_authorization_endpoint, {
     { "scope", endpoint.scope_string(c.scope) },
   }, { what = "device authorization" })

@@ -4,7 +4,7 @@
 -- decoding of OAuth error answers into the shared error value. Nothing here
 -- ever puts a secret (client secret, assertion, code, verifier, token) into an
 -- error message or a trace event.
-local core = require "oauthmail.core"
+local waiter = require "oauthmail.wait"
 local errors = require "oauthmail.errors"
 local urls = require "oauthmail.url"
 local crypto = require "oauthmail.crypto"
@@ -277,7 +277,7 @@ local function backoff(attempt) return math.min(2 ^ (attempt - 1), 8) end
 -- waited knows why: "(3 attempts in 3.0 s)". This layer owns the retries of
 -- an endpoint call; stage = "token" tells the mailer not to retry on top.
 local function give_up(err, attempt, started)
-  local elapsed = core.monotime() - started
+  local elapsed = waiter.now() - started
   err.attempts = attempt
   err.elapsed = math.floor(elapsed * 10 + 0.5) / 10
   err.stage = "token"
@@ -303,10 +303,10 @@ function M.call(cfg, url, params, opts)
   local retry = cfg.retry or {}
   local attempts = retry.attempts or 3
   local max_wait = retry.max_wait or 30
-  local sleep = cfg.sleep or core.sleep
+  local sleep = cfg.sleep or waiter.sleep
   local waited = 0
   local attempt = 0
-  local started = core.monotime()
+  local started = waiter.now()
   local last_err
   while true do
     attempt = attempt + 1

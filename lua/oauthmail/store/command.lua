@@ -96,7 +96,7 @@ function M:lock(key, timeout)
   local dir, derr = self:lock_folder()
   if not dir then return nil, derr end
   local path = dir .. "/oauthmail-" .. M.key_id(key) .. ".lock"
-  local lk, err = core.fs.lock(path, { timeout = timeout or self.lock_timeout })
+  local lk, err = require("oauthmail.fs").lock(path, { timeout = timeout or self.lock_timeout })
   if not lk then return nil, err end
   return function() return lk:unlock() end
 end

@@ -3,14 +3,13 @@
 -- by flock on a sidecar file. A file it cannot read with certainty (damaged,
 -- wrongly keyed, too open, from a newer version) is an error and is never
 -- rewritten: every save re-reads the file and gives up if that read fails.
-local core = require "oauthmail.core"
 local cjson = require("cjson.safe").new()
 local crypto = require "oauthmail.crypto"
 local errors = require "oauthmail.errors"
 local store_mod = require "oauthmail.store"
 local keysource = require "oauthmail.store.keysource"
 
-local fs = core.fs
+local fs = require "oauthmail.fs"  -- core.fs plus the waiting lock
 
 local M = {}
 M.__index = M
