@@ -134,6 +134,9 @@ function Policy:deliver(ops)
       if attempt > 1 then pause = self:backoff(attempt - 1) end
     else -- throttle, retry
       pause = self:backoff(attempt)
+      -- a server that says how long to wait (HTTP Retry-After) is believed
+      local asked = type(err) == "table" and tonumber(err.retry_after)
+      if asked and asked == asked and asked >= 0 then pause = asked end
     end
     if attempt >= self.attempts then break end
     if ops.clock() - started + pause > self.max_time then

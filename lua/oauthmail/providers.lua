@@ -5,13 +5,16 @@ local M = {}
 
 M.CLOUDS = {
   -- Entra ID authority, SMTP AUTH endpoint, the resource for app-only tokens,
-  -- the resource for delegated (user) tokens
+  -- the resource for delegated (user) tokens, the Microsoft Graph host
   global = { login = "https://login.microsoftonline.com", smtp = "smtp.office365.com",
-    app_resource = "https://outlook.office365.com", user_resource = "https://outlook.office.com" },
+    app_resource = "https://outlook.office365.com", user_resource = "https://outlook.office.com",
+    graph = "https://graph.microsoft.com" },
   usgov = { login = "https://login.microsoftonline.us", smtp = "smtp.office365.us",
-    app_resource = "https://outlook.office365.us", user_resource = "https://outlook.office365.us" },
+    app_resource = "https://outlook.office365.us", user_resource = "https://outlook.office365.us",
+    graph = "https://graph.microsoft.us" },
   china = { login = "https://login.partner.microsoftonline.cn", smtp = "smtp.partner.outlook.cn",
-    app_resource = "https://partner.outlook.cn", user_resource = "https://partner.outlook.cn" },
+    app_resource = "https://partner.outlook.cn", user_resource = "https://partner.outlook.cn",
+    graph = "https://microsoftgraph.chinacloudapi.cn" },
 }
 
 -- Tenant names that stand for "whoever signs in": only a person can pick the tenant.
@@ -40,10 +43,14 @@ M.presets.microsoft = {
       out.authorization_endpoint = base .. "/authorize"
       out.device_authorization_endpoint = base .. "/devicecode"
     end
+    out.graph_endpoint = cloud.graph
     if flow == "client_credentials" then
       out.scope = cloud.app_resource .. "/.default"
+      -- the Mail.Send application permission, granted with admin consent
+      out.graph_scope = cloud.graph .. "/.default"
     else
       out.scope = cloud.user_resource .. "/SMTP.Send offline_access"
+      out.graph_scope = cloud.graph .. "/Mail.Send offline_access"
     end
     return out
   end,

@@ -436,8 +436,27 @@ function M.token(doc, what)
 end
 
 -- POST to the token endpoint and decode the token.
+-- cfg.token_params adds form fields to every token request: resource
+-- (RFC 8707), audience (Auth0 and others), or whatever a provider needs;
+-- a field the flow sets itself is never overridden.
 function M.token_request(cfg, params, opts)
   opts = opts or {}
+  if type(cfg.token_params) == "table" then
+    local have, names = {}, {}
+    for _, p in ipairs(params) do have[p[1]] = true end
+    for k in pairs(cfg.token_params) do names[#names + 1] = k end
+    table.sort(names)
+    local list = {}
+    for i, p in ipairs(params) do list[i] = p end
+    for _, k in ipairs(names) do
+      local v = cfg.token_params[k]
+      if type(k) ~= "string" or (type(v) ~= "string" and type(v) ~= "number") then
+        error("token_params: expected string names and string values", 0)
+      end
+      if not have[k] then list[#list + 1] = { k, tostring(v) } end
+    end
+    params = list
+  end
   local doc, err = M.call(cfg, cfg.token_endpoint, params, opts)
   if not doc then return nil, err end
   local tok, terr = M.token(doc, opts.what)
