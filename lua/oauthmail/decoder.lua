@@ -121,6 +121,59 @@ M.AADSTS = {
       .. "its validity dates and the machine's clock." },
 }
 
+-- Microsoft Graph error codes (error.code of the JSON body), matched in
+-- order; `text` (a Lua pattern, lower case) picks a more precise entry.
+M.GRAPH = {
+  { code = "ErrorAccessDenied", text = "accesspolicy",
+    cause = "An application access policy (New-ApplicationAccessPolicy, RAOP) scopes this application away "
+      .. "from the sending mailbox: the app may use Mail.Send only for the mailboxes in its policy group.",
+    fix = "An Exchange admin adds the mailbox to the policy's group, or checks it with Test-ApplicationAccessPolicy "
+      .. "-Identity <mailbox> -AppId <client_id>; new setups use RBAC for Applications (New-ManagementRoleAssignment "
+      .. "-App <service principal> -Role \"Application Mail.Send\" -CustomResourceScope <scope>)." },
+  { code = "ErrorAccessDenied", text = "odata is disabled",
+    cause = "Exchange refuses this application access to the mailbox (an application access policy or RBAC "
+      .. "for Applications scope leaves it out).",
+    fix = "An Exchange admin checks Test-ApplicationAccessPolicy -Identity <mailbox> -AppId <client_id> and adds "
+      .. "the mailbox to the app's scope." },
+  { code = "ErrorAccessDenied",
+    cause = "The token has no right to send as this mailbox: the Mail.Send permission is missing or not "
+      .. "consented (application permission for client_credentials, delegated for a signed-in user), or an "
+      .. "application access policy leaves this mailbox out.",
+    fix = "In the app registration add Microsoft Graph > Application permissions > Mail.Send (or the delegated "
+      .. "Mail.Send for user sign-in) and grant admin consent ({consent_url}); if the tenant scopes the app, "
+      .. "check Test-ApplicationAccessPolicy -Identity <mailbox> -AppId <client_id>." },
+  { code = "ErrorSendAsDenied",
+    cause = "The mailbox may not send as the From address (no Send As or Send on Behalf right).",
+    fix = "Send from the mailbox itself, or have an admin grant Send As (Add-RecipientPermission <from> "
+      .. "-Trustee <mailbox> -AccessRights SendAs) and wait for it to apply (up to an hour)." },
+  { code = "MailboxNotEnabledForRESTAPI",
+    cause = "The mailbox is inactive, soft-deleted, on-premises (hybrid) or has no Exchange Online licence, so "
+      .. "Graph cannot reach it.",
+    fix = "Check that 'user' is an Exchange Online mailbox with a licence (Get-Mailbox <user> in Exchange Online "
+      .. "PowerShell); for an on-premises mailbox send over SMTP to the on-premises server instead." },
+  { code = "ErrorInvalidRecipients",
+    cause = "Graph could not resolve a recipient (a malformed address), or the message names no recipient in "
+      .. "its To/Cc/Bcc header.",
+    fix = "Check every recipient address; the reply's text names the one Graph refused." },
+  { code = "InvalidAuthenticationToken",
+    cause = "Graph refused the access token: expired, issued for another resource (an SMTP token sent to "
+      .. "Graph), or for another tenant.",
+    fix = "Check graph.scope (https://graph.microsoft.com/.default for app-only, "
+      .. "https://graph.microsoft.com/Mail.Send offline_access delegated) and the cloud." },
+  { code = "ErrorMessageSizeExceeded",
+    cause = "The message is larger than the mailbox's maximum send size.",
+    fix = "Make it smaller, or have an admin raise MaxSendSize (Set-Mailbox <user> -MaxSendSize)." },
+  { status = 413,
+    cause = "Graph refused the request as too large (a sendMail request carries at most 4 MB).",
+    fix = "Send large messages over SMTP (transport = {\"smtp\", \"graph\"} keeps SMTP first), or link "
+      .. "large attachments instead of attaching them." },
+  { status = 429,
+    cause = "Graph throttles this mailbox or application (more than 4 concurrent requests per mailbox, or "
+      .. "too many per minute).",
+    fix = "The mailer waits as Retry-After says and tries again; lower graph.concurrency or the sending rate "
+      .. "if it persists." },
+}
+
 local function fill(template, ctx)
   return (template:gsub("{(%w+_?%w*)}", function(k)
     local v = ctx and ctx[k]
@@ -141,6 +194,16 @@ function M.lookup(err)
   local pc = err.provider_code and tostring(err.provider_code):match("AADSTS(%d+)")
   if not pc and type(err.message) == "string" then pc = err.message:match("AADSTS(%d+)") end
   if pc and M.AADSTS[pc] then return M.AADSTS[pc], "AADSTS" .. pc end
+  if err.reason == "graph" or err.graph_code then
+    local gtext = ((err.text or err.message or "") .. ""):lower()
+    for _, e in ipairs(M.GRAPH) do
+      if (e.code == nil or e.code == err.graph_code) and (e.status == nil or e.status == tonumber(err.code))
+        and (e.text == nil or gtext:find(e.text)) then
+        return e
+      end
+    end
+    return nil
+  end
   local ch = err.challenge
   local code, enh = tonumber(err.code), err.enhanced
   local text = ((err.text or err.message or "") .. ""):lower()

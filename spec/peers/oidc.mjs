@@ -47,6 +47,8 @@ function main() {
   const TLS = { cert: fs.readFileSync(conf.cert), key: fs.readFileSync(conf.key) };
   const CA = fs.readFileSync(conf.ca);
   const RESOURCE = 'urn:oauthmail:test:mail';
+  // the Graph peer's audience (spec/peers/graph.mjs), asked for with resource=
+  const GRAPH = 'https://graph.oauthmail.test';
   const USER = 'testuser';
   const PASSWORD = 'test-password';
 
@@ -123,6 +125,9 @@ function main() {
         },
         useGrantedResource: async () => false,
         getResourceServerInfo: async (_ctx, indicator) => {
+          if (indicator === GRAPH) {
+            return { scope: 'Mail.Send', audience: GRAPH, accessTokenTTL: 3600, accessTokenFormat: 'jwt' };
+          }
           if (indicator !== RESOURCE) throw new errors.InvalidTarget();
           return { scope: 'mail.send mail.read', audience: RESOURCE, accessTokenTTL: conf.access_ttl || 3600, accessTokenFormat: 'jwt' };
         },

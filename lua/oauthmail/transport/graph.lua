@@ -159,7 +159,7 @@ function T:_post(s, body)
     headers = { ["Authorization"] = "Bearer " .. tok, ["Content-Type"] = "text/plain", ["Accept"] = "application/json" },
     timeout = self.opts.timeout or 60, ca_file = self.opts.ca_file, verify = self.opts.verify,
     proxy = self.opts.proxy, allow_http = self.opts.allow_http, follow_redirects = false,
-    max_body = 256 * 1024, trace = self.trace, secrets = { tok },
+    max_body = 256 * 1024, trace = self.trace, secrets = { tok }, trace_body = false,
   }
 end
 
