@@ -321,6 +321,22 @@ describe("graph transport and failover against the oidc-provider, the Graph peer
     assert.truthy(trace.text():find("event=no_failover", 1, true), trace.text())
   end)
 
+  it("does not fail over when an earlier attempt lost the connection during the data (5.7.139 on the next)", function()
+    sb.faults { { stage = "data", action = "drop" },
+      { stage = "auth", skip = 1, code = 535, enhanced = "5.7.139", text = "Authentication unsuccessful, "
+        .. "SmtpClientAuthentication is disabled for the Tenant.", times = 2 } }
+    local mailer = assert(oauthmail.new(profile { transport = { "smtp", "graph" } }))
+    local body = raw("drop then 139", "gdrop139") .. string.rep("line of body text\r\n", 5000)
+    local r, err = mailer:send { raw = body, to = "ops@example.org" }
+    assert.is_nil(r)
+    assert.equals("5.7.139", err.enhanced)
+    assert.equals(2, err.attempts)
+    assert.truthy(err.failover:find("may have accepted", 1, true), err.failover)
+    mailer:close()
+    assert.equals(0, gp.stats().requests)
+    assert.equals(0, count_sb("gdrop139@contoso.test"))
+  end)
+
   it("does not fail over on an error that failover_on does not list (550 5.7.60 SendAs)", function()
     sb.faults { { stage = "mail", code = 550, enhanced = "5.7.60", text = "Client does not have permissions to send as this sender" } }
     local mailer = assert(oauthmail.new(profile { transport = { "smtp", "graph" } }))
