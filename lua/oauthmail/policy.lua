@@ -48,6 +48,9 @@ function M.classify(err)
   if err.kind == "network" and err.reason == "dns" then return "fail" end
   if err.retryable == false and err.kind ~= "auth" then return "fail" end
   if err.kind == "auth" and (code == 535 or code == 334 or err.challenge) then return "reauth" end
+  -- Exchange: "501 5.5.127 Invalid XOAUTH2 auth data - Token will expire soon" (a clock behind, or a
+  -- token kept too long): a fresh token cures it
+  if err.kind == "auth" and code == 501 and err.enhanced == "5.5.127" then return "reauth" end
   if code == 432 and (err.enhanced == nil or err.enhanced == "4.3.2") then return "throttle" end
   if code == 421 then return "reconnect" end
   if err.kind == "network" then return "reconnect" end

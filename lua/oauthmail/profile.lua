@@ -19,6 +19,7 @@ M.SCHEMA = {
   name = "string",
   provider = enum("microsoft", "google", "generic"),
   cloud = enum("global", "usgov", "china"),
+  service = enum("exchange", "hve", "outlook"),
   tenant = "string",
   flow = GRANTS,
   client_id = "string",
@@ -264,6 +265,34 @@ function M.resolve(p)
   end
   if p.cloud and pname ~= "microsoft" then
     return nil, bad("cloud", "only applies to provider \"microsoft\"")
+  end
+  if p.service and pname ~= "microsoft" then
+    return nil, bad("service", "only applies to provider \"microsoft\"")
+  end
+  if p.service and p.service ~= "exchange" and (p.cloud or "global") ~= "global" then
+    return nil, bad("service", string.format("\"%s\" exists in the global cloud only (cloud = \"%s\")", p.service, p.cloud))
+  end
+  if p.service == "outlook" and not providers.DELEGATED[flow] then
+    return nil, bad("flow", "\"" .. flow .. "\" does not work with service \"outlook\" (personal Outlook.com "
+      .. "accounts): there is no application-only access to consumer mailboxes; use device_code or "
+      .. "authorization_code")
+  end
+  if pname == "google" and flow == "device_code" then
+    local scopes = p.scope or "https://mail.google.com/"
+    if type(scopes) == "table" then scopes = table.concat(scopes, " ") end
+    if (" " .. scopes .. " "):find(" https://mail.google.com/ ", 1, true) then
+      return nil, bad("flow", "Google's device flow (\"device_code\") refuses the https://mail.google.com/ scope "
+        .. "that SMTP needs (it allows only a short list of scopes for TV and limited-input devices); use "
+        .. "\"authorization_code\" (browser sign-in with a loopback redirect) or, in Google Workspace, a "
+        .. "service account with domain-wide delegation (flow \"jwt_bearer\", service_account_file)")
+    end
+  end
+  if p.token_params ~= nil then
+    for k, v in pairs(p.token_params) do
+      if type(k) ~= "string" or (type(v) ~= "string" and type(v) ~= "number") then
+        return nil, bad("token_params", "expected form field names mapped to strings, got " .. show(k) .. " = " .. show(v))
+      end
+    end
   end
   if flow ~= "jwt_bearer" and type(p.client_id) ~= "string" then
     return nil, bad("client_id", "required for the " .. flow .. " flow (the application (client) id)")

@@ -17,6 +17,15 @@ M.CLOUDS = {
     graph = "https://microsoftgraph.chinacloudapi.cn" },
 }
 
+-- Microsoft's submission services (profile.service): Exchange Online's SMTP
+-- AUTH endpoint, High Volume Email, consumer Outlook.com. A host per cloud
+-- for exchange; the other two exist in the global cloud only.
+M.SERVICES = {
+  exchange = {},
+  hve = { smtp = "smtp-hve.office365.com" },
+  outlook = { smtp = "smtp-mail.outlook.com", tenant = "consumers", delegated_only = true },
+}
+
 -- Tenant names that stand for "whoever signs in": only a person can pick the tenant.
 M.MULTI_TENANT = { common = true, organizations = true, consumers = true }
 
@@ -29,14 +38,17 @@ M.presets.microsoft = {
   flows = { client_credentials = true, authorization_code = true, device_code = true,
     refresh_token = true, password = true },
   margin = 600,  -- Exchange refuses tokens close to expiry (501 5.5.127)
-  smtp = { port = 587, tls = "starttls", mechanism = "xoauth2", two_step = true },
+  -- two_step is left automatic everywhere: the XOAUTH2 response goes after an
+  -- empty 334 when the AUTH line would pass 1,000 bytes (Entra's tokens do)
+  smtp = { port = 587, tls = "starttls", mechanism = "xoauth2" },
   limits = { messages_per_minute = 30, recipients_per_day = 10000, connections = 3,
     recipients_per_message = 500 },
   resolve = function(p)
     local cloud = M.CLOUDS[p.cloud or "global"]
+    local service = M.SERVICES[p.service or "exchange"]
     local flow = p.flow
-    local tenant = p.tenant or (DELEGATED[flow] and "organizations" or nil)
-    local out = { tenant = tenant, login = cloud.login, smtp_host = cloud.smtp }
+    local tenant = p.tenant or service.tenant or (DELEGATED[flow] and "organizations" or nil)
+    local out = { tenant = tenant, login = cloud.login, smtp_host = service.smtp or cloud.smtp }
     if tenant then
       local base = cloud.login .. "/" .. tenant .. "/oauth2/v2.0"
       out.token_endpoint = base .. "/token"
@@ -59,7 +71,7 @@ M.presets.microsoft = {
 M.presets.google = {
   flows = { authorization_code = true, device_code = true, refresh_token = true, jwt_bearer = true },
   margin = 300,
-  smtp = { port = 587, tls = "starttls", mechanism = "xoauth2", two_step = false },
+  smtp = { port = 587, tls = "starttls", mechanism = "xoauth2" },
   -- Workspace, per user, over a rolling 24 hours (SMTP: 100 recipients per message)
   limits = { messages_per_day = 2000, recipients_per_day = 10000, recipients_per_message = 100 },
   resolve = function(p)
@@ -83,7 +95,7 @@ M.presets.generic = {
   flows = { client_credentials = true, authorization_code = true, device_code = true,
     refresh_token = true, jwt_bearer = true, password = true },
   margin = 300,
-  smtp = { port = 587, tls = "starttls", mechanism = "xoauth2", two_step = false },
+  smtp = { port = 587, tls = "starttls", mechanism = "xoauth2" },
   limits = {},
   resolve = function(p)
     local ep = p.endpoints or {}
