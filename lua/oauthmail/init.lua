@@ -229,8 +229,9 @@ function M.token_claims(access_token)
       v = redact.escape(v)
       if #v > 200 then v = v:sub(1, 200) .. "..." end
       out["claim_" .. k] = v
-    elseif type(v) == "number" then
-      out["claim_" .. k] = v
+    elseif type(v) == "number" and v == v and v > -2 ^ 53 and v < 2 ^ 53 then
+      -- cjson reads 1796148539 as a float on 5.3+: write it as the whole number it is
+      out["claim_" .. k] = v == math.floor(v) and string.format("%d", v) or v
     end
   end
   -- oidc-provider and others say scope where Entra says scp
