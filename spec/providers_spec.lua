@@ -227,6 +227,35 @@ describe("providers against the oidc-provider and the sandbox", function()
     end)
   end
 
+  it("signs in with a per-machine TLS client certificate (RFC 8705 tls_client_auth) and sends", function()
+    local trace = h.trace_collector()
+    local seen = {}
+    local mailer = assert(oauthmail.new {
+      name = "mtls", provider = "generic", token_endpoint = srv.token_endpoint, flow = "client_credentials",
+      client_id = "cc-mtls", client_auth = "tls_client_auth", scope = "mail.send", ca_file = srv.ca, user = USER,
+      client_certificate = { cert = srv.keys.mtls_ca.cert, key = srv.keys.mtls_ca.key },
+      smtp = sb.smtp(), trace = trace, on_token = function(t) seen[#seen + 1] = t.access_token end,
+    })
+    local r, err = mailer:send { raw = raw("mtls", "pmtls"), to = "ops@example.org" }
+    assert.is_nil(err)
+    assert.equals(250, r.reply.code)
+    mailer:close()
+    assert.equals(1, count("pmtls@contoso.test"))
+    local text = trace.text()
+    assert.truthy(text:find("claim_aud=urn:oauthmail:test:mail", 1, true), text)
+    h.assert_no_secrets(text, { seen[1] })
+    -- the same client with the certificate of another machine (not issued by the CA) is refused
+    mailer = assert(oauthmail.new {
+      name = "mtls", provider = "generic", token_endpoint = srv.token_endpoint, flow = "client_credentials",
+      client_id = "cc-mtls", client_auth = "tls_client_auth", scope = "mail.send", ca_file = srv.ca, user = USER,
+      client_certificate = { cert = srv.keys.mtls_self.cert, key = srv.keys.mtls_self.key }, smtp = sb.smtp(),
+    })
+    r, err = mailer:send { raw = raw("mtls", "pmtls2"), to = "ops@example.org" }
+    assert.is_nil(r)
+    assert.equals("invalid_client", err.oauth_error)
+    mailer:close()
+  end)
+
   it("adds token_params (resource) to the token request: the token's audience follows", function()
     local seen = {}
     local trace = h.trace_collector()
