@@ -303,6 +303,21 @@ describe("graph transport and failover against the oidc-provider, the Graph peer
     assert.equals(1, count_gp("gconn@contoso.test"))
   end)
 
+  it("fails over from Graph to SMTP when Graph refuses the connection and failover_on says refused", function()
+    local trace = h.trace_collector()
+    local mailer = assert(oauthmail.new(profile { transport = { "graph", "smtp" }, failover_on = { "refused" },
+      trace = trace, graph = { endpoint = "https://127.0.0.1:" .. h.free_port(), scope = graph.SCOPE,
+        token_params = { resource = graph.AUDIENCE } } }))
+    local r, err = mailer:send { raw = raw("graph down", "gdown"), to = "ops@example.org" }
+    assert.is_nil(err)
+    assert.equals("smtp", r.transport)
+    assert.equals("graph", r.failed_over[1].transport)
+    assert.equals("refused", r.failed_over[1].matched)
+    mailer:close()
+    assert.equals(1, count_sb("gdown@contoso.test"))
+    assert.truthy(trace.text():find("event=failover from=graph matched=refused to=smtp", 1, true), trace.text())
+  end)
+
   it("does not fail over when the SMTP data went out and no reply came (counted at both servers)", function()
     sb.faults { { stage = "data", action = "stall" } }
     local trace = h.trace_collector()

@@ -119,7 +119,9 @@ function M.new(profile)
   local mgr, merr = self:_manager(s.oauth)
   if not mgr then return nil, merr end
   if s.graph_oauth then
-    local gm, gerr = self:_manager(s.graph_oauth, s.transports.smtp and mgr or nil)
+    -- Entra's refresh tokens serve every consented resource and stay valid when used; a
+    -- provider that rotates them would lose the SMTP one, so only microsoft seeds
+    local gm, gerr = self:_manager(s.graph_oauth, s.provider == "microsoft" and mgr or nil)
     if not gm then return nil, gerr end
     self.graph_tokens = gm
   end
@@ -378,6 +380,7 @@ local function certainly_refused(err, stage)
   if stage == "open" then return true end
   if type(err) ~= "table" then return false end
   if err.maybe_sent then return false end
+  if err.maybe_sent == false then return true end   -- the transport knows nothing left
   if err.kind == "config" or err.kind == "policy" then return true end
   if (err.kind == "smtp" or err.kind == "auth") and type(err.code) == "number" then return true end
   if err.reason == "graph" then return true end
@@ -386,12 +389,19 @@ end
 
 -- Which failover_on entry an error matches: an enhanced code, a reply or
 -- HTTP status, a Graph error code, an error kind, or a network reason
--- ("refused", "timeout") when the connection itself failed.
+-- ("refused", "timeout") when the connection itself failed (SMTP's open
+-- stage, a Graph request that never left).
+-- "refused" covers a connection that could not be made at all (libcurl's
+-- multi interface often cannot tell refused from unreachable).
+local REASONS = { refused = { refused = true, unreachable = true } }
+
 local function failover_match(err, list, stage)
   if type(err) ~= "table" then return nil end
+  local connect_failed = err.kind == "network" and (stage == "open" or err.maybe_sent == false)
   for _, v in ipairs(list) do
     if err.enhanced == v or (err.code ~= nil and tostring(err.code) == v) or err.graph_code == v
-      or err.kind == v or (err.kind == "network" and stage == "open" and err.reason == v) then
+      or err.kind == v
+      or (connect_failed and (err.reason == v or (REASONS[v] and REASONS[v][err.reason]))) then
       return v
     end
   end
