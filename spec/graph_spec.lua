@@ -315,7 +315,7 @@ describe("graph transport and failover against the oidc-provider, the Graph peer
     assert.equals("refused", r.failed_over[1].matched)
     mailer:close()
     assert.equals(1, count_sb("gdown@contoso.test"))
-    assert.truthy(trace.text():find("event=failover from=graph matched=refused to=smtp", 1, true), trace.text())
+    assert.truthy(trace.text():find("event=failover from=graph matched=refused profile=graph-spec to=smtp", 1, true), trace.text())
   end)
 
   it("does not fail over when the SMTP data went out and no reply came (counted at both servers)", function()
