@@ -372,6 +372,21 @@ describe("graph transport and failover against the oidc-provider, the Graph peer
     assert.equals(1, count_gp("g760b@contoso.test"))
   end)
 
+  it("sends a list with send_many over Graph, one request per message", function()
+    gp.faults { { status = 429, code = "ApplicationThrottled", message = "Application is over its MailboxConcurrency limit.",
+      retry_after = 0 } }
+    local mailer = assert(oauthmail.new(profile()))
+    local list = {}
+    for i = 1, 5 do list[i] = { raw = raw("many " .. i, "gmany" .. i), to = "ops@example.org" } end
+    local results = mailer:send_many(list)
+    mailer:close()
+    for i = 1, 5 do
+      assert.equals("graph", results[i].transport, tostring(results[i]))
+      assert.equals(1, count_gp("gmany" .. i .. "@contoso.test"))
+    end
+    assert.equals(6, gp.stats().requests)   -- the throttled one went again
+  end)
+
   it("keeps Graph's concurrent requests per mailbox at 4 (or graph.concurrency) when many coroutines send", function()
     gp.slow(300)
     finally(function() gp.slow(0) end)
