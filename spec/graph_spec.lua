@@ -256,6 +256,19 @@ describe("graph transport and failover against the oidc-provider, the Graph peer
     assert.equals(4 * 1024 * 1024, require("oauthmail.transport.graph").MAX_REQUEST)
   end)
 
+  it("sends a message too large for Graph over SMTP when failover_on lists too_large", function()
+    local mailer = assert(oauthmail.new(profile { transport = { "graph", "smtp" }, failover_on = { "too_large" },
+      graph = { endpoint = gp.url, scope = graph.SCOPE, token_params = { resource = graph.AUDIENCE }, max_request = 2000 } }))
+    local big = raw("big", "gbig2") .. string.rep("x", 1600) .. "\r\n"
+    local r, err = mailer:send { raw = big, to = "ops@example.org" }
+    assert.is_nil(err)
+    assert.equals("smtp", r.transport)
+    assert.equals("too_large", r.failed_over[1].matched)
+    mailer:close()
+    assert.equals(0, gp.stats().requests)
+    assert.equals(1, count_sb("gbig2@contoso.test"))
+  end)
+
   it("never sends again a request that may have reached Graph (connection dropped before the answer)", function()
     gp.faults { { action = "drop" } }
     local mailer = assert(oauthmail.new(profile()))

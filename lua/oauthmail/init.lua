@@ -400,7 +400,7 @@ local function failover_match(err, list, stage)
   local connect_failed = err.kind == "network" and (stage == "open" or err.maybe_sent == false)
   for _, v in ipairs(list) do
     if err.enhanced == v or (err.code ~= nil and tostring(err.code) == v) or err.graph_code == v
-      or err.kind == v
+      or err.kind == v or (err.kind == "policy" and err.reason == v)   -- "too_large" (Graph's 4 MB)
       or (connect_failed and (err.reason == v or (REASONS[v] and REASONS[v][err.reason]))) then
       return v
     end

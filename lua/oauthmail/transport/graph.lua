@@ -192,7 +192,8 @@ function T:submit(s, m)
     if not resp then
       err.transport = "graph"
       -- a request that may have reached Graph is never sent again here
-      err.maybe_sent = not NOT_SENT[err.reason]
+      -- (a TLS failure is the handshake's: no request went out)
+      err.maybe_sent = err.kind ~= "tls" and not NOT_SENT[err.reason]
       if err.maybe_sent then
         err.retryable = false
         err.hint = (err.hint and (err.hint .. " ") or "") .. "The request may have reached Graph before the "
