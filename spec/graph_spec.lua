@@ -105,6 +105,33 @@ describe("graph transport and failover against the oidc-provider, the Graph peer
     h.assert_no_secrets(text, { srv.secrets.post, seen[1] })
   end)
 
+  it("is refused by Graph with a token for another audience (the SMTP one), after one refresh", function()
+    local before = srv.stats().token_requests
+    local mailer = assert(oauthmail.new(profile { graph = { endpoint = gp.url, scope = "mail.send" } }))
+    local r, err = mailer:send { raw = raw("wrong audience", "gaud"), to = "ops@example.org" }
+    assert.is_nil(r)
+    assert.equals(401, err.code)
+    assert.equals("InvalidAuthenticationToken", err.graph_code)
+    assert.truthy(err.text:find("Invalid audience", 1, true), err.text)
+    assert.equals(2, srv.stats().token_requests - before)
+    mailer:close()
+    local st = gp.stats()
+    assert.equals(2, st.unauthorized)
+    assert.equals(0, st.accepted)
+  end)
+
+  it("counts Graph sends against the mailbox's limits (the governor applies to every transport)", function()
+    local mailer = assert(oauthmail.new(profile { limits = { messages_per_minute = 2, on_limit = "fail" } }))
+    assert(mailer:send { raw = raw("one", "glim1"), to = "ops@example.org" })
+    assert(mailer:send { raw = raw("two", "glim2"), to = "ops@example.org" })
+    local r, err = mailer:send { raw = raw("three", "glim3"), to = "ops@example.org" }
+    assert.is_nil(r)
+    assert.equals("policy", err.kind)
+    assert.equals("messages_per_minute", err.limit)
+    mailer:close()
+    assert.equals(2, gp.stats().accepted)
+  end)
+
   it("sends Graph exactly the bytes SMTP sends, with a Bcc field only for envelope-only recipients", function()
     local m = assert(message.compose { from = USER, to = "ops@example.org", subject = "same bytes",
       text = "Grüße, ünïcode body\n" .. string.rep("a line of text\n", 50),

@@ -256,6 +256,23 @@ describe("providers against the oidc-provider and the sandbox", function()
     mailer:close()
   end)
 
+  it("sends token_params (audience, any extra field) in the token request, never over the flow's own", function()
+    srv.inject("/token", { { status = 200, body = { access_token = "canned-access-token-0001", token_type = "Bearer",
+      expires_in = 3600 } } }, true)
+    local before = #srv.stats().injected_requests
+    local m = assert(oauthmail.new(ms_profile { token_params = { audience = "api://mail", acr_values = "machine",
+      grant_type = "password" } }))
+    local tok = assert(m:login())
+    assert.equals("canned-access-token-0001", tok.access_token)
+    m:close()
+    local reqs = srv.stats().injected_requests
+    assert.equals(before + 1, #reqs)
+    local form = require("oauthmail.oauth2.endpoint").parse_query(reqs[#reqs].body)
+    assert.equals("api://mail", form.audience)
+    assert.equals("machine", form.acr_values)
+    assert.equals("client_credentials", form.grant_type)   -- the flow's field wins
+  end)
+
   it("adds token_params (resource) to the token request: the token's audience follows", function()
     local seen = {}
     local trace = h.trace_collector()
