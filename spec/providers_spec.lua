@@ -162,6 +162,9 @@ describe("providers against the oidc-provider and the sandbox", function()
       text = "STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message due to a "
         .. "permanent exception with message [BeginDiagnosticData]Message submission quota exceeded.[EndDiagnosticData]",
       hint = "10,000 recipients" },
+    { stage = "data", code = 554, enhanced = "5.2.0",
+      text = "STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied; Failed to process "
+        .. "message due to a permanent exception with message Cannot submit message.", hint = "Add-RecipientPermission" },
     { stage = "data", code = 554, enhanced = "5.2.2",
       text = "mailbox full; STOREDRV.Submission.Exception:QuotaExceededException.MapiExceptionQuotaExceeded; "
         .. "Failed to process message due to a permanent exception", hint = "Sent Items" },

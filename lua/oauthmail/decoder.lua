@@ -54,6 +54,11 @@ M.SMTP = {
     fix = "Read the reply's text: for Send As, use the mailbox as From or grant Send As; for a block, an admin "
       .. "checks the Restricted entities page (Microsoft Defender portal > Email & collaboration > Review > "
       .. "Restricted entities) and the mailbox's sending limits, then lowers the profile's limits." },
+  { enhanced = "5.2.0", text = "sendasdenied",
+    cause = "The authenticated mailbox may not send as the From address (STOREDRV SendAsDenied).",
+    retryable = false,
+    fix = "Send from the authenticated mailbox itself, or have an admin grant Send As (Add-RecipientPermission "
+      .. "<from> -Trustee <mailbox> -AccessRights SendAs) and wait up to an hour for it to apply." },
   { code = 554, enhanced = "5.2.0", text = "submissionquotaexceeded",
     cause = "The mailbox reached Exchange Online's recipient rate limit (10,000 recipients in 24 hours; "
       .. "external recipients count against a lower limit as well).", retryable = false,
