@@ -1,7 +1,8 @@
 -- examples/send_client_secret.lua — send one message as an application
 -- (client credentials with a secret).
 --   CONTOSO_CLIENT_ID=... CONTOSO_SECRET=... lua examples/send_client_secret.lua ops@example.org
--- A different profile: OAUTHMAIL_PROFILE=path/to/profile.lua.
+-- A different profile: OAUTHMAIL_PROFILE=path/to/profile.lua (examples/profiles/contoso_failover.lua
+-- sends over SMTP and fails over to Microsoft Graph).
 local oauthmail = require "oauthmail"
 
 local to = arg[1] or "ops@example.org"
@@ -22,8 +23,8 @@ if not receipt then
   io.stderr:write(tostring(err), "\n")
   os.exit(1)
 end
-print(string.format("sent %s to %s (attempts: %d)", receipt.message_id, table.concat(receipt.accepted, ", "),
-  receipt.attempts))
+print(string.format("sent %s to %s via %s (attempts: %d)", receipt.message_id, table.concat(receipt.accepted, ", "),
+  receipt.transport, receipt.attempts))
 for _, r in ipairs(receipt.rejected) do
   print(string.format("refused: %s %d %s %s", r.address, r.code, r.enhanced or "", r.hint or r.text or ""))
 end

@@ -143,6 +143,50 @@ describe("oauth2 against oidc-provider", function()
       assert.is_false(err.retryable)
     end)
 
+    -- RFC 8705: the per-machine credential an administrator can revoke is a TLS client certificate
+    it("authenticates with tls_client_auth: a CA-issued client certificate whose subject is registered", function()
+      local trace = h.trace_collector()
+      local cfg = srv.cfg("cc-mtls", { client_auth = "tls_client_auth", scope = "mail.send", trace = trace,
+        client_certificate = { cert = srv.keys.mtls_ca.cert, key = srv.keys.mtls_ca.key } })
+      local tok, err = oauth2.client_credentials(cfg)
+      assert.is_nil(err)
+      local _, claims = crypto.jwt_decode(tok.access_token)
+      assert.equal("cc-mtls", claims.client_id)
+      local text = trace.text()
+      assert.truthy(text:find("client_id=cc-mtls", 1, true), text)
+      assert.is_nil(text:find("client_secret", 1, true))
+      assert.is_nil(text:find("client_assertion", 1, true))
+      h.assert_no_secrets(text, { tok.access_token })
+    end)
+
+    it("refuses tls_client_auth with a certificate the CA did not issue, and without a certificate", function()
+      local cfg = srv.cfg("cc-mtls", { client_auth = "tls_client_auth", scope = "mail.send",
+        client_certificate = { cert = srv.keys.mtls_self.cert, key = srv.keys.mtls_self.key } })
+      local tok, err = oauth2.client_credentials(cfg)
+      assert.is_nil(tok)
+      assert.equal("invalid_client", err.oauth_error)
+      assert.is_false(err.retryable)
+      local before = srv.stats().token_requests
+      tok, err = oauth2.client_credentials(srv.cfg("cc-mtls", { client_auth = "tls_client_auth", scope = "mail.send" }))
+      assert.is_nil(tok)
+      assert.equal("config", err.kind)
+      assert.truthy(err.message:find("TLS client certificate", 1, true), err.message)
+      assert.equal(before, srv.stats().token_requests)   -- refused before any request
+    end)
+
+    it("authenticates with self_signed_tls_client_auth: the registered certificate only", function()
+      local cfg = srv.cfg("cc-mtls-self", { client_auth = "self_signed_tls_client_auth", scope = "mail.send",
+        client_certificate = { cert = srv.keys.mtls_self.cert, key = srv.keys.mtls_self.key } })
+      local tok, err = oauth2.client_credentials(cfg)
+      assert.is_nil(err)
+      local _, claims = crypto.jwt_decode(tok.access_token)
+      assert.equal("cc-mtls-self", claims.client_id)
+      cfg.client_certificate = { cert = srv.keys.wrong.cert, key = srv.keys.wrong.key }
+      tok, err = oauth2.client_credentials(cfg)
+      assert.is_nil(tok)
+      assert.equal("invalid_client", err.oauth_error)
+    end)
+
     it("returns a config error for an unreadable client key", function()
       local cfg = srv.cfg("cc-jwt")
       cfg.client_certificate = { key = "/nonexistent/key.pem" }

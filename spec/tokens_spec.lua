@@ -52,7 +52,7 @@ local function manager_for(flow, opts)
   local st = opts.store or store.memory()
   local m = tokens.new {
     flow = flow, store = st, oauth2 = fake, clock = function() return clock.now end, trace = trace,
-    interactive = opts.interactive, profile = opts.profile, margin = opts.margin,
+    interactive = opts.interactive, profile = opts.profile, margin = opts.margin, seed = opts.seed,
   }
   return m, fake, clock, st, trace
 end
@@ -190,6 +190,22 @@ describe("tokens (scripted flows)", function()
       assert.equals(1, fake2.runs)
       assert.equals(tok.access_token, assert(m2:get()).access_token)
       assert.equals(tok.access_token, m2.store:load(m2.key).access_token)
+    end)
+
+    it("redeems a seed refresh token (the SMTP sign-in's) for another scope instead of asking for a sign-in", function()
+      local m, fake, _, st, trace = manager_for(AUTH, { seed = function() return "RT-seed-from-smtp-01" end })
+      local tok = assert(m:get())
+      assert.equals("AT-secret-refresh-0-xyzzy", tok.access_token)
+      assert.same({ "RT-seed-from-smtp-01" }, fake.seen_rt)
+      assert.equals(0, fake.runs)
+      assert.equals("RT-secret-0-plugh", st:load(m.key).refresh_token)   -- its own from now on
+      assert.truthy(trace.text():find("event=seeded", 1, true))
+      h.assert_no_secrets(trace.text(), { "RT-seed-from-smtp-01", "RT-secret-0-plugh" })
+      -- no seed, or a seed with nothing to give: the sign-in is still asked for
+      local m2 = manager_for(AUTH, { seed = function() return nil end })
+      local none, err = m2:get()
+      assert.is_nil(none)
+      assert.equals("consent_required", err.reason)
     end)
 
     it("reports an expired refresh token (AADSTS700082) with the way back", function()

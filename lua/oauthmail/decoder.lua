@@ -28,26 +28,67 @@ M.SMTP = {
       .. "name that does not match the token).",
     fix = "Get a fresh token for the right scope and check that 'user' is the mailbox the token was issued for." },
   { code = 501, enhanced = "5.5.127",
-    cause = "The access token was about to expire when it was presented; Exchange refuses tokens close to "
-      .. "their end of life.",
-    fix = "Refresh earlier: raise the profile's margin (the microsoft preset uses 600 seconds)." },
+    cause = "Exchange refused the token as about to expire ('Token will expire soon'): it refuses tokens in "
+      .. "roughly their last 10 minutes, and a local clock that runs behind makes a token look fresher than it is.",
+    fix = "The mailer invalidates the token, refreshes and authenticates once more by itself; if it persists, "
+      .. "set the machine's clock right (timedatectl set-ntp true) and raise the profile's margin (the microsoft "
+      .. "preset uses 600 seconds)." },
   { code = 550, enhanced = "5.7.60",
     cause = "The authenticated mailbox may not send as the From address (SendAs denied).",
     fix = "Send from the authenticated mailbox itself, or have an admin grant Send As on the other address "
       .. "(Add-RecipientPermission <from> -Trustee <mailbox> -AccessRights SendAs)." },
-  { code = 554, enhanced = "5.2.252", text = "quota",
-    cause = "The mailbox has used up its sending quota.", retryable = false,
-    fix = "Wait until the quota's window passes (24 hours for the recipient limit) or spread the sending "
-      .. "over more mailboxes; lower the profile's limits so the governor holds messages back first." },
-  { code = 554, enhanced = "5.2.252",
-    cause = "The mailbox was refused the right to submit this message: Exchange reports a SendAs denial "
-      .. "(the From address is not the mailbox and no Send As right exists) or a submission quota.",
-    fix = "Use the authenticated mailbox as From or grant Send As; if the reply names a quota, wait for "
-      .. "its window and lower the profile's limits." },
+  { code = 550, enhanced = "5.7.30",
+    cause = "Exchange Online no longer accepts basic authentication (a password, AUTH LOGIN or PLAIN) for "
+      .. "client submission; only OAuth (XOAUTH2) is accepted.",
+    fix = "Authenticate with a token: this library's microsoft preset does (flow client_credentials or a "
+      .. "delegated flow with SMTP.Send); a tool that still sends a password (AUTH LOGIN) must move to "
+      .. "'oauthmail token' (msmtp passwordeval with auth xoauth2) or to this library." },
+  { enhanced = "5.2.252", text = "sendas",
+    cause = "Exchange refused the submission because the mailbox may not send as the From address (SendAs "
+      .. "denied).", retryable = false,
+    fix = "Use the authenticated mailbox as From, or grant Send As (Add-RecipientPermission <from> -Trustee "
+      .. "<mailbox> -AccessRights SendAs) and wait up to an hour for it to apply." },
+  { enhanced = "5.2.252",
+    cause = "Exchange blocked this mailbox from submitting messages: a Send As denial, or sending blocked "
+      .. "for the mailbox (a quota reached, or the account restricted after outbound spam).", retryable = false,
+    fix = "Read the reply's text: for Send As, use the mailbox as From or grant Send As; for a block, an admin "
+      .. "checks the Restricted entities page (Microsoft Defender portal > Email & collaboration > Review > "
+      .. "Restricted entities) and the mailbox's sending limits, then lowers the profile's limits." },
+  { enhanced = "5.2.0", text = "sendasdenied",
+    cause = "The authenticated mailbox may not send as the From address (STOREDRV SendAsDenied).",
+    retryable = false,
+    fix = "Send from the authenticated mailbox itself, or have an admin grant Send As (Add-RecipientPermission "
+      .. "<from> -Trustee <mailbox> -AccessRights SendAs) and wait up to an hour for it to apply." },
+  { code = 554, enhanced = "5.2.0", text = "submissionquotaexceeded",
+    cause = "The mailbox reached Exchange Online's recipient rate limit (10,000 recipients in 24 hours; "
+      .. "external recipients count against a lower limit as well).", retryable = false,
+    fix = "Wait until the 24-hour window lets more through, spread the sending over more mailboxes (or use "
+      .. "High Volume Email / Azure Communication Services for bulk), and set limits.recipients_per_day below "
+      .. "the quota so the governor holds messages back before Exchange refuses them." },
+  { code = 554, enhanced = "5.2.2",
+    cause = "The sending mailbox is full: Exchange stores the sent message in Sent Items and cannot, so it "
+      .. "refuses the submission (554 5.2.2 mailbox full).", retryable = false,
+    fix = "Free space in the sending mailbox (Sent Items, Deleted Items) or raise its quota; "
+      .. "Get-MailboxStatistics <mailbox> | fl TotalItemSize shows the size, Set-Mailbox <mailbox> "
+      .. "-ProhibitSendQuota sets the limit." },
   { enhanced = "5.2.2",
-    cause = "The sending quota (or the mailbox size quota) is exceeded.", retryable = false,
-    fix = "Wait for the quota window to pass (Microsoft 365: 10,000 recipients per 24 hours) and lower the "
-      .. "profile's limits.recipients_per_day so the governor stops before the server does." },
+    cause = "A mailbox is over its size quota.", retryable = false,
+    fix = "Free space in the mailbox or raise its quota (Set-Mailbox <mailbox> -ProhibitSendQuota)." },
+  { code = 430, enhanced = "4.2.0", text = "logonfailed",
+    cause = "Exchange could not open the sending mailbox for this token (STOREDRV mailbox logon failure): with "
+      .. "client_credentials the application's service principal is not registered in Exchange or has no "
+      .. "permission on this mailbox; or an app-only token went to smtp-mail.outlook.com (consumer Outlook).",
+    retryable = false,
+    fix = "In Exchange Online PowerShell register the service principal (New-ServicePrincipal -AppId "
+      .. "<client_id> -ObjectId <enterprise application object id>) and grant it the mailbox "
+      .. "(Add-MailboxPermission -Identity <mailbox> -User <service principal id> -AccessRights FullAccess); "
+      .. "send app-only through smtp.office365.com." },
+  { code = 550, enhanced = "5.5.105",
+    cause = "A High Volume Email account (smtp-hve.office365.com) sent to recipients it may not reach: HVE is "
+      .. "meant for internal recipients, and external ones are refused or limited.", retryable = false,
+    fix = "Send mail for external recipients through a regular mailbox (smtp.office365.com, or Graph) or "
+      .. "Azure Communication Services; keep HVE for internal recipients (check the HVE account's settings in "
+      .. "the Exchange admin center > Mail flow > High volume email)." },
   { code = 421, enhanced = "4.7.66",
     cause = "The server refuses TLS 1.0 and 1.1 connections.", retryable = false,
     fix = "Use TLS 1.2 or newer (the default here); check smtp.min_tls and any TLS-intercepting proxy." },
@@ -115,10 +156,98 @@ M.AADSTS = {
       .. "missing or the scope's host is misspelled).",
     fix = "Check the scope host (outlook.office365.com, or the national cloud's host) and that the tenant "
       .. "has Exchange Online." },
+  ["7000218"] = { cause = "The token request carried no client secret or assertion, but the app registration is "
+      .. "a confidential client: public client flows (device code without a secret) are not allowed for it.",
+    fix = "In the Entra admin center open App registrations > the app > Authentication > Advanced settings and "
+      .. "set 'Allow public client flows' to Yes; or give the profile the app's client_secret or "
+      .. "client_certificate." },
+  ["700025"] = { cause = "The app registration is a public client, yet the request presented a client secret "
+      .. "or assertion.",
+    fix = "Remove client_secret / client_certificate from the profile for this public app (device code, browser "
+      .. "sign-in), or set 'Allow public client flows' to No under Authentication and use the secret." },
+  ["900144"] = { cause = "The token request lacked a parameter Entra requires (the message names it: scope, "
+      .. "grant_type, client_id ...): an empty scope in the profile, or something between (a proxy) that "
+      .. "rewrote or emptied the request body.",
+    fix = "Check the profile's scope (the microsoft preset fills it) and that no proxy changes the request; "
+      .. "the trace shows the form fields that were sent (secrets masked)." },
+  ["90009"] = { cause = "The application asked for a token for itself: the scope names the app's own client "
+      .. "id or Application ID URI instead of Exchange or Graph.",
+    fix = "Use https://outlook.office365.com/.default (SMTP, app-only), https://outlook.office.com/SMTP.Send "
+      .. "(delegated) or https://graph.microsoft.com/.default (Graph); remove scope from the profile to get the "
+      .. "preset's." },
+  ["70000"] = { cause = "The grant (refresh token or code) is not valid for the scopes requested: consent for a "
+      .. "scope was removed or never given, or the grant was issued for other scopes.",
+    fix = "Sign in again (mailer:login()) and consent; an admin can grant consent for SMTP.Send / Mail.Send "
+      .. "under App registrations > API permissions ({consent_url})." },
+  ["50034"] = { cause = "The user account does not exist in this tenant's directory: a typo in the user, the "
+      .. "wrong tenant, or a personal Microsoft account signing in to a work tenant.",
+    fix = "Check 'user' and 'tenant'; an account of another organisation needs that tenant (or 'organizations'), "
+      .. "a personal outlook.com account needs tenant 'consumers' and smtp-mail.outlook.com "
+      .. "(service = \"outlook\")." },
+  ["700024"] = { cause = "The client assertion (certificate sign-in) is not within its valid time range: the "
+      .. "machine's clock is off, or the assertion lifetime is wrong.",
+    fix = "Set the clock right (timedatectl set-ntp true; compare with 'date -u'); keep oauth.assertion_lifetime "
+      .. "short (the default 300 s)." },
+  ["50173"] = { cause = "The grant was revoked: the user changed or reset the password, or an admin revoked "
+      .. "the sessions (Revoke-MgUserSignInSession), so the refresh token is dead.",
+    fix = "Sign in again (mailer:login(), or later the oauthmail login --profile <profile> command)." },
   ["700027"] = { cause = "The client assertion (certificate sign-in) failed validation: the certificate "
       .. "uploaded to the app does not match the key, it expired, or the assertion's claims are wrong.",
     fix = "Upload the certificate that belongs to client_certificate.key to the app registration and check "
       .. "its validity dates and the machine's clock." },
+}
+
+-- Microsoft Graph error codes (error.code of the JSON body), matched in
+-- order; `text` (a Lua pattern, lower case) picks a more precise entry.
+M.GRAPH = {
+  { code = "ErrorAccessDenied", text = "accesspolicy",
+    cause = "An application access policy (New-ApplicationAccessPolicy, RAOP) scopes this application away "
+      .. "from the sending mailbox: the app may use Mail.Send only for the mailboxes in its policy group.",
+    fix = "An Exchange admin adds the mailbox to the policy's group, or checks it with Test-ApplicationAccessPolicy "
+      .. "-Identity <mailbox> -AppId <client_id>; new setups use RBAC for Applications (New-ManagementRoleAssignment "
+      .. "-App <service principal> -Role \"Application Mail.Send\" -CustomResourceScope <scope>)." },
+  { code = "ErrorAccessDenied", text = "odata is disabled",
+    cause = "Exchange refuses this application access to the mailbox (an application access policy or RBAC "
+      .. "for Applications scope leaves it out).",
+    fix = "An Exchange admin checks Test-ApplicationAccessPolicy -Identity <mailbox> -AppId <client_id> and adds "
+      .. "the mailbox to the app's scope." },
+  { code = "ErrorAccessDenied",
+    cause = "The token has no right to send as this mailbox: the Mail.Send permission is missing or not "
+      .. "consented (application permission for client_credentials, delegated for a signed-in user), or an "
+      .. "application access policy leaves this mailbox out.",
+    fix = "In the app registration add Microsoft Graph > Application permissions > Mail.Send (or the delegated "
+      .. "Mail.Send for user sign-in) and grant admin consent ({consent_url}); if the tenant scopes the app, "
+      .. "check Test-ApplicationAccessPolicy -Identity <mailbox> -AppId <client_id>." },
+  { code = "ErrorSendAsDenied",
+    cause = "The mailbox may not send as the From address (no Send As or Send on Behalf right).",
+    fix = "Send from the mailbox itself, or have an admin grant Send As (Add-RecipientPermission <from> "
+      .. "-Trustee <mailbox> -AccessRights SendAs) and wait for it to apply (up to an hour)." },
+  { code = "MailboxNotEnabledForRESTAPI",
+    cause = "The mailbox is inactive, soft-deleted, on-premises (hybrid) or has no Exchange Online licence, so "
+      .. "Graph cannot reach it.",
+    fix = "Check that 'user' is an Exchange Online mailbox with a licence (Get-Mailbox <user> in Exchange Online "
+      .. "PowerShell); for an on-premises mailbox send over SMTP to the on-premises server instead." },
+  { code = "ErrorInvalidRecipients",
+    cause = "Graph could not resolve a recipient (a malformed address), or the message names no recipient in "
+      .. "its To/Cc/Bcc header.",
+    fix = "Check every recipient address; the reply's text names the one Graph refused." },
+  { code = "InvalidAuthenticationToken",
+    cause = "Graph refused the access token: expired, issued for another resource (an SMTP token sent to "
+      .. "Graph), or for another tenant.",
+    fix = "Check graph.scope (https://graph.microsoft.com/.default for app-only, "
+      .. "https://graph.microsoft.com/Mail.Send offline_access delegated) and the cloud." },
+  { code = "ErrorMessageSizeExceeded",
+    cause = "The message is larger than the mailbox's maximum send size.",
+    fix = "Make it smaller, or have an admin raise MaxSendSize (Set-Mailbox <user> -MaxSendSize)." },
+  { status = 413,
+    cause = "Graph refused the request as too large (a sendMail request carries at most 4 MB).",
+    fix = "Send large messages over SMTP (transport = {\"smtp\", \"graph\"} keeps SMTP first), or link "
+      .. "large attachments instead of attaching them." },
+  { status = 429,
+    cause = "Graph throttles this mailbox or application (more than 4 concurrent requests per mailbox, or "
+      .. "too many per minute).",
+    fix = "The mailer waits as Retry-After says and tries again; lower graph.concurrency or the sending rate "
+      .. "if it persists." },
 }
 
 local function fill(template, ctx)
@@ -141,6 +270,16 @@ function M.lookup(err)
   local pc = err.provider_code and tostring(err.provider_code):match("AADSTS(%d+)")
   if not pc and type(err.message) == "string" then pc = err.message:match("AADSTS(%d+)") end
   if pc and M.AADSTS[pc] then return M.AADSTS[pc], "AADSTS" .. pc end
+  if err.reason == "graph" or err.graph_code then
+    local gtext = ((err.text or err.message or "") .. ""):lower()
+    for _, e in ipairs(M.GRAPH) do
+      if (e.code == nil or e.code == err.graph_code) and (e.status == nil or e.status == tonumber(err.code))
+        and (e.text == nil or gtext:find(e.text)) then
+        return e
+      end
+    end
+    return nil
+  end
   local ch = err.challenge
   local code, enh = tonumber(err.code), err.enhanced
   local text = ((err.text or err.message or "") .. ""):lower()

@@ -73,7 +73,7 @@ local OPT_TYPES = {
   timeout = "number", connect_timeout = "number", ca_file = "string", ca_path = "string",
   verify = "boolean", client_cert = "string", client_key = "string", client_key_passphrase = "string",
   follow_redirects = "boolean", max_body = "number", trace = "function", allow_http = "boolean",
-  secrets = "table",
+  secrets = "table", trace_body = "boolean",
 }
 
 -- Over HTTP/2 libcurl lists every request header as an informational line
@@ -128,7 +128,7 @@ end
 -- Turn the raw events collected in C into redacted trace events, in order:
 -- the exchange's secrets by value, the key and header rules of
 -- oauthmail.redact, control bytes escaped (a line per event, never forged).
-local function emit_trace(trace, events, secrets)
+local function emit_trace(trace, events, secrets, trace_body)
   local function emit(dir, text)
     return trace { proto = "http", dir = dir, text = redact.escape(redact.values(text, secrets)) }
   end
@@ -154,7 +154,12 @@ local function emit_trace(trace, events, secrets)
         calls[#calls + 1] = { "send", line }
       end
     elseif t == "data_out" then
-      calls[#calls + 1] = { "send", note(redact.body(ev.text), ev.omitted) }
+      if trace_body == false then
+        -- a message (Graph sendMail) is content, not protocol: its size only
+        calls[#calls + 1] = { "send", string.format("[%d bytes of request body, not traced]", #ev.text + (ev.omitted or 0)) }
+      else
+        calls[#calls + 1] = { "send", note(redact.body(ev.text), ev.omitted) }
+      end
     elseif t == "header_in" then
       local line, e = ev.text, #ev.text
       while e > 0 and (line:byte(e) == 10 or line:byte(e) == 13) do e = e - 1 end
@@ -248,7 +253,7 @@ function M.request(opts)
   }
   if resp then events = err end
   if opts.trace and events then
-    local tok, terr = emit_trace(opts.trace, events, exchange_secrets(opts.secrets, headers, body, resp))
+    local tok, terr = emit_trace(opts.trace, events, exchange_secrets(opts.secrets, headers, body, resp), opts.trace_body)
     if not tok then return nil, terr end
   end
   if not resp then

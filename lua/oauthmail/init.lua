@@ -6,7 +6,9 @@
 -- sends, and applies the send policy (policy:deliver): re-authenticate once on 535, reconnect and
 -- send again on 421 / a dropped connection / a timeout before the final reply,
 -- back off on 4xx, stop on 5xx; a message counts as sent only after the
--- server's 2xx to the end of its data. See docs/mailer.md.
+-- server's 2xx to the end of its data. With transport = {"smtp", "graph"}
+-- a message that the first transport certainly did not accept goes through
+-- the next (failover_on); see docs/graph.md. See docs/mailer.md.
 local errors = require "oauthmail.errors"
 local profile_mod = require "oauthmail.profile"
 local policy_mod = require "oauthmail.policy"
@@ -14,6 +16,9 @@ local redact = require "oauthmail.redact"
 local decoder = require "oauthmail.decoder"
 local pool_mod = require "oauthmail.pool"
 local smtp_transport = require "oauthmail.transport.smtp"
+local graph_transport = require "oauthmail.transport.graph"
+local crypto = require "oauthmail.crypto"
+local cjson = require("cjson.safe").new()
 local wait = require "oauthmail.wait"
 local tokens = require "oauthmail.tokens"
 
@@ -103,6 +108,7 @@ function M.new(profile)
     sent = 0, closed = false,
   }, Mailer)
   if type(s.trace) == "string" then self.trace = file_trace(s.trace) else self.trace = s.trace end
+  self.clock = clock
   local policy_opts = {}
   for k, v in pairs(pol) do if k ~= "governor" then policy_opts[k] = v end end
   policy_opts.clock = clock
@@ -110,13 +116,36 @@ function M.new(profile)
   self.governor = pol.governor or policy_mod.governor(s.limits, {
     clock = clock, sleep = self.policy.sleep, trace = self.trace and function(ev) self:_trace(ev) end,
   })
+  local mgr, merr = self:_manager(s.oauth)
+  if not mgr then return nil, merr end
+  if s.graph_oauth then
+    -- Entra's refresh tokens serve every consented resource and stay valid when used; a
+    -- provider that rotates them would lose the SMTP one, so only microsoft seeds
+    local gm, gerr = self:_manager(s.graph_oauth, s.provider == "microsoft" and mgr or nil)
+    if not gm then return nil, gerr end
+    self.graph_tokens = gm
+  end
+  -- the manager login() and logout() act on: the first transport's
+  self.tokens = (s.transports[1] == "graph") and self.graph_tokens or mgr
+  self.smtp_tokens = mgr
+  self:_setup_lanes()
+  return self
+end
+
+-- A token manager for one flow table (the SMTP scope, or the Graph scope)
+-- with the profile's store; `seed` (the SMTP manager) lends its refresh
+-- token to a delegated Graph manager that has none yet.
+function Mailer:_manager(oauth, seed)
+  local s = self.settings
   local flow = {}
-  for k, v in pairs(s.oauth) do flow[k] = v end
+  for k, v in pairs(oauth) do flow[k] = v end
   if self.trace then flow.trace = function(ev) self:_trace(ev) end end
+  local clock = self.clock
   local ok, mgr = pcall(tokens.new, {
     flow = flow, store = s.store, margin = s.margin, interactive = s.interactive,
     profile = s.name, clock = function() return math.floor(clock()) end,
     trace = self.trace and function(ev) self:_trace(ev) end,
+    seed = seed and function() return seed:refresh_token() end or nil,
   })
   if not ok then
     -- name the option tokens.new refused; only store problems are the store's
@@ -127,10 +156,7 @@ function M.new(profile)
     return errors.fail("config", field .. ": " .. msg:gsub("^tokens%.new: ", ""),
       { reason = "profile", field = field, retryable = false })
   end
-  self.tokens = mgr
-  self.clock = clock
-  self:_setup_pool()
-  return self
+  return mgr
 end
 
 -- ------------------------------------------------------------ messages
@@ -185,38 +211,97 @@ function Mailer:_explain(err)
   return err
 end
 
-function Mailer:_token()
-  local tok, err = self.tokens:get()
+-- The non-secret claims of a JWT access token, for the trace: who issued
+-- it for whom, with which permissions, until when. Never the token.
+local CLAIMS = { "aud", "scp", "roles", "tid", "appid", "azp", "upn", "exp" }
+function M.token_claims(access_token)
+  local payload = type(access_token) == "string" and access_token:match("^[%w_%-]+%.([%w_%-]+)%.[%w_%-]*$")
+  local json = payload and crypto.b64url_decode(payload)
+  local doc = type(json) == "string" and cjson.decode(json)
+  if type(doc) ~= "table" then return nil end
+  local out = {}
+  for _, k in ipairs(CLAIMS) do
+    local v = doc[k]
+    if type(v) == "table" then
+      local l = {}
+      for _, x in ipairs(v) do if type(x) == "string" then l[#l + 1] = x end end
+      v = table.concat(l, " ")
+    end
+    if type(v) == "string" then
+      v = redact.escape(v)
+      if #v > 200 then v = v:sub(1, 200) .. "..." end
+      out["claim_" .. k] = v
+    elseif type(v) == "number" and v == v and v > -2 ^ 53 and v < 2 ^ 53 then
+      -- cjson reads 1796148539 as a float on 5.3+: write it as the whole number it is
+      out["claim_" .. k] = v == math.floor(v) and string.format("%d", v) or v
+    end
+  end
+  -- oidc-provider and others say scope where Entra says scp
+  if not out.claim_scp and type(doc.scope) == "string" then out.claim_scp = redact.escape(doc.scope):sub(1, 200) end
+  return out
+end
+
+function Mailer:_token(mgr, lane)
+  mgr = mgr or self.smtp_tokens
+  local tok, err = mgr:get()
   if not tok then
     -- the token layer retried what it could: the send policy must not multiply it
     if type(err) == "table" then err.stage = err.stage or "token" end
     return nil, self:_explain(err)
   end
-  if tok.access_token ~= self.last_access_token then
-    self.last_access_token = tok.access_token
-    self:_trace { event = "token", expires_at = tok.expires_at }
+  local seen = self.last_tokens or {}
+  self.last_tokens = seen
+  if tok.access_token ~= seen[mgr] then
+    seen[mgr] = tok.access_token
+    local ev = { event = "token", expires_at = tok.expires_at, transport = lane }
+    for k, v in pairs(M.token_claims(tok.access_token) or {}) do ev[k] = v end
+    self:_trace(ev)
     if self.hooks.on_token then self.hooks.on_token(tok) end
   end
   return tok
 end
 
--- The transport and the pool of its sessions (oauthmail.pool), made once.
-function Mailer:_setup_pool()
+-- One lane per transport, in the profile's order: the transport and the
+-- pool of its sessions (oauthmail.pool), made once. SMTP sessions hold the
+-- mailbox's connections (the governor); Graph requests hold Graph's own
+-- slots (4 per mailbox). The governor's rate and volume limits apply to
+-- every lane alike (admit before, record after).
+function Mailer:_setup_lanes()
   local trace = function(ev) self:_trace(ev) end
-  self.transport = smtp_transport.new(self.settings.smtp, {
-    user = self.user, trace = self.trace and trace or nil,
-  })
-  self.pool = pool_mod.new {
-    transport = self.transport, governor = self.governor, policy = self.policy, clock = self.clock,
-    host = self.settings.smtp.host, max_wait = self.governor.max_wait,
-    token = function() return self:_token() end,
-    invalidate = function(tok) self.tokens:invalidate(tok) end,
-    explain = function(err) return self:_explain(err) end,
-    -- the token manager's rule: a token that lives shorter than the margin
-    -- is used for half its remaining life, not refused outright
-    margin_for = function(tok) return self.tokens:margin_for { expires_at = tok.expires_at, obtained_at = self.clock() } end,
-    trace = trace,
-  }
+  local s = self.settings
+  self.lanes = {}
+  for _, name in ipairs(s.transports) do
+    local lane = { name = name }
+    local mgr, slots, host
+    if name == "smtp" then
+      mgr, slots, host = self.smtp_tokens, self.governor, s.smtp.host
+      lane.transport = smtp_transport.new(s.smtp, { user = self.user, trace = self.trace and trace or nil })
+    else
+      mgr, host = self.graph_tokens, s.graph.endpoint
+      slots = graph_transport.slots(s.graph.concurrency)
+      slots.max_wait = self.governor.max_wait
+      lane.transport = graph_transport.new(s.graph, {
+        user = self.user, trace = self.trace and trace or nil,
+        token = function() return self:_token(mgr, name) end,
+        invalidate = function(tok) mgr:invalidate(tok) end,
+      })
+    end
+    lane.tokens = mgr
+    lane.pool = pool_mod.new {
+      transport = lane.transport, governor = slots, policy = self.policy, clock = self.clock,
+      host = host, max_wait = self.governor.max_wait,
+      token = function() return self:_token(mgr, name) end,
+      invalidate = function(tok) mgr:invalidate(tok) end,
+      explain = function(err) return self:_explain(err) end,
+      -- the token manager's rule: a token that lives shorter than the margin
+      -- is used for half its remaining life, not refused outright
+      margin_for = function(tok) return mgr:margin_for { expires_at = tok.expires_at, obtained_at = self.clock() } end,
+      trace = trace,
+    }
+    self.lanes[#self.lanes + 1] = lane
+  end
+  -- the first lane serves send_many's pipelined batches and stats()
+  self.transport, self.pool = self.lanes[1].transport, self.lanes[1].pool
 end
 
 -- ------------------------------------------------------------ sending
@@ -233,9 +318,9 @@ end
 
 local ACTIONS = { reauth = true, reconnect = true, throttle = true, retry = true, fail = true }
 
-function Mailer:_classify(err, attempt, stage)
+function Mailer:_classify(err, attempt, stage, lane)
   self:_explain(err)
-  local action = self.transport:classify(err)
+  local action = (lane or self.lanes[1]).transport:classify(err)
   if self.hooks.classify then
     local custom = self.hooks.classify(err, { attempt = attempt, stage = stage })
     if custom ~= nil and not ACTIONS[custom] then
@@ -251,71 +336,159 @@ end
 -- A failed attempt gives back what it holds: the session goes unless the
 -- failure was a transient refusal on a session still usable; 432 4.3.2
 -- lowers the mailbox's concurrency.
-function Mailer:_failed(err, action, attempt, e)
+function Mailer:_failed(err, action, attempt, e, lane)
+  lane = lane or self.lanes[1]
   self:_trace { event = "attempt_failed", attempt = attempt, action = action == "reauth" and "fail" or action,
-    kind = err.kind, code = err.code, enhanced = err.enhanced }
+    kind = err.kind, code = err.code, enhanced = err.enhanced, transport = lane.name, graph_code = err.graph_code }
   if e then
-    if action == "retry" or action == "fail" then self.pool:release(e) else self.pool:release(e, action) end
+    if action == "retry" or action == "fail" then lane.pool:release(e) else lane.pool:release(e, action) end
   end
   if action == "throttle" then self.governor:lower() end
 end
 
 -- The receipt for a delivered message; built before anything else happens.
-local function receipt_for(m, receipt, attempt)
+-- state: "accepted" — the server took the message for delivery (an SMTP
+-- 250 to the data, a Graph 202); neither is a delivery confirmation.
+local function receipt_for(m, receipt, attempt, lane)
   return {
     message_id = m.message_id, accepted = receipt.accepted, rejected = rejected_list(receipt.rejected),
-    attempts = attempt, transport = "smtp",
-    reply = { code = receipt.code, enhanced = receipt.enhanced, text = receipt.text },
+    attempts = attempt, transport = lane, state = "accepted",
+    reply = { code = receipt.code, enhanced = receipt.enhanced, text = receipt.text, request_id = receipt.request_id },
   }
 end
 
 -- After a delivery nothing may raise (a caller that retries on exceptions
 -- would send the message twice): the receipt is made first, the pool's
 -- release and the trace are protected.
-function Mailer:_delivered(m, receipt, attempt, e, keep)
-  local out = receipt_for(m, receipt, attempt)
+function Mailer:_delivered(m, receipt, attempt, e, lane, keep)
+  lane = lane or self.lanes[1]
+  local out = receipt_for(m, receipt, attempt, lane.name)
   e.sent = e.sent + 1
   self.sent = self.sent + 1
-  if not keep then pcall(self.pool.release, self.pool, e) end
+  if not keep then pcall(lane.pool.release, lane.pool, e) end
   pcall(self.governor.record, self.governor, #m.to)
-  self:_trace { event = "sent", message_id = m.message_id, attempts = attempt, code = receipt.code }
+  self:_trace { event = "sent", message_id = m.message_id, attempts = attempt, code = receipt.code, transport = lane.name }
   return out
 end
 
--- One message through the policy loop (policy:deliver) over the pool.
-function Mailer:_deliver(m)
-  local pool = self.pool
-  local started = self.clock()
+-- Did the server certainly not take the message? A refusal it answered
+-- (an SMTP reply, a Graph error status other than 504), or anything before
+-- the message was handed over (stage "open": connect, TLS, AUTH; a
+-- configuration or policy error) is certain; a dropped connection or a
+-- timeout after the data went out is not.
+local function certainly_refused(err, stage)
+  if stage == "open" then return true end
+  if type(err) ~= "table" then return false end
+  if err.maybe_sent then return false end
+  if err.maybe_sent == false then return true end   -- the transport knows nothing left
+  if err.kind == "config" or err.kind == "policy" then return true end
+  if (err.kind == "smtp" or err.kind == "auth") and type(err.code) == "number" then return true end
+  if err.reason == "graph" then return true end
+  return false
+end
+
+-- Which failover_on entry an error matches: an enhanced code, a reply or
+-- HTTP status, a Graph error code, an error kind, or a network reason
+-- ("refused", "timeout") when the connection itself failed (SMTP's open
+-- stage, a Graph request that never left).
+-- "refused" covers a connection that could not be made at all (libcurl's
+-- multi interface often cannot tell refused from unreachable).
+local REASONS = { refused = { refused = true, unreachable = true } }
+
+local function failover_match(err, list, stage)
+  if type(err) ~= "table" then return nil end
+  local connect_failed = err.kind == "network" and (stage == "open" or err.maybe_sent == false)
+  for _, v in ipairs(list) do
+    if err.enhanced == v or (err.code ~= nil and tostring(err.code) == v) or err.graph_code == v
+      or err.kind == v or (err.kind == "policy" and err.reason == v)   -- "too_large" (Graph's 4 MB)
+      or (connect_failed and (err.reason == v or (REASONS[v] and REASONS[v][err.reason]))) then
+      return v
+    end
+  end
+  return nil
+end
+
+-- One message through one lane's policy loop (policy:deliver) over its pool.
+-- Returns receipt | nil, err, attempts, failover (the failover_on entry that
+-- sends the message on to the next lane, when the lane certainly did not
+-- accept it).
+function Mailer:_deliver_on(lane, m, next_lane, first_attempt)
+  local pool = lane.pool
+  local uncertain, failover = false, nil
   local receipt, last, attempts = self.policy:deliver {
     clock = self.clock,
     trace = function(ev) self:_trace(ev) end,
     try = function(attempt)
       local e, oerr = pool:acquire()
       if not e then return nil, oerr, "open" end
-      local ok, r, serr = errors.pcall(self.transport.submit, self.transport, e.s, m)
+      local ok, r, serr = errors.pcall(lane.transport.submit, lane.transport, e.s, m)
       if not ok then
         pool:release(e, "error")
         error(r, 0)
       end
       if not r then return nil, serr, "send", e end
-      return self:_delivered(m, r, attempt, e)
+      return self:_delivered(m, r, first_attempt + attempt - 1, e, lane)
     end,
-    classify = function(err, attempt, stage) return self:_classify(err, attempt, stage) end,
-    failed = function(err, action, attempt, e) self:_failed(err, action, attempt, e) end,
+    classify = function(err, attempt, stage)
+      local action = self:_classify(err, attempt, stage, lane)
+      if not certainly_refused(err, stage) then uncertain = true end
+      if next_lane and not uncertain then
+        local hit = failover_match(err, self.settings.failover_on, stage)
+        if hit then
+          failover = hit
+          return "fail"
+        end
+      end
+      return action
+    end,
+    failed = function(err, action, attempt, e) self:_failed(err, action, attempt, e, lane) end,
   }
-  if receipt then
-    receipt.trace_error = self.trace_error
-    return receipt
+  if receipt then return receipt end
+  if next_lane then
+    if failover then
+      self:_trace { event = "failover", from = lane.name, to = next_lane.name, matched = failover,
+        code = last.code, enhanced = last.enhanced, graph_code = last.graph_code,
+        why = "the " .. lane.name .. " transport certainly did not accept the message" }
+    else
+      local why = uncertain and ("the " .. lane.name .. " transport may have accepted the message (" ..
+        tostring(last.message):sub(1, 120) .. "); it is never sent twice") or "the error is not in failover_on"
+      self:_trace { event = "no_failover", from = lane.name, to = next_lane.name, why = why,
+        code = last.code, enhanced = last.enhanced, kind = last.kind }
+      last.failover = why
+    end
+  end
+  return nil, last, attempts, failover
+end
+
+-- One message through the lanes in order: the next lane only when the one
+-- before certainly did not accept it and the error is in failover_on.
+function Mailer:_deliver(m)
+  local total, last, tried = 0, nil, {}
+  local started = self.clock()
+  for i, lane in ipairs(self.lanes) do
+    local next_lane = self.lanes[i + 1]
+    local receipt, err, attempts, failover = self:_deliver_on(lane, m, next_lane, total + 1)
+    if receipt then
+      if #tried > 0 then receipt.failed_over = tried end
+      receipt.trace_error = self.trace_error
+      return receipt
+    end
+    total = total + (attempts or 0)
+    last = err
+    if not failover then break end
+    tried[#tried + 1] = { transport = lane.name, kind = err.kind, code = err.code, enhanced = err.enhanced,
+      graph_code = err.graph_code, matched = failover, message = err.message }
   end
   if last.stage == "token" then
     last.attempts = last.attempts or 1   -- requests to the token endpoint
   else
-    last.attempts = attempts
-    if attempts > 1 or last.kind == "network" then
-      last.message = last.message .. string.format(" (%d attempt%s in %.1f s)", attempts, attempts == 1 and "" or "s",
+    last.attempts = total
+    if total > 1 or last.kind == "network" then
+      last.message = last.message .. string.format(" (%d attempt%s in %.1f s)", total, total == 1 and "" or "s",
         self.clock() - started)
     end
   end
+  if #tried > 0 then last.failed_over = tried end
   if last.retryable == nil then last.retryable = false end
   last.trace_error = self.trace_error
   return nil, last
@@ -341,7 +514,8 @@ function Mailer:_accept(msg, level)
 end
 
 -- mailer:send(message) -> receipt | nil, err
--- receipt = {message_id, accepted, rejected, attempts, transport="smtp", reply={code, enhanced, text}}
+-- receipt = {message_id, accepted, rejected, attempts, transport="smtp"|"graph", state="accepted",
+--   reply={code, enhanced, text, request_id}, failed_over={...} when an earlier transport refused it}
 -- Safe to call from many coroutines at once: each message takes a session
 -- of the pool (docs/concurrency.md).
 function Mailer:send(msg)
@@ -370,8 +544,8 @@ function Mailer:_batch(batch, results)
   for k, i in ipairs(batch.i) do
     local r = out and out[k]
     if r and not errors.is(r) and r.code then
-      results[i] = self:_delivered(batch.m[k], r, 1, e, true)   -- the batch gives the session back once
-    elseif r and errors.is(r) and self:_classify(r, 1, "send") == "fail" then
+      results[i] = self:_delivered(batch.m[k], r, 1, e, self.lanes[1], true)   -- the batch gives the session back once
+    elseif r and errors.is(r) and #self.lanes == 1 and self:_classify(r, 1, "send") == "fail" then
       r.attempts = 1
       results[i] = r
     else
@@ -452,15 +626,15 @@ end
 function Mailer:close()
   if self.closed then return true end
   self.closed = true
-  self.pool:close()
+  for _, lane in ipairs(self.lanes) do lane.pool:close() end
   return true
 end
 Mailer.__close = Mailer.close
 -- A finalizer must not talk to the network: the sockets are closed, no QUIT.
 Mailer.__gc = function(self)
-  if not self.closed and self.pool then
+  if not self.closed and self.lanes then
     self.closed = true
-    pcall(self.pool.abandon, self.pool)
+    for _, lane in ipairs(self.lanes) do pcall(lane.pool.abandon, lane.pool) end
   end
 end
 

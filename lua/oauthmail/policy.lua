@@ -48,6 +48,9 @@ function M.classify(err)
   if err.kind == "network" and err.reason == "dns" then return "fail" end
   if err.retryable == false and err.kind ~= "auth" then return "fail" end
   if err.kind == "auth" and (code == 535 or code == 334 or err.challenge) then return "reauth" end
+  -- Exchange: "501 5.5.127 Invalid XOAUTH2 auth data - Token will expire soon" (a clock behind, or a
+  -- token kept too long): a fresh token cures it
+  if err.kind == "auth" and code == 501 and err.enhanced == "5.5.127" then return "reauth" end
   if code == 432 and (err.enhanced == nil or err.enhanced == "4.3.2") then return "throttle" end
   if code == 421 then return "reconnect" end
   if err.kind == "network" then return "reconnect" end
@@ -134,6 +137,9 @@ function Policy:deliver(ops)
       if attempt > 1 then pause = self:backoff(attempt - 1) end
     else -- throttle, retry
       pause = self:backoff(attempt)
+      -- a server that says how long to wait (HTTP Retry-After) is believed
+      local asked = type(err) == "table" and tonumber(err.retry_after)
+      if asked and asked == asked and asked >= 0 then pause = asked end
     end
     if attempt >= self.attempts then break end
     if ops.clock() - started + pause > self.max_time then

@@ -19,6 +19,7 @@ M.SCHEMA = {
   name = "string",
   provider = enum("microsoft", "google", "generic"),
   cloud = enum("global", "usgov", "china"),
+  service = enum("exchange", "hve", "outlook"),
   tenant = "string",
   flow = GRANTS,
   client_id = "string",
@@ -26,7 +27,8 @@ M.SCHEMA = {
   client_certificate = { fields = { cert = "string", key = "string", passphrase = "string",
     alg = enum("PS256", "RS256"), kid = "string" } },
   secret_expires = "string",   -- the client secret's end date (YYYY-MM-DD), for oauthmail doctor
-  client_auth = enum("client_secret_basic", "client_secret_post", "private_key_jwt", "none"),
+  client_auth = enum("client_secret_basic", "client_secret_post", "private_key_jwt", "tls_client_auth",
+    "self_signed_tls_client_auth", "none"),
   user = "string",
   from = "string",
   scope = "string|table",
@@ -58,6 +60,13 @@ M.SCHEMA = {
     mechanism = enum("xoauth2", "oauthbearer"), two_step = "boolean", allow_plaintext_auth = "boolean",
     connect = "function",
   } },
+  transport = "string|table",
+  failover_on = "table",
+  graph = { fields = {
+    endpoint = "string", scope = "string|table", timeout = "duration", ca_file = "string", verify = "boolean",
+    proxy = "string", max_request = "count", concurrency = "count", allow_http = "boolean", token_params = "table",
+  } },
+  token_params = "table",
   store = "table",
   margin = "seconds",
   interactive = "boolean|function",
@@ -252,12 +261,40 @@ function M.resolve(p)
       return nil, bad("issuer", "the generic provider needs issuer (OpenID discovery) or token_endpoint "
         .. "(or endpoints.token)")
     end
-    if not (p.smtp and p.smtp.host) then
+    if not (p.smtp and p.smtp.host) and p.transport ~= "graph" then
       return nil, bad("smtp.host", "required with the generic provider")
     end
   end
   if p.cloud and pname ~= "microsoft" then
     return nil, bad("cloud", "only applies to provider \"microsoft\"")
+  end
+  if p.service and pname ~= "microsoft" then
+    return nil, bad("service", "only applies to provider \"microsoft\"")
+  end
+  if p.service and p.service ~= "exchange" and (p.cloud or "global") ~= "global" then
+    return nil, bad("service", string.format("\"%s\" exists in the global cloud only (cloud = \"%s\")", p.service, p.cloud))
+  end
+  if p.service == "outlook" and not providers.DELEGATED[flow] then
+    return nil, bad("flow", "\"" .. flow .. "\" does not work with service \"outlook\" (personal Outlook.com "
+      .. "accounts): there is no application-only access to consumer mailboxes; use device_code or "
+      .. "authorization_code")
+  end
+  if pname == "google" and flow == "device_code" then
+    local scopes = p.scope or "https://mail.google.com/"
+    if type(scopes) == "table" then scopes = table.concat(scopes, " ") end
+    if (" " .. scopes .. " "):find(" https://mail.google.com/ ", 1, true) then
+      return nil, bad("flow", "Google's device flow (\"device_code\") refuses the https://mail.google.com/ scope "
+        .. "that SMTP needs (it allows only a short list of scopes for TV and limited-input devices); use "
+        .. "\"authorization_code\" (browser sign-in with a loopback redirect) or, in Google Workspace, a "
+        .. "service account with domain-wide delegation (flow \"jwt_bearer\", service_account_file)")
+    end
+  end
+  if p.token_params ~= nil then
+    for k, v in pairs(p.token_params) do
+      if type(k) ~= "string" or (type(v) ~= "string" and type(v) ~= "number") then
+        return nil, bad("token_params", "expected form field names mapped to strings, got " .. show(k) .. " = " .. show(v))
+      end
+    end
   end
   if flow ~= "jwt_bearer" and type(p.client_id) ~= "string" then
     return nil, bad("client_id", "required for the " .. flow .. " flow (the application (client) id)")
@@ -288,6 +325,8 @@ function M.resolve(p)
   if p.client_certificate and not (p.client_certificate.cert and p.client_certificate.key) then
     return nil, bad("client_certificate", "expected {cert=<path>, key=<path>}")
   end
+  local transports, terr = M.transports(p)
+  if not transports then return nil, terr end
   local derived = preset.resolve(eff)
 
   local oauth = {
@@ -303,6 +342,7 @@ function M.resolve(p)
     service_account_file = p.service_account_file, subject = p.subject or (flow == "jwt_bearer" and p.user or nil),
     username = p.username or (flow == "password" and p.user or nil), password = p.password,
     refresh_token = p.refresh_token, allow_password_grant = p.allow_password_grant,
+    token_params = p.token_params,
   }
   for k, v in pairs(p.oauth or {}) do oauth[k] = v end
   if pname == "microsoft" and flow ~= "client_credentials" and oauth.login_hint == nil then
@@ -318,13 +358,85 @@ function M.resolve(p)
   limits.on_limit = limits.on_limit or "wait"
   limits.max_wait = limits.max_wait or 120
 
+  local graph, goauth
+  if transports.graph then
+    local gerr
+    graph, goauth, gerr = M.graph_settings(p, pname, derived, oauth)
+    if not graph then return nil, gerr end
+  end
+
   return {
+    transports = transports, failover_on = p.failover_on or M.FAILOVER_ON, graph = graph, graph_oauth = goauth,
     name = p.name, provider = pname, flow = flow, user = p.user, from = p.from or p.user,
     margin = p.margin or preset.margin, interactive = p.interactive, store = p.store, trace = p.trace,
     oauth = oauth, smtp = smtp, limits = limits, policy = merge({}, p.policy),
     hooks = { on_token = p.on_token, before_send = p.before_send, classify = p.classify },
     ctx = { tenant = oauth.tenant, client_id = p.client_id, login = derived.login },
   }
+end
+
+-- What makes a message go to the next transport of the list (when the
+-- first certainly did not accept it): SMTP AUTH disabled, basic/legacy
+-- authentication refused, the SMTP host refusing or not answering the
+-- connection (docs/graph.md).
+M.FAILOVER_ON = { "5.7.139", "5.7.30", "refused", "timeout" }
+
+local TRANSPORTS = { smtp = true, graph = true }
+
+-- profile.transports(p) -> {names in order, smtp=true, graph=true} | nil, err
+function M.transports(p)
+  local t = p.transport
+  if t == nil then t = { "smtp" } elseif type(t) == "string" then t = { t } end
+  local out, seen = {}, {}
+  for k, v in pairs(t) do
+    if type(k) ~= "number" or k < 1 or k > #t or k % 1 ~= 0 then
+      return nil, bad("transport", "expected \"smtp\", \"graph\" or an ordered list such as {\"smtp\", \"graph\"}")
+    end
+    if not TRANSPORTS[v] then
+      return nil, bad("transport", "expected \"smtp\" or \"graph\", got " .. show(v))
+    end
+  end
+  for _, v in ipairs(t) do
+    if seen[v] then return nil, bad("transport", "names \"" .. v .. "\" twice") end
+    seen[v] = true
+    out[#out + 1] = v
+  end
+  if #out == 0 then return nil, bad("transport", "is an empty list") end
+  for name in pairs(seen) do out[name] = true end
+  for i, v in ipairs(p.failover_on or {}) do
+    if type(v) ~= "string" then
+      return nil, bad("failover_on[" .. i .. "]", "expected an enhanced code (\"5.7.139\"), a reply or HTTP code "
+        .. "(\"535\"), a Graph error code or a network reason (\"refused\", \"timeout\"), got " .. show(v))
+    end
+  end
+  if p.failover_on and #out < 2 then
+    return nil, bad("failover_on", "only applies with a list of transports, such as transport = {\"smtp\", \"graph\"}")
+  end
+  return out
+end
+
+-- The Graph transport's settings and the flow of its token manager: the
+-- profile's credentials, the Graph scope, the same store (another account
+-- key, since the scope differs).
+function M.graph_settings(p, pname, derived, oauth)
+  local g = merge({}, p.graph)
+  if pname == "google" then
+    return nil, nil, bad("transport", "\"graph\" is Microsoft Graph; it does not apply to provider \"google\"")
+  end
+  g.endpoint = g.endpoint or derived.graph_endpoint
+  g.scope = g.scope or derived.graph_scope
+  if not g.endpoint then
+    return nil, nil, bad("graph.endpoint", "required for the graph transport with provider \"" .. pname
+      .. "\" (the Graph base URL, such as https://graph.microsoft.com)")
+  end
+  if not g.scope then
+    return nil, nil, bad("graph.scope", "required for the graph transport with provider \"" .. pname .. "\"")
+  end
+  g.ca_file = g.ca_file or p.ca_file
+  g.concurrency = g.concurrency or 4
+  local goauth = merge(oauth, { scope = g.scope })
+  if g.token_params then goauth.token_params = merge(oauth.token_params, g.token_params) end
+  return g, goauth
 end
 
 -- profile.read(p) -> settings | nil, err: load + validate + resolve.

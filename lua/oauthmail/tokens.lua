@@ -93,7 +93,7 @@ local function check_opts(opts)
   if it ~= "nil" and it ~= "boolean" and it ~= "function" then
     error("tokens.new: 'interactive' must be a boolean or a function(grant)", 3)
   end
-  for _, k in ipairs { "clock", "trace" } do
+  for _, k in ipairs { "clock", "trace", "seed" } do
     local v = opts[k]
     if v ~= nil and type(v) ~= "function" and not (getmetatable(v) or {}).__call then
       error("tokens.new: '" .. k .. "' must be a function", 3)
@@ -128,6 +128,7 @@ function M.new(opts)
     cached = nil,      -- the last record this manager handed out or loaded
     unsaved = nil,     -- a record obtained but not yet saved (the store failed)
     inflight = nil,    -- the coroutine (or MAIN) refreshing right now
+    seed = opts.seed,  -- fn() -> a refresh token of another account of the same sign-in, or nil
   }, Manager)
   self.key = opts.key or M.account_key(flow)
   if not store_mod.is_store(self.store) then error("tokens.new: 'store' is not a store", 2) end
@@ -235,6 +236,15 @@ end
 function Manager:fetch(rec, allow_interactive)
   local api = self:api()
   local tok, err, refresh_err
+  if not (rec and type(rec.refresh_token) == "string") and self.seed and self:is_interactive_grant() then
+    -- a delegated sign-in made for another resource (SMTP) gives this one
+    -- (Graph) its token through its refresh token: no second sign-in
+    local ok, rt = pcall(self.seed)
+    if ok and type(rt) == "string" and rt ~= "" then
+      self:trace { event = "seeded", account = self.key }
+      rec = { refresh_token = rt }
+    end
+  end
   if rec and type(rec.refresh_token) == "string" then
     self:trace { event = "refresh", account = self.key }
     tok, err = api.refresh(self.flow, rec.refresh_token)
@@ -407,6 +417,16 @@ function Manager:get()
     -- another coroutine refreshed meanwhile: take its result from the cache
   end
   return errors.fail("policy", "could not obtain a token after waiting for other refreshes", { reason = "busy" })
+end
+
+-- manager:refresh_token() -> the refresh token this manager holds (memory
+-- or store), or nil; never traced.
+function Manager:refresh_token()
+  local rec = self.cached
+  if not (rec and type(rec.refresh_token) == "string") then
+    rec = self:store_call("load", self.key)
+  end
+  return type(rec) == "table" and type(rec.refresh_token) == "string" and rec.refresh_token or nil
 end
 
 -- manager:invalidate(token) after a server refused it: the next get refreshes.

@@ -4,7 +4,9 @@
 //   node oidc.mjs CONFIG.json
 //
 // CONFIG.json (written by spec/support/oidc.lua): { cert, key, ca, clients: [client metadata...] }
-// A client may carry `jwks_pem: [path...]` (public keys in PEM) instead of `jwks`.
+// A client may carry `jwks_pem: [path...]` (public keys in PEM) or `jwks_cert: [path...]`
+// (certificates, registered with x5c for self_signed_tls_client_auth) instead of `jwks`.
+// The server asks every TLS client for a certificate (RFC 8705 client auth) and requires none.
 // Prints "OIDC READY https://127.0.0.1:PORT" once it listens.
 //
 // Besides the provider itself it serves, for the tests only:
@@ -47,6 +49,8 @@ function main() {
   const TLS = { cert: fs.readFileSync(conf.cert), key: fs.readFileSync(conf.key) };
   const CA = fs.readFileSync(conf.ca);
   const RESOURCE = 'urn:oauthmail:test:mail';
+  // the Graph peer's audience (spec/peers/graph.mjs), asked for with resource=
+  const GRAPH = 'https://graph.oauthmail.test';
   const USER = 'testuser';
   const PASSWORD = 'test-password';
 
@@ -58,6 +62,16 @@ function main() {
     // Lua's JSON encoder writes an empty list as {}.
     for (const k of ['grant_types', 'response_types', 'redirect_uris']) {
       if (c[k] && !Array.isArray(c[k])) c[k] = [];
+    }
+    if (c.jwks_cert) {
+      // self_signed_tls_client_auth: the certificate itself is registered (x5c)
+      c.jwks = {
+        keys: c.jwks_cert.map((p, i) => {
+          const x = new crypto.X509Certificate(fs.readFileSync(p));
+          return { ...x.publicKey.export({ format: 'jwk' }), kid: `c${i}`, x5c: [x.raw.toString('base64')] };
+        }),
+      };
+      delete c.jwks_cert;
     }
     if (c.jwks_pem) {
       c.jwks = {
@@ -82,6 +96,8 @@ function main() {
   const configuration = {
     clients: conf.clients,
     jwks: providerJwks,
+    clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'private_key_jwt', 'none',
+      'tls_client_auth', 'self_signed_tls_client_auth'],
     cookies: { keys: [crypto.randomBytes(16).toString('hex')] },
     scopes: ['openid', 'offline_access', 'email'],
     claims: { openid: ['sub'], email: ['email'] },
@@ -102,6 +118,24 @@ function main() {
     features: {
       devInteractions: { enabled: false },
       clientCredentials: { enabled: true },
+      // RFC 8705 client authentication at the token endpoint: the TLS client
+      // certificate of the request's connection (requested, never required)
+      mTLS: {
+        enabled: true,
+        tlsClientAuth: true,
+        selfSignedTlsClientAuth: true,
+        getCertificate: (ctx) => {
+          const c = ctx.socket.getPeerCertificate && ctx.socket.getPeerCertificate();
+          if (!c || !c.raw) return undefined;
+          return `-----BEGIN CERTIFICATE-----\n${c.raw.toString('base64').match(/.{1,64}/g).join('\n')}\n-----END CERTIFICATE-----\n`;
+        },
+        certificateAuthorized: (ctx) => ctx.socket.authorized === true,
+        certificateSubjectMatches: (ctx, property, expected) => {
+          const c = ctx.socket.getPeerCertificate();
+          if (property === 'tls_client_auth_subject_dn') return `CN=${c.subject && c.subject.CN}` === expected;
+          return false;
+        },
+      },
       revocation: { enabled: true },
       deviceFlow: {
         enabled: true,
@@ -123,6 +157,9 @@ function main() {
         },
         useGrantedResource: async () => false,
         getResourceServerInfo: async (_ctx, indicator) => {
+          if (indicator === GRAPH) {
+            return { scope: 'Mail.Send', audience: GRAPH, accessTokenTTL: 3600, accessTokenFormat: 'jwt' };
+          }
           if (indicator !== RESOURCE) throw new errors.InvalidTarget();
           return { scope: 'mail.send mail.read', audience: RESOURCE, accessTokenTTL: conf.access_ttl || 3600, accessTokenFormat: 'jwt' };
         },
@@ -325,7 +362,8 @@ function main() {
     }
   }
 
-  const server = https.createServer(TLS);
+  // a client certificate is asked for (mTLS client authentication) but never required
+  const server = https.createServer({ ...TLS, ca: CA, requestCert: true, rejectUnauthorized: false });
   server.on('request', async (req, res) => {
     const path = req.url.split('?')[0];
     try {

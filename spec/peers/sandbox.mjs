@@ -30,7 +30,7 @@ fs.mkdirSync(cfg.maildir, { recursive: true });
 
 const allowed = new Map();   // token -> label
 (Array.isArray(cfg.tokens) ? cfg.tokens : []).forEach((t, i) => allowed.set(t, 'list-' + (i + 1)));
-let faults = [];             // {stage, ...}; each is used once
+let faults = [];             // {stage, ...}; each is used once (skip: N lets the stage pass N times first)
 const stats = { connections: 0, auths: 0, auth_ok: 0, auth_failed: 0, delivered: 0, mail: 0, faults_used: [] };
 let jwks = null;
 
@@ -38,6 +38,7 @@ function takeFault(stage, pred) {
   const i = faults.findIndex(f => f.stage === stage && (!pred || pred(f)));
   if (i < 0) return null;
   const f = faults[i];
+  if (f.skip > 0) { f.skip -= 1; return null; }
   if (f.times && f.times > 1) f.times -= 1; else faults.splice(i, 1);
   stats.faults_used.push(stage + ':' + (f.code || f.action || 'challenge'));
   return f;

@@ -93,7 +93,13 @@ function M.start(opts)
     for k, v in pairs(none) do if t[k] == nil then t[k] = v end end
     return t
   end
+  srv.keys.mtls_self = M.make_client_cert(dir, "client-mtls-self")
+  srv.keys.mtls_ca = c.client   -- signed by the test CA, CN "oauthmail test client"
   local clients = {
+    cc { client_id = "cc-mtls", token_endpoint_auth_method = "tls_client_auth",
+      tls_client_auth_subject_dn = "CN=oauthmail test client" },
+    cc { client_id = "cc-mtls-self", token_endpoint_auth_method = "self_signed_tls_client_auth",
+      jwks_cert = { srv.keys.mtls_self.cert } },
     cc { client_id = "cc-basic", client_secret = srv.secrets.basic, token_endpoint_auth_method = "client_secret_basic" },
     cc { client_id = "cc-post", client_secret = srv.secrets.post, token_endpoint_auth_method = "client_secret_post" },
     cc { client_id = "cc-jwt", token_endpoint_auth_method = "private_key_jwt", jwks_pem = { srv.keys.jwt.pub } },

@@ -208,11 +208,36 @@ local function apply_client_auth(cfg, url, params, headers)
     params[#params + 1] = { "client_assertion", jws }
   elseif method == "none" then
     params[#params + 1] = { "client_id", cfg.client_id }
+  elseif method == "tls_client_auth" or method == "self_signed_tls_client_auth" then
+    -- RFC 8705: the TLS client certificate is the credential; the form names the client only
+    local tls = M.mtls_certificate(cfg)
+    if not tls then
+      return errors.fail("config", "client_auth " .. method .. " needs a TLS client certificate: "
+        .. "client_certificate = {cert=, key=} (or oauth.tls_client_cert and oauth.tls_client_key)",
+        { reason = "profile", field = "client_certificate" })
+    end
+    params[#params + 1] = { "client_id", cfg.client_id }
   else
     return errors.fail("config", "unknown client_auth '" .. tostring(method)
-      .. "' (client_secret_basic, client_secret_post, private_key_jwt or none)")
+      .. "' (client_secret_basic, client_secret_post, private_key_jwt, tls_client_auth, "
+      .. "self_signed_tls_client_auth or none)")
   end
   return true
+end
+
+-- The TLS client certificate of a token request: oauth.tls_client_cert/key,
+-- or for mutual-TLS client authentication the profile's client_certificate.
+-- Returns {cert=, key=, passphrase=} or nil.
+function M.mtls_certificate(cfg)
+  if cfg.tls_client_cert then
+    return { cert = cfg.tls_client_cert, key = cfg.tls_client_key or cfg.tls_client_cert }
+  end
+  local method = cfg.client_auth
+  local cc = cfg.client_certificate
+  if (method == "tls_client_auth" or method == "self_signed_tls_client_auth") and type(cc) == "table" and cc.cert then
+    return { cert = cc.cert, key = cc.key or cc.cert, passphrase = cc.passphrase }
+  end
+  return nil
 end
 
 -- An identifier a server sends for support requests (Entra's trace_id and
@@ -308,6 +333,7 @@ function M.call(cfg, url, params, opts)
   local attempt = 0
   local started = waiter.now()
   local last_err
+  local tls_cert = M.mtls_certificate(cfg)
   while true do
     attempt = attempt + 1
     local list = {}
@@ -325,7 +351,8 @@ function M.call(cfg, url, params, opts)
     local resp, err = http().request {
       method = "POST", url = url, headers = headers, body = M.form(list),
       timeout = cfg.timeout or 30, ca_file = cfg.ca_file, verify = cfg.verify,
-      client_cert = cfg.tls_client_cert, client_key = cfg.tls_client_key, proxy = cfg.proxy,
+      client_cert = tls_cert and tls_cert.cert, client_key = tls_cert and tls_cert.key,
+      client_key_passphrase = tls_cert and tls_cert.passphrase, proxy = cfg.proxy,
       follow_redirects = false, max_body = 1024 * 1024, trace = M.trace_fn(cfg), secrets = secrets,
     }
     local wait, asked
@@ -436,8 +463,27 @@ function M.token(doc, what)
 end
 
 -- POST to the token endpoint and decode the token.
+-- cfg.token_params adds form fields to every token request: resource
+-- (RFC 8707), audience (Auth0 and others), or whatever a provider needs;
+-- a field the flow sets itself is never overridden.
 function M.token_request(cfg, params, opts)
   opts = opts or {}
+  if type(cfg.token_params) == "table" then
+    local have, names = {}, {}
+    for _, p in ipairs(params) do have[p[1]] = true end
+    for k in pairs(cfg.token_params) do names[#names + 1] = k end
+    table.sort(names)
+    local list = {}
+    for i, p in ipairs(params) do list[i] = p end
+    for _, k in ipairs(names) do
+      local v = cfg.token_params[k]
+      if type(k) ~= "string" or (type(v) ~= "string" and type(v) ~= "number") then
+        error("token_params: expected string names and string values", 0)
+      end
+      if not have[k] then list[#list + 1] = { k, tostring(v) } end
+    end
+    params = list
+  end
   local doc, err = M.call(cfg, cfg.token_endpoint, params, opts)
   if not doc then return nil, err end
   local tok, terr = M.token(doc, opts.what)
