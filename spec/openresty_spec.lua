@@ -24,7 +24,7 @@ local function jit_build()
   -- a plain build whatever this suite runs under (make asan passes SANITIZE
   -- and CFLAGS down through MAKEFLAGS; nginx itself is not instrumented)
   local ok, out = h.exec("env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL -u LD_PRELOAD make -s -C " .. h.quote(h.root)
-    .. " LUA_VERSION=jit BUILD=build/jit SANITIZE= CFLAGS='-O2 -g'")
+    .. " LUA_VERSION=jit BUILD=build/jit SANITIZE= TESTING= CFLAGS='-O2 -g'")
   assert(ok, out)
   return h.root .. "/build/jit"
 end

@@ -57,6 +57,7 @@ local tmp_root
 -- keys included). bin/busted-run calls it when the run ends, the demo when
 -- it is done; later M.tmpdir calls start a fresh root.
 function M.cleanup()
+  if os.getenv("OAUTHMAIL_KEEP_TMP") == "1" then return end   -- for debugging a failed run
   if tmp_root and tmp_root:find("^/tmp/oauthmail%-spec%.") then
     M.exec("rm -rf " .. M.quote(tmp_root))
   end
