@@ -37,7 +37,10 @@ else
 endif
 ALL_CFLAGS  = $(CFLAGS) -std=gnu99 -pthread -fPIC -fvisibility=hidden $(WARN) \
               $(LUA_CFLAGS) $(shell pkg-config --cflags openssl libcurl)
-ALL_LDFLAGS = $(LDFLAGS) -shared -pthread -ldl $(shell pkg-config --libs openssl libcurl)
+# oauthmail.core links OpenSSL only; oauthmail.curl (the HTTP family) adds
+# libcurl, whose many libraries then load only when HTTP is first used.
+ALL_LDFLAGS = $(LDFLAGS) -shared -pthread -ldl $(shell pkg-config --libs openssl)
+CURL_LDLIBS = $(shell pkg-config --libs libcurl)
 ifneq ($(TESTING),)
   ALL_CFLAGS  += -DOAUTHMAIL_TESTING
 endif
@@ -48,24 +51,32 @@ endif
 
 SRCS := $(wildcard csrc/*.c)
 OBJS := $(SRCS:csrc/%.c=$(OUT)/obj/%.o)
+CURL_OBJS := $(OUT)/obj/http.o $(OUT)/obj/om.o
+CORE_OBJS := $(filter-out $(OUT)/obj/http.o,$(OBJS))
 HDRS := $(wildcard csrc/*.h)
 CORE := $(OUT)/oauthmail/core.so
+CURL := $(OUT)/oauthmail/curl.so
 LUAS := $(shell cd lua && find oauthmail -name '*.lua' | sort)
 
 .PHONY: all install check ci setup test lint asan clean demo rockspec rock rock-install fuzz fuzz-build
-all: $(CORE)
+all: $(CORE) $(CURL)
 
 $(OUT)/obj/%.o: csrc/%.c $(HDRS) Makefile
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -c $< -o $@
 
-$(CORE): $(OBJS)
+$(CORE): $(CORE_OBJS)
 	@mkdir -p $(dir $@)
-	$(CC) -o $@ $(OBJS) $(ALL_LDFLAGS)
+	$(CC) -o $@ $(CORE_OBJS) $(ALL_LDFLAGS)
 
-install: $(CORE)
+$(CURL): $(CURL_OBJS)
+	@mkdir -p $(dir $@)
+	$(CC) -o $@ $(CURL_OBJS) $(ALL_LDFLAGS) $(CURL_LDLIBS)
+
+install: $(CORE) $(CURL)
 	install -d $(DESTDIR)$(PREFIX)/lib/lua/$(LUA_ABI)/oauthmail $(DESTDIR)$(PREFIX)/share/lua/$(LUA_ABI)/oauthmail
 	install -m 0755 $(CORE) $(DESTDIR)$(PREFIX)/lib/lua/$(LUA_ABI)/oauthmail/core.so
+	install -m 0755 $(CURL) $(DESTDIR)$(PREFIX)/lib/lua/$(LUA_ABI)/oauthmail/curl.so
 	for f in $(LUAS); do \
 	  install -D -m 0644 lua/$$f $(DESTDIR)$(PREFIX)/share/lua/$(LUA_ABI)/$$f || exit 1; \
 	done
@@ -85,6 +96,7 @@ rock:
 rock-install:
 	install -d $(INST_LIBDIR)/oauthmail $(INST_LUADIR)/oauthmail
 	install -m 0755 build/rock/oauthmail/core.so $(INST_LIBDIR)/oauthmail/core.so
+	install -m 0755 build/rock/oauthmail/curl.so $(INST_LIBDIR)/oauthmail/curl.so
 	for f in $(LUAS); do \
 	  install -D -m 0644 lua/$$f $(INST_LUADIR)/$$f || exit 1; \
 	done
@@ -100,7 +112,7 @@ ifeq ($(TESTING),)
 test:
 	@$(MAKE) --no-print-directory test TESTING=1
 else
-test: $(CORE)
+test: $(CORE) $(CURL)
 	$(TEST_ENV) $(SAN_ENV) $(LUA_BIN) bin/busted-run $(BUSTED_ARGS) $(SPEC)
 endif
 

@@ -25,6 +25,9 @@ OM_HIDDEN const char *om_opt_string(lua_State *L, int t, const char *k, const ch
 OM_HIDDEN lua_Number om_opt_number(lua_State *L, int t, const char *k, lua_Number def);
 OM_HIDDEN int om_opt_bool(lua_State *L, int t, const char *k, int def);
 
+/* Push the shared error metatable (made complete on first use). */
+OM_HIDDEN void om_error_metatable(lua_State *L);
+
 /* Monotonic clock in seconds. */
 OM_HIDDEN double om_now(void);
 

@@ -677,3 +677,15 @@ void om_http_open(lua_State *L) {
     lua_setfield(L, -2, "curl_version");
   }
 }
+
+/* oauthmail.curl: the HTTP family as its own module, loaded by oauthmail.http
+ * on first use (see core.c for why it is not part of oauthmail.core). */
+__attribute__((visibility("default"))) int luaopen_oauthmail_curl(lua_State *L);
+
+int luaopen_oauthmail_curl(lua_State *L) {
+  om_error_metatable(L);
+  lua_pop(L, 1);
+  lua_newtable(L);
+  om_http_open(L);
+  return 1;
+}

@@ -1,5 +1,6 @@
 -- oauthmail.http — HTTPS requests for token, device, discovery, revocation
--- and Graph endpoints. The transfer itself is core.http (libcurl); this file
+-- and Graph endpoints. The transfer itself is oauthmail.curl (libcurl, a C
+-- module of its own so that loading oauthmail.core does not load libcurl); this file
 -- owns the policy: argument checks, form encoding, which URLs may go out in
 -- clear text, and the redacted trace.
 local core = require "oauthmail.core"
@@ -8,7 +9,7 @@ local redact = require "oauthmail.redact"
 local urls = require "oauthmail.url"
 local wait = require "oauthmail.wait"
 
-local C = core.http
+local C = require "oauthmail.curl"
 local cjson = require("cjson.safe").new()
 local M = {}
 
@@ -180,7 +181,7 @@ local function emit_trace(trace, events, secrets, trace_body)
   return true
 end
 
--- Run one core.http request to its end, waiting on curl's descriptors
+-- Run one oauthmail.curl request to its end, waiting on curl's descriptors
 -- through oauthmail.wait (curl's own timer bounds each wait; the request's
 -- timeout, enforced by curl, bounds the whole).
 function M.perform(o)

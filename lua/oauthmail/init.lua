@@ -16,7 +16,9 @@ local redact = require "oauthmail.redact"
 local decoder = require "oauthmail.decoder"
 local pool_mod = require "oauthmail.pool"
 local smtp_transport = require "oauthmail.transport.smtp"
-local graph_transport = require "oauthmail.transport.graph"
+-- loaded when a profile uses Graph: it brings oauthmail.http, and with it
+-- libcurl, which a mailer that only speaks SMTP with a stored token never needs
+local function graph_transport() return require "oauthmail.transport.graph" end
 local crypto = require "oauthmail.crypto"
 local cjson = require("cjson.safe").new()
 local wait = require "oauthmail.wait"
@@ -278,9 +280,9 @@ function Mailer:_setup_lanes()
       lane.transport = smtp_transport.new(s.smtp, { user = self.user, trace = self.trace and trace or nil })
     else
       mgr, host = self.graph_tokens, s.graph.endpoint
-      slots = graph_transport.slots(s.graph.concurrency)
+      slots = graph_transport().slots(s.graph.concurrency)
       slots.max_wait = self.governor.max_wait
-      lane.transport = graph_transport.new(s.graph, {
+      lane.transport = graph_transport().new(s.graph, {
         user = self.user, trace = self.trace and trace or nil,
         token = function() return self:_token(mgr, name) end,
         invalidate = function(tok) mgr:invalidate(tok) end,
