@@ -122,6 +122,28 @@ describe("governor", function()
     assert.is_false(err.retryable)
   end)
 
+  -- the day window once summed and shifted the whole day per message: a
+  -- batch under Exchange's preset (10,000 recipients a day) went quadratic
+  it("keeps admit and record cheap over a full day of sends, and the windows exact", function()
+    local core = require "oauthmail.core"
+    local t = fake_time()
+    local g = policy.governor({ recipients_per_day = 50000, messages_per_day = 40000, messages_per_minute = 1000000,
+      max_wait = 90000 }, t)
+    local t0 = core.monotime()
+    for _ = 1, 40000 do
+      assert(g:admit(1))
+      g:record(1)
+      t.now = t.now + 1          -- 40,000 s: the first sends leave the day window at the end
+    end
+    assert.truthy(core.monotime() - t0 < 10, "40,000 sends took " .. (core.monotime() - t0) .. " s")
+    -- the window holds exactly the sends of the last 24 hours
+    t.now = t.now + 86400 - 40000 + 99      -- the first 100 sends (t+0..t+99) are now a day old
+    assert.is_true(g:admit(1))
+    assert.equals(40000 - 100, g.day:count())
+    assert.equals(40000 - 100, g.day.sum)
+    assert.same({}, t.slept)
+  end)
+
   it("applies messages_per_day and recipients_per_message", function()
     local t = fake_time()
     local g = policy.governor({ messages_per_day = 2, recipients_per_message = 3, max_wait = 90000 }, t)

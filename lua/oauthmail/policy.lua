@@ -156,6 +156,39 @@ end
 local Governor = {}
 Governor.__index = Governor
 
+-- A sliding window of sends: a queue with a head index and a running sum
+-- of recipients, so pruning and the recipients-per-day check cost O(1)
+-- amortized per message (a day can hold 10,000 sends under Exchange's limit;
+-- summing or shifting the whole day per message made batches quadratic).
+local Window = {}
+Window.__index = Window
+
+local function window()
+  return setmetatable({ t = {}, n = {}, head = 1, tail = 0, sum = 0 }, Window)
+end
+
+function Window:count() return self.tail - self.head + 1 end
+
+-- the k-th oldest send in the window (1-based): its time and recipients
+function Window:at(k)
+  local i = self.head + k - 1
+  return self.t[i], self.n[i]
+end
+
+function Window:push(t, n)
+  self.tail = self.tail + 1
+  self.t[self.tail], self.n[self.tail] = t, n
+  self.sum = self.sum + n
+end
+
+function Window:prune(horizon)
+  while self.head <= self.tail and self.t[self.head] <= horizon do
+    self.sum = self.sum - self.n[self.head]
+    self.t[self.head], self.n[self.head] = nil, nil
+    self.head = self.head + 1
+  end
+end
+
 -- policy.governor(limits, {clock=, sleep=}) -> governor
 -- limits: messages_per_minute, messages_per_day, recipients_per_day,
 -- recipients_per_message, connections, on_limit ("wait"|"fail"), max_wait.
@@ -175,22 +208,11 @@ function M.governor(limits, opts)
     max_wait = limits.max_wait or 120,
     clock = opts.clock or M.default_clock(),
     sleep = opts.sleep or waiter.sleep,
-    minute = {},   -- send times within the last minute
-    day = {},      -- {t=, n=} per message within the last 24 hours
+    minute = window(),   -- sends within the last minute
+    day = window(),      -- sends within the last 24 hours, with their recipients
     open = 0,      -- connections held now
     trace = opts.trace,
   }, Governor)
-end
-
-local function prune(list, horizon)
-  local i = 1
-  local function at(v) if type(v) == "table" then return v.t end return v end
-  while list[i] and at(list[i]) <= horizon do i = i + 1 end
-  if i > 1 then
-    local n = #list
-    for j = i, n do list[j - i + 1] = list[j] end
-    for j = n - i + 2, n do list[j] = nil end
-  end
 end
 
 local function limit_error(what, wait, fields)
@@ -202,8 +224,8 @@ end
 -- Seconds until a message with n recipients fits every window (0: now), or nil, err if it never can.
 function Governor:wait_for(n)
   local L, now = self.limits, self.clock()
-  prune(self.minute, now - 60)
-  prune(self.day, now - 86400)
+  self.minute:prune(now - 60)
+  self.day:prune(now - 86400)
   if L.recipients_per_message and n > L.recipients_per_message then
     return nil, errors.new("policy", string.format("%d recipients in one message; the limit is %d",
       n, L.recipients_per_message), { reason = "recipients_per_message", retryable = false })
@@ -213,23 +235,24 @@ function Governor:wait_for(n)
       n, L.recipients_per_day), { reason = "recipients_per_day", retryable = false })
   end
   local wait, why = 0, nil
-  if L.messages_per_minute and #self.minute >= L.messages_per_minute then
-    local w = self.minute[#self.minute - L.messages_per_minute + 1] + 60 - now
+  local minute, day = self.minute, self.day
+  if L.messages_per_minute and minute:count() >= L.messages_per_minute then
+    local w = minute:at(minute:count() - L.messages_per_minute + 1) + 60 - now
     if w > wait then wait, why = w, "messages_per_minute" end
   end
-  if L.messages_per_day and #self.day >= L.messages_per_day then
-    local w = self.day[#self.day - L.messages_per_day + 1].t + 86400 - now
+  if L.messages_per_day and day:count() >= L.messages_per_day then
+    local w = day:at(day:count() - L.messages_per_day + 1) + 86400 - now
     if w > wait then wait, why = w, "messages_per_day" end
   end
   if L.recipients_per_day then
-    local total = 0
-    for _, e in ipairs(self.day) do total = total + e.n end
-    local i = 1
-    while total + n > L.recipients_per_day and self.day[i] do
-      total = total - self.day[i].n
-      local w = self.day[i].t + 86400 - now
+    -- the oldest sends that must leave the window before n more fit
+    local total, k = day.sum, 1
+    while total + n > L.recipients_per_day and k <= day:count() do
+      local t, m = day:at(k)
+      total = total - m
+      local w = t + 86400 - now
       if w > wait then wait, why = w, "recipients_per_day" end
-      i = i + 1
+      k = k + 1
     end
   end
   return wait, why
@@ -256,8 +279,8 @@ end
 -- governor:record(n): a message with n recipients was sent.
 function Governor:record(n)
   local now = self.clock()
-  self.minute[#self.minute + 1] = now
-  self.day[#self.day + 1] = { t = now, n = n }
+  self.minute:push(now, 1)
+  self.day:push(now, n)
 end
 
 -- governor:acquire() -> true | nil, err: take one of the mailbox's connections.
