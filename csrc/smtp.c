@@ -307,14 +307,6 @@ static int eng_trace_events(lua_State *L) {
   return 1;
 }
 
-static int eng_trace_info(lua_State *L) {
-  engine_t *e = check_engine(L);
-  size_t n;
-  const char *s = luaL_checklstring(L, 2, &n);
-  trace_add(L, e, "info", s, n);
-  return 0;
-}
-
 /* ---- Lua methods: commands -------------------------------------------- */
 
 static int eng_expect_greeting(lua_State *L) {
@@ -495,7 +487,6 @@ static const luaL_Reg methods[] = {
   { "state", eng_state },
   { "reset", eng_reset },
   { "trace_events", eng_trace_events },
-  { "trace_info", eng_trace_info },
   { "expect_greeting", eng_expect_greeting },
   { "ehlo", eng_ehlo },
   { "helo", eng_helo },
