@@ -1037,3 +1037,16 @@ describe("message hardening", function()
     end
   end)
 end)
+
+describe("message.encode.crlf", function()
+  it("makes every line break form CRLF, and returns CRLF text as it is", function()
+    local encode = require "oauthmail.message.encode"
+    for input, want in pairs {
+      ["a\nb"] = "a\r\nb", ["a\rb"] = "a\r\nb", ["a\r\nb"] = "a\r\nb", ["a\r"] = "a\r\n", ["\n"] = "\r\n",
+      ["a\r\r\nb"] = "a\r\n\r\nb", ["a\n\rb"] = "a\r\n\r\nb", [""] = "", ["no break"] = "no break",
+      ["x\r\ny\nz"] = "x\r\ny\r\nz", ["x\r\ny\r"] = "x\r\ny\r\n",
+    } do
+      assert.equal(want, encode.crlf(input), string.format("%q", input))
+    end
+  end)
+end)

