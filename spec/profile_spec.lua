@@ -86,15 +86,18 @@ describe("profile validation", function()
       policy = { attempts = 1, jitter = 0, max_time = 0 }, margin = 0 })))
   end)
 
-  it("names the option tokens.new refused instead of blaming the store", function()
+  it("names the option the token manager refuses (a value from tokens.check, no error text parsed)", function()
     local tokens = require "oauthmail.tokens"
-    local real = tokens.new
-    tokens.new = function() error("tokens.new: 'margin' must be a non-negative number of seconds", 2) end
+    assert.same({ "margin", "must be a non-negative number of seconds" }, { tokens.check { flow = {}, margin = -1 } })
+    assert.same({ "interactive", "must be a boolean or a function" }, { tokens.check { flow = {}, interactive = "yes" } })
+    assert.is_nil(tokens.check { flow = {}, margin = 5 })
+    local real = tokens.check
+    tokens.check = function() return "margin", "must be a non-negative number of seconds" end
     local ok, err = pcall(refused, MS)
-    tokens.new = real
+    tokens.check = real
     assert(ok, err)
     assert.equals("margin", err.field)
-    assert.equals("margin: 'margin' must be a non-negative number of seconds", err.message)
+    assert.equals("margin: must be a non-negative number of seconds", err.message)
     err = refused(with(MS, { store = { kind = "nope" } }))
     assert.equals("store", err.field)
     assert.truthy(err.message:find("^store: oauthmail.store: unknown kind 'nope'"), err.message)

@@ -5,6 +5,7 @@
 -- clear text, and the redacted trace.
 local core = require "oauthmail.core"
 local errors = require "oauthmail.errors"
+local options = require "oauthmail.options"
 local redact = require "oauthmail.redact"
 local urls = require "oauthmail.url"
 local wait = require "oauthmail.wait"
@@ -210,8 +211,7 @@ function M.request(opts)
   for k, v in pairs(opts) do
     local want = OPT_TYPES[k]
     if k == "trace" then
-      local mt = type(v) == "table" and getmetatable(v)
-      if type(v) ~= "function" and not (mt and mt.__call) then
+      if not options.callable(v) then
         error("http.request: option 'trace' must be a function (or a callable table)", 2)
       end
     elseif k == "proxy" then

@@ -143,20 +143,22 @@ function Mailer:_manager(oauth, seed)
   for k, v in pairs(oauth) do flow[k] = v end
   if self.trace then flow.trace = function(ev) self:_trace(ev) end end
   local clock = self.clock
-  local ok, mgr = pcall(tokens.new, {
+  local topts = {
     flow = flow, store = s.store, margin = s.margin, interactive = s.interactive,
     profile = s.name, clock = function() return math.floor(clock()) end,
     trace = self.trace and function(ev) self:_trace(ev) end,
     seed = seed and function() return seed:refresh_token() end or nil,
-  })
+  }
+  -- the profile's field, from tokens.check's value (its options carry the
+  -- profile's names); only a store that cannot be opened raises below
+  local field, text = tokens.check(topts)
+  if field then
+    return errors.fail("config", field .. ": " .. text, { reason = "profile", field = field, retryable = false })
+  end
+  local ok, mgr = pcall(tokens.new, topts)
   if not ok then
-    -- name the option tokens.new refused; only store problems are the store's
     local msg = tostring(mgr):gsub("^[^:]*:%d+: ", "")
-    local field = msg:match("^tokens%.new: '([%w_]+)'")
-    if msg:find("store", 1, true) then field = "store" end
-    field = field or "profile"
-    return errors.fail("config", field .. ": " .. msg:gsub("^tokens%.new: ", ""),
-      { reason = "profile", field = field, retryable = false })
+    return errors.fail("config", "store: " .. msg, { reason = "profile", field = "store", retryable = false })
   end
   return mgr
 end

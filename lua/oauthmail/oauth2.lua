@@ -23,7 +23,7 @@ local function check_cfg(cfg, fname, need_client)
   if cfg.scope ~= nil and type(cfg.scope) ~= "string" and type(cfg.scope) ~= "table" then
     error("oauth2." .. fname .. ": scope must be a string or a list of strings", 3)
   end
-  if cfg.trace ~= nil and type(cfg.trace) ~= "function" and not (getmetatable(cfg.trace) or {}).__call then
+  if cfg.trace ~= nil and not require("oauthmail.options").callable(cfg.trace) then
     error("oauth2." .. fname .. ": trace must be a function", 3)
   end
 end

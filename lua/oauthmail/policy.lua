@@ -63,7 +63,7 @@ end
 -- Numbers are checked here too (the profile checks them first, with field
 -- names): a zero, fractional or NaN limit would index a window that is not
 -- there, and %d refuses a fraction on 5.3+.
-local function finite(v) return type(v) == "number" and v == v and v > -math.huge and v < math.huge end
+local finite = require("oauthmail.options").finite
 
 local function need(fn, name, v, ok, what)
   if not ok then error(string.format("%s: %s must be %s, got %s", fn, name, what, tostring(v)), 3) end

@@ -91,11 +91,8 @@ M.SCHEMA = {
 
 local closest = require("oauthmail.names").closest
 
-local function is_callable(v)
-  if type(v) == "function" then return true end
-  local mt = getmetatable(v)
-  return type(mt) == "table" and mt.__call ~= nil
-end
+local options = require "oauthmail.options"
+local is_callable = options.callable
 
 local function show(v)
   if type(v) == "string" then return "'" .. (v:gsub("%c", "?")) .. "'" end
@@ -107,8 +104,7 @@ local function bad(path, text)
   return errors.new("config", path .. ": " .. text, { reason = "profile", field = path, retryable = false })
 end
 
-local function finite(v) return v == v and v > -math.huge and v < math.huge end
-local function whole(v) return finite(v) and v == math.floor(v) end
+local finite, whole = options.finite, options.whole
 
 -- Ranged numbers: the test and the words of the error.
 local NUMBERS = {

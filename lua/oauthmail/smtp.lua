@@ -4,6 +4,7 @@
 -- this file decides what to say next and when to stop. See docs/smtp.md.
 local core = require "oauthmail.core"
 local errors = require "oauthmail.errors"
+local options = require "oauthmail.options"
 local redact = require "oauthmail.redact"
 local crypto = core.crypto
 
@@ -171,20 +172,18 @@ local function tls_options(opts)
   return t
 end
 
+local OPTIONS = {
+  port = "number", connect = "function", trace = "callable",
+  timeout = function(v) if not options.finite(v) or v <= 0 then return "must be a positive number" end end,
+  tls = function(v)
+    if not DEFAULT_PORT[v] then return 'must be "starttls", "implicit" or "none"' end
+  end,
+}
+
 local function check_opts(opts)
   if type(opts) ~= "table" then error("oauthmail.smtp.open: expected a table of options", 3) end
   if opts.transport == nil and type(opts.host) ~= "string" then error("oauthmail.smtp.open: 'host' must be a string", 3) end
-  if opts.port ~= nil and type(opts.port) ~= "number" then error("oauthmail.smtp.open: 'port' must be a number", 3) end
-  if opts.timeout ~= nil and (type(opts.timeout) ~= "number" or opts.timeout <= 0) then
-    error("oauthmail.smtp.open: 'timeout' must be a positive number", 3)
-  end
-  if opts.tls ~= nil and not DEFAULT_PORT[opts.tls] then
-    error("oauthmail.smtp.open: 'tls' must be \"starttls\", \"implicit\" or \"none\"", 3)
-  end
-  if opts.connect ~= nil and type(opts.connect) ~= "function" then error("oauthmail.smtp.open: 'connect' must be a function", 3) end
-  if opts.trace ~= nil and type(opts.trace) ~= "function" and not (getmetatable(opts.trace) or {}).__call then
-    error("oauthmail.smtp.open: 'trace' must be a function", 3)
-  end
+  options.check("oauthmail.smtp.open", opts, OPTIONS, 3)
 end
 
 -- smtp.open{host=, port=, tls=, timeout=, helo=, trace=, allow_plaintext_auth=, ...TLS options}

@@ -5,6 +5,7 @@
 -- save a rotated refresh token before the new access token is used.
 local cjson = require "cjson.safe"
 local errors = require "oauthmail.errors"
+local options = require "oauthmail.options"
 local store_mod = require "oauthmail.store"
 local endpoint = require "oauthmail.oauth2.endpoint"
 local wait = require "oauthmail.wait"
@@ -18,9 +19,7 @@ local unpack = table.unpack or unpack
 
 local protected_call = errors.pcall
 
-local function finite(v)
-  return type(v) == "number" and v == v and v ~= math.huge and v ~= -math.huge
-end
+local finite = options.finite
 
 -- How long an access token stays in the refused set when its expiry is unknown.
 local INVALID_TTL = 86400
@@ -83,30 +82,32 @@ local function copy(t)
   return c
 end
 
+local OPTIONS = {
+  flow = function(v) if type(v) ~= "table" then return "must be the flow configuration table" end end,
+  margin = function(v) if not options.finite(v) or v < 0 then return "must be a non-negative number of seconds" end end,
+  interactive = "boolean|function",
+  clock = "callable", trace = "callable", seed = "callable",
+  oauth2 = function(v)
+    if type(v) ~= "table" or type(v.run) ~= "function" or type(v.refresh) ~= "function" then
+      return "must be a module with run and refresh"
+    end
+  end,
+  profile = "string", lock_timeout = "number",
+  store = function(v) local _ = v end,   -- checked by oauthmail.store
+}
+
+-- tokens.check(opts) -> nil | field, text: what tokens.new would refuse, as a
+-- value (oauthmail.new names the profile field from it).
+function M.check(opts)
+  if type(opts) ~= "table" then return "opts", "expected an options table" end
+  if opts.flow == nil then return "flow", "must be the flow configuration table" end
+  return options.problem(opts, OPTIONS)
+end
+
 local function check_opts(opts)
   if type(opts) ~= "table" then error("tokens.new: expected an options table", 3) end
-  if type(opts.flow) ~= "table" then error("tokens.new: 'flow' must be the flow configuration table", 3) end
-  if opts.margin ~= nil and (type(opts.margin) ~= "number" or opts.margin < 0) then
-    error("tokens.new: 'margin' must be a non-negative number of seconds", 3)
-  end
-  local it = type(opts.interactive)
-  if it ~= "nil" and it ~= "boolean" and it ~= "function" then
-    error("tokens.new: 'interactive' must be a boolean or a function(grant)", 3)
-  end
-  for _, k in ipairs { "clock", "trace", "seed" } do
-    local v = opts[k]
-    if v ~= nil and type(v) ~= "function" and not (getmetatable(v) or {}).__call then
-      error("tokens.new: '" .. k .. "' must be a function", 3)
-    end
-  end
-  if opts.oauth2 ~= nil and (type(opts.oauth2) ~= "table" or type(opts.oauth2.run) ~= "function"
-    or type(opts.oauth2.refresh) ~= "function") then
-    error("tokens.new: 'oauth2' must be a module with run and refresh", 3)
-  end
-  if opts.profile ~= nil and type(opts.profile) ~= "string" then error("tokens.new: 'profile' must be a string", 3) end
-  if opts.lock_timeout ~= nil and type(opts.lock_timeout) ~= "number" then
-    error("tokens.new: 'lock_timeout' must be a number", 3)
-  end
+  local field, text = M.check(opts)
+  if field then error(string.format("tokens.new: '%s' %s", field, text), 3) end
 end
 
 -- tokens.new{flow=, store=, margin=, interactive=, oauth2=, profile=, lock_timeout=, clock=, trace=}

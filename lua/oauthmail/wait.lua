@@ -17,7 +17,7 @@ M.WAIT = setmetatable({}, { __tostring = function() return "oauthmail.wait.WAIT"
 
 M.now = core.monotime
 
-local function finite(v) return type(v) == "number" and v == v and v > -math.huge and v < math.huge end
+local finite = require("oauthmail.options").finite
 
 -- ------------------------------------------------------------ the default waiter
 
