@@ -107,33 +107,54 @@ end
 -- quotes, comments and angle brackets do not count; comments are dropped;
 -- group names ("Team: a@x, b@x;") are dropped with their punctuation.
 function M.split_list(s)
+  -- jumps from one special character to the next (a 1 MB header is read in
+  -- runs, not byte by byte); outside quotes and comments a backslash is an
+  -- ordinary character, as before
   local out, cur = {}, {}
-  local i, n = 1, #s
-  local quote, depth, angle = false, 0, false
+  local angle = false
   local function push()
     local m = trim(table.concat(cur))
     if m ~= "" then out[#out + 1] = m end
     cur = {}
   end
+  local i, n = 1, #s
   while i <= n do
-    local c = s:sub(i, i)
-    if quote then
-      cur[#cur + 1] = c
-      if c == "\\" then
-        cur[#cur + 1] = s:sub(i + 1, i + 1)
-        i = i + 1
-      elseif c == '"' then
-        quote = false
+    local j = s:find('[",;:()<>%[%]]', i)
+    if not j then
+      cur[#cur + 1] = s:sub(i)
+      break
+    end
+    if j > i then cur[#cur + 1] = s:sub(i, j - 1) end
+    local c = s:sub(j, j)
+    i = j + 1
+    if c == '"' then
+      -- a quoted string, kept with its escapes; it ends at the next
+      -- unescaped quote or at the end of the text
+      local start = j
+      while true do
+        local k = s:find('["\\]', i)
+        if not k then i = n + 1 break end
+        if s:byte(k) == 92 then
+          i = k + 2
+        else
+          i = k + 1
+          break
+        end
       end
-    elseif depth > 0 then
-      if c == "\\" then i = i + 1
-      elseif c == "(" then depth = depth + 1
-      elseif c == ")" then depth = depth - 1 end
-    elseif c == '"' then
-      quote = true
-      cur[#cur + 1] = c
+      cur[#cur + 1] = s:sub(start, i - 1)
     elseif c == "(" then
-      depth = 1
+      -- a comment (nested, with escapes) is dropped
+      local depth = 1
+      while depth > 0 do
+        local k = s:find("[()\\]", i)
+        if not k then i = n + 1 break end
+        local b = s:byte(k)
+        if b == 92 then i = k + 2
+        else
+          depth = depth + (b == 40 and 1 or -1)
+          i = k + 1
+        end
+      end
     elseif c == "<" or c == "[" then
       angle = true
       cur[#cur + 1] = c
@@ -147,7 +168,6 @@ function M.split_list(s)
     else
       cur[#cur + 1] = c
     end
-    i = i + 1
   end
   push()
   return out

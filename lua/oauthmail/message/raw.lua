@@ -111,7 +111,7 @@ local function from_raw(src, opts)
   opts = opts or {}
   local head, body, raw_seg
   if type(src) == "string" then
-    local t = encode.crlf(src)
+    local t, longest = encode.crlf_longest(src)
     local s, e = t:find("\r\n\r\n", 1, true)
     if t:sub(1, 2) == "\r\n" then
       head, body = "", t:sub(3)
@@ -121,8 +121,11 @@ local function from_raw(src, opts)
       head, body = t:gsub("\r\n$", ""), ""
     end
     if body ~= "" and body:sub(-2) ~= "\r\n" then body = body .. "\r\n" end
-    local n = long_line({ line = 1, len = 0 }, body)
-    if n then too_long_body(n) end
+    -- no line of the text is too long: nothing to look for in the body
+    if not longest or longest > encode.HARD_LINE then
+      local n = long_line({ line = 1, len = 0 }, body)
+      if n then too_long_body(n) end
+    end
   elseif type(src) == "table" and type(src.path) == "string" then
     local path = src.path
     local f, msg = io.open(path, "rb")
