@@ -17,6 +17,7 @@ static const struct {
   { "fs", om_fs_open },
   { "crypto", om_crypto_open },
   { "smtp", om_smtp_open },
+  { "resp", om_resp_open },
   { NULL, NULL }
 };
 
