@@ -52,7 +52,7 @@ function Pool:_drop(e, reason)
   e.dropped = true
   remove(self.entries, e)
   self.trace { event = "session_closed", reason = reason }
-  local ok = pcall(self.transport.close, self.transport, e.s)
+  local ok = errors.pcall(self.transport.close, self.transport, e.s)
   if not ok then self.transport:abandon(e.s) end
   self.governor:release()
   self.freed:signal()
@@ -86,17 +86,22 @@ function Pool:_connect_auth(tok)
   return s, tok
 end
 
-function Pool:_open()
+function Pool:_open(slot_held)
   local tok, err = self.token()
-  if not tok then return nil, err end
-  local ok
-  ok, err = self.governor:acquire()
-  if not ok then return nil, err end
+  if not tok then
+    if slot_held then self.governor:release() end
+    return nil, err
+  end
+  if not slot_held then
+    local ok
+    ok, err = self.governor:acquire()
+    if not ok then return nil, err end
+  end
   local half = {}
   self.half = half
   local done, s, tok2 = errors.pcall(self._connect_auth, self, tok)
   if not done or not s then
-    if half[1] then pcall(self.transport.close, self.transport, half[1]) end
+    if half[1] then errors.pcall(self.transport.close, self.transport, half[1]) end
     self.governor:release()
     if not done then error(s, 0) end
     return nil, tok2
@@ -128,9 +133,33 @@ function Pool:acquire()
         return e
       end
     end
-    if #self.entries + self.opening < self:limit() then
+    -- a governor shared with other processes is asked without waiting, so
+    -- that while they hold the mailbox's connections, a session of ours
+    -- coming back is taken instead (waiting inside acquire while our own
+    -- idle sessions hold slots would deadlock the processes until a lease ran out)
+    local slot, retry = nil, nil
+    if #self.entries + self.opening < self:limit() and self.governor.try_acquire then
+      local gerr
+      slot, gerr, retry = self.governor:try_acquire()
+      if slot == nil then return nil, gerr end
+      if slot and #self.entries + self.opening >= self:limit() then
+        -- another coroutine of ours opened one while we asked
+        self.governor:release()
+        slot = "again"
+      end
+    end
+    if slot == "again" then   -- luacheck: ignore 542
+      -- look at the idle sessions again
+    elseif slot == false then
+      if wait.now() >= deadline then
+        return errors.fail("policy", string.format("all %d connections to this mailbox stayed in use for %g s",
+          self:limit(), self.max_wait), { reason = "rate_limit", limit = "connections", retryable = true })
+      end
+      local d = math.min(deadline, wait.now() + retry)
+      if not self.freed:wait(d) and wait.now() < d then wait.sleep(d - wait.now()) end
+    elseif #self.entries + self.opening < self:limit() then
       self.opening = self.opening + 1
-      local ok, e, err = errors.pcall(self._open, self)
+      local ok, e, err = errors.pcall(self._open, self, slot)
       self.opening = self.opening - 1
       if not ok then
         self.freed:signal()
@@ -143,8 +172,7 @@ function Pool:acquire()
       e.busy = true
       self.entries[#self.entries + 1] = e
       return e
-    end
-    if not self.freed:wait(deadline) then
+    elseif not self.freed:wait(deadline) then
       return errors.fail("policy", string.format("all %d sessions of this mailer stayed busy for %g s",
         self:limit(), self.max_wait), { reason = "rate_limit", limit = "connections", retryable = true })
     end
