@@ -18,6 +18,7 @@ static const struct {
   { "crypto", om_crypto_open },
   { "smtp", om_smtp_open },
   { "resp", om_resp_open },
+  { "spool", om_spool_open },
   { NULL, NULL }
 };
 
