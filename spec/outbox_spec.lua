@@ -146,6 +146,23 @@ describe("outbox", function()
     end)
   end)
 
+  it("a message that can never be sent goes to the dead letters at its first attempt", function()
+    local dir = h.tmpdir() .. "/q"
+    local ob = outbox.open(dir)
+    assert(ob:enqueue { raw = "From: " .. USER .. "\r\nTo: ops@example.org\r\nSubject: x\r\n\r\n"
+      .. string.rep("y", 1200) .. "\r\n", to = "ops@example.org" })
+    ob:close()
+    local p = worker { OM_OUTBOX = dir, OM_SMTP_PORT = h.free_port(), OM_CA = require("spec.support.certs").get().ca,
+      OM_TOKEN = TOKEN }
+    wait_done({ p }, 60)
+    assert.matches('"dead":1', p.output())
+    local list = outbox.open(dir):list()
+    assert.equals(1, #list)
+    assert.is_true(list[1].dead)
+    assert.equals(1, list[1].attempts)
+    assert.equals("string", type(list[1].last_error))
+  end)
+
   describe("Redis stream", function()
     local redis_srv
     setup(function() if rsupport.available() then redis_srv = rsupport.start() end end)

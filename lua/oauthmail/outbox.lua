@@ -50,6 +50,12 @@ function M.decode_entry(text)
   return e
 end
 
+-- outbox.hopeless(err): a send error that no later attempt can change (the
+-- message itself is refused: a bad address, a line too long, a 5xx)
+function M.hopeless(err)
+  return type(err) == "table" and (err.retryable == false or err.kind == "config")
+end
+
 -- A queue id: sorted by the second it was made in, then by the order this
 -- process made them; unique across processes and machines.
 local seq, proc = 0, nil

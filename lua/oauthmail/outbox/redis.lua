@@ -146,7 +146,7 @@ end
 -- is taken over when its lease ends, or goes to the dead letters.
 function M:retry(e, why)
   local attempts = e.attempts + 1
-  local final = attempts >= self.max_attempts or (errors.is(why) and why.retryable == false)
+  local final = attempts >= self.max_attempts or outbox.hopeless(why)
   if not final then
     local _, err = self.client:call("HSET", self.tries, e.id, attempts)
     if err then return lift(self, err) end

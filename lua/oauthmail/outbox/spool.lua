@@ -121,7 +121,7 @@ end
 
 function M:retry(e, why)
   local attempts = e.attempts + 1
-  local final = attempts >= self.max_attempts or (errors.is(why) and why.retryable == false)
+  local final = attempts >= self.max_attempts or outbox.hopeless(why)
   local text = outbox.encode_entry(e.id, e.message, attempts, tostring(why and why.message or why))
   local ok, err = fs.atomic_write(self.dir .. "/cur/" .. e.handle, text, 384)
   if not ok then return fail(self, err) end
