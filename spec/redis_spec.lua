@@ -195,6 +195,19 @@ describe("oauthmail.redis client", function()
     c:close()
   end)
 
+  it_redis("speaks RESP3 when asked (HELLO 3 with the ACL user): maps arrive as tables", function()
+    local c = redis.new { url = acl.url, protocol = 3 }
+    assert.equals(1, c:call("HSET", "h3", "field", "value"))
+    assert.same({ field = "value" }, c:call("HGETALL", "h3"))
+    local c2 = redis.new { url = acl.url }   -- RESP2: the same reply as a flat array
+    assert.same({ "field", "value" }, c2:call("HGETALL", "h3"))
+    local bad = redis.new { port = acl.port, username = "mailer", password = "Wrong-pw-3", protocol = 3 }
+    local none, err = bad:call("PING")
+    assert.is_nil(none)
+    assert.equals("auth", err.kind)
+    h.assert_no_secrets(tostring(err), { "Wrong-pw-3" })
+  end)
+
   it_redis("a wrong password is an auth error that names the user, never the password", function()
     local c = redis.new { port = acl.port, username = "mailer", password = "Wrong-pw-777" }
     local none, err = c:call("PING")
