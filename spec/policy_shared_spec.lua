@@ -113,6 +113,25 @@ describe("shared governor (limits.shared)", function()
     other:release()
   end)
 
+  it_redis("a process idle past its lease finds its slot lost, and its next release frees nobody else's", function()
+    local shared = require "oauthmail.policy.shared"
+    local limits = { connections = 1, shared = { kind = "redis", url = redis_srv.url,
+      prefix = "lost:", lease = 0.4, linger = 0 } }
+    local a = shared.new(limits, { mailbox = "m@example.org" })
+    local b = shared.new(limits, { mailbox = "m@example.org" })
+    local c = shared.new(limits, { mailbox = "m@example.org" })
+    assert.is_true(a:try_acquire())
+    assert.is_false((b:try_acquire()))
+    h.sleep(0.6)                          -- a stays idle past its lease
+    assert.is_true(b:try_acquire())      -- the slot came back and went to b
+    assert.is_true(a:admit(1))           -- a's next message renews, and finds the slot gone
+    assert.equals(1, a:lost_count())
+    a:release()                           -- a closes the session of the lost slot...
+    assert.equals(0, a:lost_count())
+    assert.is_false((c:try_acquire()))    -- ...which does not free b's slot
+    b:release()
+  end)
+
   it_redis("60 messages with messages_per_minute = 30 across 3 processes (a 2 s window): the window holds", function()
     local peer = smtp_peers.node_smtp { token = TOKEN }
     local vars = { OM_SMTP_PORT = peer.port, OM_CA = peer.ca, OM_TOKEN = TOKEN, OM_REDIS_URL = redis_srv.url,

@@ -116,11 +116,16 @@ end
 function Pool:acquire()
   local deadline = wait.now() + self.max_wait
   while true do
-    -- idle sessions that may not serve again, and any over a lowered limit, go
+    -- idle sessions that may not serve again, any over a lowered limit, and
+    -- as many as a shared governor found slots lost (leases that ran out), go
+    local lost = self.governor.lost_count and self.governor:lost_count() or 0
     for i = #self.entries, 1, -1 do
       local e = self.entries[i]
       if e and not e.busy then
-        if not self:_usable(e) then
+        if lost > 0 then
+          self:_drop(e, "lease_lost")
+          lost = lost - 1
+        elseif not self:_usable(e) then
           self:_drop(e, self.transport:usable(e.s) and "renew" or "broken")
         elseif #self.entries + self.opening > self:limit() then
           self:_drop(e, "throttle")

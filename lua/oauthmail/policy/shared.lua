@@ -50,13 +50,21 @@ local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 return redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])]]
 
--- Extend our own leases (only those still ours).
+-- Extend our own leases; return the ids whose lease ran out and whose slot
+-- may have gone to someone else (an idle process loses its slots).
 local RENEW = [[
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local n = 0
-for i = 2, #ARGV do n = n + redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[1]), ARGV[i]) end
-return n]]
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local lost = {}
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i])
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+return lost]]
 
 local LOWER = [[
 local cur = tonumber(redis.call('GET', KEYS[1]) or '') or tonumber(ARGV[1])
@@ -154,7 +162,7 @@ function M.new(limits, opts)
     sleep = opts.sleep or wait.sleep,
     trace = opts.trace,
     lease_ms = math.floor((spec.lease or 120) * 1000),
-    linger_ms = math.floor((spec.linger or 1) * 1000),
+    linger_ms = math.max(1, math.floor((spec.linger or 1) * 1000)),
     throttle_ms = math.floor((spec.throttle or 600) * 1000),
     minute_ms = math.floor((spec.minute or 60) * 1000),
     day_ms = math.floor((spec.day or 86400) * 1000),
@@ -162,6 +170,7 @@ function M.new(limits, opts)
     me = crypto.hex(crypto.random(8)),
     seq = 0,
     held = {},
+    lost = {},    -- slots whose lease ran out while their sessions stayed open
   }, Shared)
   return self
 end
@@ -235,22 +244,43 @@ function Shared:try_acquire()
   return false, nil, 0.05
 end
 
+-- A session given back: a slot whose lease was lost goes first (it is no
+-- longer in Redis), so the sessions left match the slots still held.
 function Shared:release()
+  if #self.lost > 0 then
+    table.remove(self.lost)
+    return
+  end
   local id = table.remove(self.held)
   if not id then return end
   self.client:eval(RELEASE, { self.keys.sem }, { id, self.linger_ms })
 end
 
 -- Extend the leases this process holds (done on every admit, so a busy
--- session never loses its slot).
+-- session never loses its slot). A slot found lost (this process was idle
+-- longer than the lease) is counted in lost_count(): the pool closes that
+-- many idle sessions before it uses one, so the mailbox never has more
+-- connections than slots.
 function Shared:renew()
   if #self.held == 0 then return true end
   local args = { self.lease_ms }
   for _, id in ipairs(self.held) do args[#args + 1] = id end
-  local _, err = self.client:eval(RENEW, { self.keys.sem }, args)
+  local lost, err = self.client:eval(RENEW, { self.keys.sem }, args)
   if err then return unavailable(self, err) end
+  if type(lost) == "table" and #lost > 0 then
+    local gone = {}
+    for _, id in ipairs(lost) do gone[id] = true end
+    local keep = {}
+    for _, id in ipairs(self.held) do
+      if gone[id] then self.lost[#self.lost + 1] = id else keep[#keep + 1] = id end
+    end
+    self.held = keep
+    if self.trace then self.trace { type = "policy", event = "lease_lost", slots = #lost, shared = true } end
+  end
   return true
 end
+
+function Shared:lost_count() return #self.lost end
 
 -- governor:lower(): a 432 4.3.2 seen here lowers the limit for everyone
 -- sharing it, for `throttle` seconds.
@@ -283,7 +313,10 @@ function Shared:admit(n)
       L.messages_per_minute or 0, L.messages_per_day or 0, L.recipients_per_day or 0, self.minute_ms, self.day_ms })
     if not r then return unavailable(self, err) end
     if r[1] == 1 then
-      if #self.held > 0 then self:renew() end
+      if #self.held > 0 then
+        local ok, rerr = self:renew()
+        if not ok then return nil, rerr end
+      end
       return true
     end
     local secs, why = r[2] / 1000, r[3]
@@ -301,6 +334,7 @@ end
 function Shared.record() end
 
 function Shared:close()
+  self.lost = {}
   while #self.held > 0 do self:release() end
 end
 
