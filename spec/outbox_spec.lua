@@ -163,6 +163,37 @@ describe("outbox", function()
     assert.equals("string", type(list[1].last_error))
   end)
 
+  it("a worker with nothing to send closes its idle sessions after idle_close, and reopens for new work", function()
+    local peer = smtp_peers.node_smtp { token = TOKEN }
+    local oauthmail = require "oauthmail"
+    local rec = { access_token = TOKEN, token_type = "Bearer", expires_at = os.time() + 3600 }
+    local mailer = assert(oauthmail.new { provider = "generic", token_endpoint = "https://127.0.0.1:1/token",
+      flow = "client_credentials", client_id = "c", client_secret = "unused-secret", user = USER,
+      store = { load = function() return rec end, save = function() return true end,
+                lock = function() return function() return true end end },
+      smtp = { host = "127.0.0.1", port = peer.port, tls = "starttls", ca_file = peer.ca, servername = "localhost" } })
+    local ob = outbox.open(h.tmpdir() .. "/q")
+    assert(ob:enqueue(msg("idle", 1)))
+    local events = {}
+    local w = outbox.worker { outbox = ob, mailer = mailer, idle = 0.05, idle_close = 0.3,
+      trace = function(ev) events[#events + 1] = ev.event end }
+    local enqueued = false
+    assert(w:run { max_time = 1.5, stop = function()
+      if not enqueued and events[#events] == "idle_close" then
+        enqueued = true
+        assert(ob:enqueue(msg("idle", 2)))
+      end
+      return enqueued and #events >= 4 and events[#events] == "idle_close"
+    end })
+    assert.same({ "sent", "idle_close", "sent", "idle_close" }, events)
+    assert.equals(0, (mailer.pool:count()))
+    h.sleep(0.3)
+    assert.equals(0, peer.stats().current)   -- the server saw the sessions end
+    assert.equals(2, peer.stats().connections)
+    mailer:close()
+    peer.stop()
+  end)
+
   describe("Redis stream", function()
     local redis_srv
     setup(function() if rsupport.available() then redis_srv = rsupport.start() end end)

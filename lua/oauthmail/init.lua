@@ -634,6 +634,14 @@ function Mailer:send_many(list, o)
   return results
 end
 
+-- mailer:close_idle() -> n: QUIT the sessions no message is using now and
+-- give back their connection slots (shared limits: to the other processes);
+-- the mailer stays usable. For hosts that go quiet between bursts.
+function Mailer:close_idle()
+  if self.closed then return 0 end
+  return self.pool:close_idle()
+end
+
 -- mailer:close(): QUIT the idle sessions (busy ones close when their
 -- message is done). Idempotent; send after close raises.
 function Mailer:close()

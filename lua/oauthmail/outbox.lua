@@ -70,13 +70,16 @@ end
 local Worker = {}
 Worker.__index = Worker
 
--- outbox.worker{outbox=, mailer=, batch=10, consumer=, idle=0.2, trace=fn} -> worker
+-- outbox.worker{outbox=, mailer=, batch=10, consumer=, idle=0.2, idle_close=5, trace=fn} -> worker
+-- idle_close: after that many seconds with nothing to send, the mailer's
+-- idle sessions are closed (their connection slots given back) until work comes.
 function M.worker(o)
   if type(o) ~= "table" or type(o.outbox) ~= "table" or type(o.mailer) ~= "table" then
     error("outbox.worker: expected {outbox=, mailer=}", 2)
   end
   return setmetatable({
     outbox = o.outbox, mailer = o.mailer, batch = o.batch or 10, idle = o.idle or 0.2,
+    idle_close = o.idle_close or 5,
     consumer = o.consumer or ("worker-" .. crypto.hex(crypto.random(4))), trace = o.trace,
     stats = { sent = 0, skipped = 0, retried = 0, dead = 0, window_max = 0, window_sum = 0 },
   }, Worker)
@@ -137,12 +140,18 @@ end
 function Worker:run(opts)
   opts = opts or {}
   local deadline = opts.max_time and (wait.now() + opts.max_time)
+  local quiet_since = nil
   while true do
     if opts.stop and opts.stop() then break end
     if deadline and wait.now() >= deadline then break end
     local n, err = self:step()
     if not n then return nil, err end
+    if n > 0 then quiet_since = nil end
     if n == 0 then
+      quiet_since = quiet_since or wait.now()
+      if self.mailer.close_idle and wait.now() - quiet_since >= self.idle_close then
+        if self.mailer:close_idle() > 0 then emit(self, { event = "idle_close" }) end
+      end
       if opts.until_empty then
         local left, cerr = self.outbox:count()
         if not left then return nil, cerr end

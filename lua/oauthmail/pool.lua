@@ -198,6 +198,20 @@ function Pool:release(e, reason)
   self.freed:signal()
 end
 
+-- pool:close_idle() -> n: QUIT the idle sessions, giving back their slots;
+-- the pool stays open and opens new ones when needed.
+function Pool:close_idle()
+  local n = 0
+  for i = #self.entries, 1, -1 do
+    local e = self.entries[i]
+    if not e.busy then
+      self:_drop(e, "idle")
+      n = n + 1
+    end
+  end
+  return n
+end
+
 -- pool:close(): QUIT every idle session; busy ones are closed when released.
 function Pool:close()
   for i = #self.entries, 1, -1 do
