@@ -145,8 +145,11 @@ describe("shared governor (limits.shared)", function()
     assert.equals(60, #at)
     table.sort(at)
     -- the 31st message arrived a window after the first, and so on (less the
-    -- time a message spends between its admission and the server)
-    for i = 1, 30 do
+    -- time a message spends between its admission and the server). The
+    -- first message of each process is admitted before its session is
+    -- opened, so it reaches the server later by the connection set-up
+    -- (TLS, AUTH): the pairs start after those three (docs/redis.md)
+    for i = 4, 30 do
       assert.is_true(at[i + 30] - at[i] >= 2000 - 300, string.format("messages %d and %d were %d ms apart",
         i, i + 30, at[i + 30] - at[i]))
     end
