@@ -639,7 +639,9 @@ end
 -- the mailer stays usable. For hosts that go quiet between bursts.
 function Mailer:close_idle()
   if self.closed then return 0 end
-  return self.pool:close_idle()
+  local n = 0
+  for _, lane in ipairs(self.lanes) do n = n + lane.pool:close_idle() end
+  return n
 end
 
 -- mailer:close(): QUIT the idle sessions (busy ones close when their
