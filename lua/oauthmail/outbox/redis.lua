@@ -199,6 +199,22 @@ function M:drop(id)
   return errors.fail("store", "no queued message with id " .. id, { reason = "missing" })
 end
 
+-- outbox:revive() -> n: the dead letters back in the stream, attempts reset
+function M:revive()
+  local list, err = self.client:call("XRANGE", self.dead, "-", "+", "COUNT", 100000)
+  if err then return lift(self, err) end
+  local dead = {}
+  entries_of(self, list, dead)
+  for _, e in ipairs(dead) do
+    local out, perr = self.client:pipeline {
+      { "XADD", self.stream, "*", "e", outbox.encode_entry(e.id, e.message, 0) },
+      { "XDEL", self.dead, e.handle },
+    }
+    if not out then return lift(self, perr) end
+  end
+  return #dead
+end
+
 function M:close() self.client:close() end
 
 return M

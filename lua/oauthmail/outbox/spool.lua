@@ -166,6 +166,24 @@ function M:drop(id)
   return errors.fail("store", "no queued message with id " .. id, { reason = "missing" })
 end
 
+-- outbox:revive() -> n: the dead letters back in the queue, attempts reset
+function M:revive()
+  local ok, err = self:ensure()
+  if not ok then return nil, err end
+  local n = 0
+  for _, name in ipairs(spool.list(self.dir .. "/failed") or {}) do
+    local e = read_entry(self.dir .. "/failed/" .. name)
+    if e then
+      local wrote = fs.atomic_write(self.dir .. "/failed/" .. name, outbox.encode_entry(e.id, e.message, 0), 384)
+      if wrote and spool.move(self.dir, "failed", "new", name) then
+        self.tried[name] = nil
+        n = n + 1
+      end
+    end
+  end
+  return n
+end
+
 function M:close()
   self.tried = {}
   if self.lock then self.lock:unlock() self.lock = nil end
