@@ -336,8 +336,10 @@ static int eng_feed(lua_State *L) {
     e->p = np;
     e->cap = ncap;
   }
-  memcpy(e->p + e->len, s, n);
-  e->len += n;
+  if (n > 0) {   /* an empty feed before any data: p is still NULL */
+    memcpy(e->p + e->len, s, n);
+    e->len += n;
+  }
   lua_pushboolean(L, 1);
   return 1;
 }
