@@ -17,6 +17,8 @@ static const struct {
   { "fs", om_fs_open },
   { "crypto", om_crypto_open },
   { "smtp", om_smtp_open },
+  { "resp", om_resp_open },
+  { "spool", om_spool_open },
   { NULL, NULL }
 };
 

@@ -34,6 +34,8 @@ OM_HIDDEN double om_now(void);
 /* The primitive families; each adds its functions to the table on top. */
 OM_HIDDEN void om_conn_open(lua_State *L);
 OM_HIDDEN void om_smtp_open(lua_State *L);
+OM_HIDDEN void om_resp_open(lua_State *L);
+OM_HIDDEN void om_spool_open(lua_State *L);
 OM_HIDDEN void om_http_open(lua_State *L);
 OM_HIDDEN void om_crypto_open(lua_State *L);
 OM_HIDDEN void om_fs_open(lua_State *L);

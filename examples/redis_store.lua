@@ -1,5 +1,8 @@
--- examples/redis_store.lua — a custom token store on Redis (Debian: lua-redis),
--- for many hosts sharing one mailbox. It shows the whole store contract:
+-- examples/redis_store.lua — a custom token store on Redis, for many hosts
+-- sharing one mailbox, written over oauthmail.redis (the project's own client:
+-- every Lua version, TLS, the one waiter). oauthmail ships a complete one
+-- (store = { kind = "redis", url = ... }, docs/redis.md); this example shows
+-- the whole store contract in a page:
 --
 --   store:load(key)          -> record | nil (no record) | nil, err
 --   store:save(key, record)  -> true | nil, err      (record nil: forget the account)
@@ -16,9 +19,9 @@
 --                                                               seal_key = key32 } }
 local cjson = require("cjson.safe").new()
 local crypto = require "oauthmail.crypto"
-local core = require "oauthmail.core"
 local errors = require "oauthmail.errors"
-local redis = require "redis"
+local redis = require "oauthmail.redis"
+local wait = require "oauthmail.wait"
 
 local M = {}
 M.__index = M
@@ -29,24 +32,16 @@ function M.new(opts)
     error("redis_store: seal_key must be 32 bytes", 2)
   end
   return setmetatable({
-    host = opts.host or "127.0.0.1", port = opts.port or 6379, timeout = opts.timeout or 5,
+    client = redis.new { host = opts.host or "127.0.0.1", port = opts.port or 6379, timeout = opts.timeout or 5 },
     prefix = opts.prefix or "oauthmail:", seal_key = opts.seal_key, lease = opts.lease or 60,
   }, M)
 end
 
--- lua-redis raises on every failure; the store contract wants values.
-function M:call(fn)
-  if not self.client then
-    local ok, client = pcall(redis.connect, { host = self.host, port = self.port, timeout = self.timeout })
-    if not ok then return errors.fail("store", "redis store: cannot connect to " .. self.host .. ":" .. self.port) end
-    self.client = client
-  end
-  local ok, a = pcall(fn, self.client)
-  if not ok then
-    self.client = nil   -- reconnect next time
-    return errors.fail("store", "redis store: " .. tostring(a):gsub("^.-: ", ""))
-  end
-  return true, a
+-- client:call returns values; the store contract wants store errors.
+function M:call(...)
+  local v, err = self.client:call(...)
+  if err then return errors.fail("store", "redis store: " .. err.message, { reason = err.reason }) end
+  return true, v
 end
 
 -- Redis keys carry a digest of the account key, never the token.
@@ -58,7 +53,7 @@ local function aad(name) return "oauthmail-redis-store/1/" .. name end
 
 function M:load(key)
   local name = self:name("token", key)
-  local ok, value = self:call(function(c) return c:get(name) end)
+  local ok, value = self:call("GET", name)
   if not ok then return nil, value end
   if value == nil then return nil end
   if self.seal_key then
@@ -75,13 +70,13 @@ end
 function M:save(key, record)
   local name = self:name("token", key)
   if record == nil then
-    local ok, err = self:call(function(c) return c:del(name) end)
+    local ok, err = self:call("DEL", name)
     if not ok then return nil, err end
     return true
   end
   local value = cjson.encode(record)
   if self.seal_key then value = crypto.b64encode(crypto.aead_seal(self.seal_key, value, aad(name))) end
-  local ok, err = self:call(function(c) return c:set(name, value) end)
+  local ok, err = self:call("SET", name, value)
   if not ok then return nil, err end
   return true
 end
@@ -91,23 +86,23 @@ local RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call
 function M:lock(key, timeout)
   local name = self:name("lock", key)
   local me = crypto.hex(crypto.random(16))   -- release only our own lease
-  local deadline = core.monotime() + (timeout or 30)
+  local deadline = wait.now() + (timeout or 30)
   local pause = 0.01
   while true do
-    local ok, got = self:call(function(c) return c:set(name, me, "NX", "PX", math.floor(self.lease * 1000)) end)
+    local ok, got = self:call("SET", name, me, "NX", "PX", math.floor(self.lease * 1000))
     if not ok then return nil, got end
     if got then
       return function()
-        local rok, rerr = self:call(function(c) return c:eval(RELEASE, 1, name, me) end)
+        local rok, rerr = self:call("EVAL", RELEASE, 1, name, me)
         if not rok then return nil, rerr end
         return true
       end
     end
-    if core.monotime() >= deadline then
+    if wait.now() >= deadline then
       return errors.fail("store", string.format("redis store: timed out after %g s waiting for the lock of this account",
         timeout or 30), { reason = "timeout" })
     end
-    core.sleep(pause)
+    wait.sleep(pause)
     if pause < 0.1 then pause = pause * 2 end
   end
 end

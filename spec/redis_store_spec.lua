@@ -1,13 +1,14 @@
 -- spec/redis_store_spec.lua — the custom-store example (examples/redis_store.lua)
 -- against a real redis-server on loopback: the store contract, sealing, the
--- lease lock, and the token manager on top of it. Needs Debian's lua-redis
--- (Lua 5.1, 5.2, 5.3 and LuaJIT; there is no 5.4 build) and redis-server.
+-- lease lock, and the token manager on top of it. The example runs over
+-- oauthmail.redis, so it needs only redis-server, on every Lua version.
 local h = require "spec.support.helpers"
+local rsupport = require "spec.support.redis"
 
-local has_redis = pcall(require, "redis") and (h.exec("command -v redis-server"))
+local has_redis = rsupport.available()
 
 local function it_redis(name, fn)
-  if has_redis then it(name, fn) else pending(name .. " (needs lua-redis for this Lua and redis-server)") end
+  if has_redis then it(name, fn) else pending(name .. " (needs redis-server)") end
 end
 
 describe("examples/redis_store.lua", function()
@@ -17,9 +18,8 @@ describe("examples/redis_store.lua", function()
     if not has_redis then return end
     redis_store = require "examples.redis_store"
     tokens = require "oauthmail.tokens"
-    port = h.free_port()
-    server = h.spawn(string.format("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no", port),
-      { ready = "Ready to accept connections", timeout = 20 })
+    server = rsupport.start()
+    port = server.port
   end)
   teardown(function() if server then server.stop() end end)
 
@@ -33,11 +33,11 @@ describe("examples/redis_store.lua", function()
     assert.is_nil(s:load(KEY))
     assert.is_true(s:save(KEY, REC))
     assert.same(REC, s:load(KEY))
-    local raw = require("redis").connect("127.0.0.1", port)
-    local keys = raw:keys("t1:*")
+    local raw = require("oauthmail.redis").new { port = port }
+    local keys = raw:call("KEYS", "t1:*")
     assert.equals(1, #keys)
     assert.not_matches("user@example.org", keys[1], 1, true)
-    h.assert_no_secrets(raw:get(keys[1]), { REC.access_token, REC.refresh_token })
+    h.assert_no_secrets(raw:call("GET", keys[1]), { REC.access_token, REC.refresh_token })
     local wrong = redis_store.new { port = port, seal_key = string.rep("w", 32), prefix = "t1:" }
     local got, err = wrong:load(KEY)
     assert.is_nil(got)

@@ -115,9 +115,18 @@ function M.new(profile)
   for k, v in pairs(pol) do if k ~= "governor" then policy_opts[k] = v end end
   policy_opts.clock = clock
   self.policy = policy_mod.new(policy_opts)
-  self.governor = pol.governor or policy_mod.governor(s.limits, {
-    clock = clock, sleep = self.policy.sleep, trace = self.trace and function(ev) self:_trace(ev) end,
-  })
+  local gov_opts = { clock = clock, sleep = self.policy.sleep, trace = self.trace and function(ev) self:_trace(ev) end }
+  if pol.governor then
+    self.governor = pol.governor
+  elseif s.limits.shared then
+    -- counted in Redis with every other process sending as this mailbox
+    gov_opts.mailbox = s.user
+    local ok, gov = pcall(require("oauthmail.policy.shared").new, s.limits, gov_opts)
+    if not ok then return errors.fail("config", (tostring(gov):gsub("^[^:]*:%d+: ", ""))) end
+    self.governor = gov
+  else
+    self.governor = policy_mod.governor(s.limits, gov_opts)
+  end
   local mgr, merr = self:_manager(s.oauth)
   if not mgr then return nil, merr end
   if s.graph_oauth then
@@ -344,10 +353,12 @@ function Mailer:_failed(err, action, attempt, e, lane)
   lane = lane or self.lanes[1]
   self:_trace { event = "attempt_failed", attempt = attempt, action = action == "reauth" and "fail" or action,
     kind = err.kind, code = err.code, enhanced = err.enhanced, transport = lane.name, graph_code = err.graph_code }
+  -- lowered before the slot is given back: with shared limits, nobody may
+  -- take the freed slot under the old limit in between
+  if action == "throttle" then self.governor:lower() end
   if e then
     if action == "retry" or action == "fail" then lane.pool:release(e) else lane.pool:release(e, action) end
   end
-  if action == "throttle" then self.governor:lower() end
 end
 
 -- The receipt for a delivered message; built before anything else happens.
@@ -369,8 +380,8 @@ function Mailer:_delivered(m, receipt, attempt, e, lane, keep)
   local out = receipt_for(m, receipt, attempt, lane.name)
   e.sent = e.sent + 1
   self.sent = self.sent + 1
-  if not keep then pcall(lane.pool.release, lane.pool, e) end
-  pcall(self.governor.record, self.governor, #m.to)
+  if not keep then errors.pcall(lane.pool.release, lane.pool, e) end
+  errors.pcall(self.governor.record, self.governor, #m.to)
   self:_trace { event = "sent", message_id = m.message_id, attempts = attempt, code = receipt.code, transport = lane.name }
   return out
 end
@@ -625,6 +636,16 @@ function Mailer:send_many(list, o)
   return results
 end
 
+-- mailer:close_idle() -> n: QUIT the sessions no message is using now and
+-- give back their connection slots (shared limits: to the other processes);
+-- the mailer stays usable. For hosts that go quiet between bursts.
+function Mailer:close_idle()
+  if self.closed then return 0 end
+  local n = 0
+  for _, lane in ipairs(self.lanes) do n = n + lane.pool:close_idle() end
+  return n
+end
+
 -- mailer:close(): QUIT the idle sessions (busy ones close when their
 -- message is done). Idempotent; send after close raises.
 function Mailer:close()
@@ -638,7 +659,7 @@ Mailer.__close = Mailer.close
 Mailer.__gc = function(self)
   if not self.closed and self.lanes then
     self.closed = true
-    for _, lane in ipairs(self.lanes) do pcall(lane.pool.abandon, lane.pool) end
+    for _, lane in ipairs(self.lanes) do errors.pcall(lane.pool.abandon, lane.pool) end
   end
 end
 

@@ -52,7 +52,7 @@ function Pool:_drop(e, reason)
   e.dropped = true
   remove(self.entries, e)
   self.trace { event = "session_closed", reason = reason }
-  local ok = pcall(self.transport.close, self.transport, e.s)
+  local ok = errors.pcall(self.transport.close, self.transport, e.s)
   if not ok then self.transport:abandon(e.s) end
   self.governor:release()
   self.freed:signal()
@@ -86,17 +86,22 @@ function Pool:_connect_auth(tok)
   return s, tok
 end
 
-function Pool:_open()
+function Pool:_open(slot_held)
   local tok, err = self.token()
-  if not tok then return nil, err end
-  local ok
-  ok, err = self.governor:acquire()
-  if not ok then return nil, err end
+  if not tok then
+    if slot_held then self.governor:release() end
+    return nil, err
+  end
+  if not slot_held then
+    local ok
+    ok, err = self.governor:acquire()
+    if not ok then return nil, err end
+  end
   local half = {}
   self.half = half
   local done, s, tok2 = errors.pcall(self._connect_auth, self, tok)
   if not done or not s then
-    if half[1] then pcall(self.transport.close, self.transport, half[1]) end
+    if half[1] then errors.pcall(self.transport.close, self.transport, half[1]) end
     self.governor:release()
     if not done then error(s, 0) end
     return nil, tok2
@@ -111,11 +116,16 @@ end
 function Pool:acquire()
   local deadline = wait.now() + self.max_wait
   while true do
-    -- idle sessions that may not serve again, and any over a lowered limit, go
+    -- idle sessions that may not serve again, any over a lowered limit, and
+    -- as many as a shared governor found slots lost (leases that ran out), go
+    local lost = self.governor.lost_count and self.governor:lost_count() or 0
     for i = #self.entries, 1, -1 do
       local e = self.entries[i]
       if e and not e.busy then
-        if not self:_usable(e) then
+        if lost > 0 then
+          self:_drop(e, "lease_lost")
+          lost = lost - 1
+        elseif not self:_usable(e) then
           self:_drop(e, self.transport:usable(e.s) and "renew" or "broken")
         elseif #self.entries + self.opening > self:limit() then
           self:_drop(e, "throttle")
@@ -128,9 +138,33 @@ function Pool:acquire()
         return e
       end
     end
-    if #self.entries + self.opening < self:limit() then
+    -- a governor shared with other processes is asked without waiting, so
+    -- that while they hold the mailbox's connections, a session of ours
+    -- coming back is taken instead (waiting inside acquire while our own
+    -- idle sessions hold slots would deadlock the processes until a lease ran out)
+    local slot, retry = nil, nil
+    if #self.entries + self.opening < self:limit() and self.governor.try_acquire then
+      local gerr
+      slot, gerr, retry = self.governor:try_acquire()
+      if slot == nil then return nil, gerr end
+      if slot and #self.entries + self.opening >= self:limit() then
+        -- another coroutine of ours opened one while we asked
+        self.governor:release()
+        slot = "again"
+      end
+    end
+    if slot == "again" then   -- luacheck: ignore 542
+      -- look at the idle sessions again
+    elseif slot == false then
+      if wait.now() >= deadline then
+        return errors.fail("policy", string.format("all %d connections to this mailbox stayed in use for %g s",
+          self:limit(), self.max_wait), { reason = "rate_limit", limit = "connections", retryable = true })
+      end
+      local d = math.min(deadline, wait.now() + retry)
+      if not self.freed:wait(d) and wait.now() < d then wait.sleep(d - wait.now()) end
+    elseif #self.entries + self.opening < self:limit() then
       self.opening = self.opening + 1
-      local ok, e, err = errors.pcall(self._open, self)
+      local ok, e, err = errors.pcall(self._open, self, slot)
       self.opening = self.opening - 1
       if not ok then
         self.freed:signal()
@@ -143,8 +177,7 @@ function Pool:acquire()
       e.busy = true
       self.entries[#self.entries + 1] = e
       return e
-    end
-    if not self.freed:wait(deadline) then
+    elseif not self.freed:wait(deadline) then
       return errors.fail("policy", string.format("all %d sessions of this mailer stayed busy for %g s",
         self:limit(), self.max_wait), { reason = "rate_limit", limit = "connections", retryable = true })
     end
@@ -163,6 +196,20 @@ function Pool:release(e, reason)
     self:_drop(e, "broken")
   end
   self.freed:signal()
+end
+
+-- pool:close_idle() -> n: QUIT the idle sessions, giving back their slots;
+-- the pool stays open and opens new ones when needed.
+function Pool:close_idle()
+  local n = 0
+  for i = #self.entries, 1, -1 do
+    local e = self.entries[i]
+    if not e.busy then
+      self:_drop(e, "idle")
+      n = n + 1
+    end
+  end
+  return n
 end
 
 -- pool:close(): QUIT every idle session; busy ones are closed when released.

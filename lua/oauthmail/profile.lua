@@ -75,6 +75,7 @@ M.SCHEMA = {
     messages_per_minute = "count|false", messages_per_day = "count|false",
     recipients_per_day = "count|false", recipients_per_message = "count|false",
     connections = "count|false", on_limit = enum("wait", "fail"), max_wait = "seconds",
+    shared = "table",
   } },
   policy = { fields = {
     reuse = "boolean", max_messages_per_session = "count", attempts = "count", max_time = "seconds",

@@ -1,5 +1,6 @@
 -- oauthmail.store — where tokens live between runs. Built-in stores: memory,
--- file (optionally encrypted) and command (external secret managers). Any
+-- file (optionally encrypted), command (external secret managers) and redis
+-- (shared by processes and machines, optionally encrypted). Any
 -- table with load, save and lock methods is a store too (docs/tokens.md).
 local M = {}
 
@@ -7,6 +8,7 @@ local KINDS = {
   memory = "oauthmail.store.memory",
   file = "oauthmail.store.file",
   command = "oauthmail.store.command",
+  redis = "oauthmail.store.redis",
 }
 
 local function is_store(v)
@@ -53,9 +55,10 @@ end
 function M.memory(opts) return require(KINDS.memory).new(opts) end
 function M.file(opts) return require(KINDS.file).new(opts) end
 function M.command(opts) return require(KINDS.command).new(opts) end
+function M.redis(opts) return require(KINDS.redis).new(opts) end
 
 -- store.new(spec) -> store: spec is nil (memory), a store object, or a table
--- {kind = "memory"|"file"|"command", ...options of that kind}.
+-- {kind = "memory"|"file"|"command"|"redis", ...options of that kind}.
 function M.new(spec)
   if spec == nil then return M.memory() end
   if is_store(spec) then return spec end
@@ -63,7 +66,7 @@ function M.new(spec)
   local mod = KINDS[spec.kind]
   if not mod then
     error("oauthmail.store: unknown kind '" .. tostring(spec.kind)
-      .. "' (memory, file, command, or a table with load, save and lock methods)", 2)
+      .. "' (memory, file, command, redis, or a table with load, save and lock methods)", 2)
   end
   local opts = {}
   for k, v in pairs(spec) do if k ~= "kind" then opts[k] = v end end

@@ -317,7 +317,7 @@ function Manager:locked_obtain(force_flow)
   -- remembered so a refresh that raised does not leave the lock held
   local function release()
     self.held_release = nil
-    pcall(raw_release)
+    errors.pcall(raw_release)
   end
   self.held_release = release
   local rec, rerr = self:store_call("load", self.key)
@@ -460,7 +460,7 @@ function Manager:logout()
   local release, lerr = self:store_call("lock", self.key, self.lock_timeout)
   if not release then return nil, lerr end
   local ok, err = self:store_call("save", self.key, nil)
-  pcall(release)
+  errors.pcall(release)
   self.cached, self.unsaved = nil, nil
   if not ok then return nil, err end
   return true

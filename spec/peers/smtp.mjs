@@ -102,6 +102,7 @@ const server = new SMTPServer({
         data: data.length <= 65536 ? data : undefined,
         user: session.user,
         token_index: session.token_index,
+        at: Date.now(),
       }) + '\n');
       const done = () => callback(null, 'queued as m' + Date.now());
       if (cfg.data_delay_ms) setTimeout(done, cfg.data_delay_ms); else done();

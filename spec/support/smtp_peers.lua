@@ -72,7 +72,7 @@ function M.node_smtp(opts)
   local certs = require("spec.support.certs").get()
   local dir = h.tmpdir()
   local cfg = {
-    port = 0, tls = opts.tls or "starttls", cert = certs.server.cert, key = certs.server.key,
+    port = opts.port or 0, tls = opts.tls or "starttls", cert = certs.server.cert, key = certs.server.key,
     token = opts.token, user = opts.user or "alice@example.org",
     auth = opts.auth or { "XOAUTH2", "PLAIN", "LOGIN" }, reject = opts.reject or {},
     hide_starttls = opts.hide_starttls or false, size = opts.size or 0,

@@ -16,8 +16,11 @@ M.COMMANDS = {
   logout = "revoke the refresh token and delete the stored tokens",
   trace = "print a JSON Lines trace file readably",
   sandbox = "run the local token service and Exchange-shaped SMTP server (Lua)",
+  queue = "list, run, flush or drop the outbox (a spool directory or a Redis stream)",
+  worker = "send what an outbox holds, with the profile's mailer",
 }
-local ORDER = { "profiles", "login", "token", "send", "sendmail", "doctor", "logout", "trace", "sandbox" }
+local ORDER = { "profiles", "login", "token", "send", "sendmail", "doctor", "logout", "trace", "queue", "worker",
+  "sandbox" }
 
 local function usage(out)
   local lines = { "usage: oauthmail COMMAND [--profile NAME] [options]", "", "commands:" }
