@@ -74,6 +74,43 @@ describe("oauthmail queue and worker", function()
     assert.equals(64, r.rc)
   end)
 
+  it("sendmail --queue keeps a message the server cannot take now, and queue run delivers it once", function()
+    local home = cli.home()
+    profile(home)
+    -- the same mailbox while its SMTP server is down (nothing listens on the port)
+    home.profile("down", {
+      provider = "generic", issuer = srv.issuer, token_endpoint = srv.token_endpoint,
+      flow = "client_credentials", client_id = "cc-post", client_secret = srv.secrets.post,
+      client_auth = "client_secret_post", scope = "mail.send", ca_file = srv.ca, user = USER,
+      smtp = { host = "127.0.0.1", port = h.free_port(), tls = "implicit", timeout = 3 }, policy = { attempts = 1 },
+    })
+    local text = "From: " .. USER .. "\r\nTo: ops@example.org\r\nBcc: hidden@example.org\r\n" ..
+      "Subject: queued while down\r\nMessage-ID: <queued-down@contoso.test>\r\n\r\nlater\r\n"
+    -- without --queue: 75, as sendmail callers expect; with it: 0 and one entry in the spool
+    local r = cli.run(home, { "sendmail", "--profile", "down", "-t" }, { stdin = text })
+    assert.equals(75, r.rc, r.err)
+    r = cli.run(home, { "sendmail", "--profile", "down", "--queue", "-t" }, { stdin = text })
+    assert.equals(0, r.rc, r.err)
+    assert.matches("queued as", r.err)
+    local dir = home.state .. "/oauthmail/down.outbox"
+    r = cli.run(home, { "queue", "list", "--outbox", dir })
+    assert.equals(0, r.rc, r.err)
+    assert.equals(1, select(2, r.out:gsub("\n", "")))
+    assert.truthy(r.out:find("queued while down", 1, true), r.out)
+    -- the server is back (the working profile, same mailbox): one delivery, Bcc only in the envelope
+    local before = #sb.messages()
+    r = cli.run(home, { "queue", "run", "--profile", "spec", "--outbox", dir })
+    assert.equals(0, r.rc, r.err)
+    assert.equals(before + 1, #sb.messages())
+    local m = sb.messages()[#sb.messages()]
+    assert.equals("queued-down@contoso.test", m.message_id)
+    assert.same({ "ops@example.org", "hidden@example.org" }, m.to)
+    assert.is_nil(m.data:find("hidden@example.org", 1, true))
+    r = cli.run(home, { "queue", "run", "--profile", "spec", "--outbox", dir })
+    assert.equals(before + 1, #sb.messages())   -- sent once
+    h.assert_no_secrets(r.out .. r.err, { srv.secrets.post })
+  end)
+
   local it_redis = rsupport.available() and it or pending
   it_redis("worker --once sends what a Redis outbox holds", function()
     local redis_srv = rsupport.start()

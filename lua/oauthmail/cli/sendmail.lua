@@ -10,9 +10,12 @@ local M = {}
 local EX = common.EX
 
 M.HELP = [[
-usage: oauthmail sendmail [--profile NAME] [--trace FILE] [--quiet] [-t] [-i|-oi] [-f SENDER] [-F NAME]
-                          [other sendmail flags] [--] [RECIPIENT...]
+usage: oauthmail sendmail [--profile NAME] [--trace FILE] [--quiet] [--queue] [-t] [-i|-oi] [-f SENDER]
+                          [-F NAME] [other sendmail flags] [--] [RECIPIENT...]
 Reads a message on stdin and sends it through the profile's mailbox.
+  --queue       when sending fails for now (what would exit 75: the server or the network is
+                down, a 4xx), keep the message in the profile's spool and exit 0;
+                `oauthmail queue run` (cron) delivers it later, once
   -t            recipients from the To, Cc and Bcc headers (Bcc is removed), plus any given
   -f, -r ADDR   envelope sender (default: the profile's from, else user)
   -F NAME       full name for the From header, when the message has none
@@ -57,7 +60,7 @@ function M.parse(argv)
           if v == nil then return nil, "option --" .. name .. " needs a value" end
         end
         opts[name] = v
-      elseif name == "quiet" or name == "help" then
+      elseif name == "quiet" or name == "help" or name == "queue" then
         opts[name] = true
       else
         return nil, "unknown option " .. a
@@ -113,6 +116,32 @@ local function quote_name(name)
   return '"' .. name:gsub('[\\"]', "\\%0") .. '"'
 end
 
+-- --queue: the message as composed (Bcc gone, Date and Message-ID set) goes
+-- durably into the profile's spool, the outbox `oauthmail queue` reads.
+function M.queue(ctx, opts, m, why)
+  local text, rerr = m:tostring()
+  if not text then common.report(rerr) return EX.TEMPFAIL end
+  local ob, oerr = require("oauthmail.cli.queue").open(ctx, {})
+  if not ob then
+    common.report(why)
+    common.report(oerr)
+    return EX.TEMPFAIL
+  end
+  local id, qerr = ob:enqueue { raw = text, from = m.envelope.from, to = m.envelope.to }
+  ob:close()
+  if not id then
+    common.report(why)
+    common.report(qerr)
+    return EX.TEMPFAIL
+  end
+  ctx:event { type = "cli", event = "queued", id = id, reason = why and why.message }
+  if not opts.quiet then
+    io.stderr:write("oauthmail sendmail: not sent now (", tostring(why and why.message), "); queued as ", id,
+      " for `oauthmail queue run`\n")
+  end
+  return 0
+end
+
 function M.run(ctx, opts, rcpt)
   local raw = read_stdin(opts.ignore_dots)
   if raw == nil or raw == "" then
@@ -164,7 +193,12 @@ function M.run(ctx, opts, rcpt)
     from_headers = opts.headers == true }
   local receipt
   receipt, err = deliver.send(ctx, mailer, m)
-  if not receipt then common.report(err) return common.exit_code(err) end
+  if not receipt then
+    local code = common.exit_code(err)
+    if opts.queue and code == EX.TEMPFAIL then return M.queue(ctx, opts, m, err) end
+    common.report(err)
+    return code
+  end
   return 0
 end
 
