@@ -294,4 +294,22 @@ function Client:close()
 end
 
 M.Client = Client
+-- redis.client_options(where, spec) -> the options redis.new takes, from a
+-- store's, governor's or outbox's spec: the connection fields as given, and
+-- password_env read now (raises, naming `where`, when it is not set).
+local CLIENT_FIELDS = { "url", "timeout", "ca_file", "ca_path", "verify", "servername", "client_cert", "client_key",
+  "username", "password" }
+function M.client_options(where, spec)
+  local ropts = {}
+  for _, k in ipairs(CLIENT_FIELDS) do ropts[k] = spec[k] end
+  if spec.password_env then
+    local pw = os.getenv(spec.password_env)
+    if not pw or pw == "" then
+      error(where .. ": environment variable " .. spec.password_env .. " (the Redis password) is not set", 3)
+    end
+    ropts.password = pw
+  end
+  return ropts
+end
+
 return M

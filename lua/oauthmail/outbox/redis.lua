@@ -22,16 +22,7 @@ local FIELDS = {
 -- outbox.redis.new{url=, prefix="oauthmail:", group="workers", lease=60, attempts=5, keep_done=7 days, ...}
 function M.new(opts)
   require("oauthmail.store").check_options("outbox.redis", opts, FIELDS, 2)
-  local ropts = {}
-  for _, k in ipairs { "url", "timeout", "ca_file", "ca_path", "verify", "servername", "client_cert", "client_key",
-    "username", "password" } do ropts[k] = opts[k] end
-  if opts.password_env then
-    local pw = os.getenv(opts.password_env)
-    if not pw or pw == "" then
-      error("outbox.redis: environment variable " .. opts.password_env .. " (the Redis password) is not set", 2)
-    end
-    ropts.password = pw
-  end
+  local ropts = redis.client_options("outbox.redis", opts)
   if not opts.url and not opts.client then error("outbox.redis: 'url' is required", 2) end
   local prefix = (opts.prefix or "oauthmail:") .. "outbox"
   return setmetatable({

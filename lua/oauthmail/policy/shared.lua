@@ -134,16 +134,7 @@ function M.new(limits, opts)
   if type(opts.mailbox) ~= "string" or opts.mailbox == "" then
     error("limits.shared: the mailer has no user, so there is no mailbox to share limits for", 2)
   end
-  local ropts = {}
-  for _, k in ipairs { "url", "timeout", "ca_file", "ca_path", "verify", "servername", "client_cert", "client_key",
-    "username", "password" } do ropts[k] = spec[k] end
-  if spec.password_env then
-    local pw = os.getenv(spec.password_env)
-    if not pw or pw == "" then
-      error("limits.shared: environment variable " .. spec.password_env .. " (the Redis password) is not set", 2)
-    end
-    ropts.password = pw
-  end
+  local ropts = redis.client_options("limits.shared", spec)
   local client = spec.client
   if not client then
     local ok, c = pcall(redis.new, ropts)

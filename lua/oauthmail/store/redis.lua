@@ -39,16 +39,7 @@ function M.new(opts)
   if type(opts) ~= "table" then error("store.redis: options must be a table", 2) end
   require("oauthmail.store").check_options("store.redis", opts, FIELDS, 2)
   if opts.encryption ~= nil then keysource.check(opts.encryption) end
-  local ropts = {}
-  for _, k in ipairs { "url", "timeout", "ca_file", "ca_path", "verify", "servername", "client_cert", "client_key",
-    "username", "password" } do ropts[k] = opts[k] end
-  if opts.password_env then
-    local pw = os.getenv(opts.password_env)
-    if not pw or pw == "" then
-      error("store.redis: environment variable " .. opts.password_env .. " (the Redis password) is not set", 2)
-    end
-    ropts.password = pw
-  end
+  local ropts = redis.client_options("store.redis", opts)
   if not opts.client and not opts.url then error("store.redis: 'url' is required (redis:// or rediss://)", 2) end
   local ok, client = true, opts.client
   if not client then ok, client = pcall(redis.new, ropts) end
