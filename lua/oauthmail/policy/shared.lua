@@ -189,23 +189,14 @@ end
 -- semaphore) within max_wait.
 function Shared:acquire()
   if not self.configured then return true end
-  local id = self:next_id()
   local deadline = wait.now() + self.max_wait
   local pause = 0.02
   while true do
-    local r, err = self.client:eval(ACQUIRE, { self.keys.sem, self.keys.low }, { id, self.lease_ms, self.configured })
-    if not r then return unavailable(self, err) end
-    if r[2] ~= self.connections then
-      self.connections = r[2]
-      if self.trace then self.trace { type = "policy", event = "concurrency", connections = r[2], shared = true } end
-    end
-    if r[1] == 1 then
-      self.held[#self.held + 1] = id
-      return true
-    end
-    if self.on_limit == "fail" or wait.now() + pause > deadline then
-      return nil, limit_error(string.format("all %d connections to this mailbox are in use (shared)", r[2]), 1,
-        { limit = "connections" })
+    local ok, err = self:try_acquire()
+    if ok or err then return ok, err end
+    if wait.now() + pause > deadline then
+      return nil, limit_error(string.format("all %d connections to this mailbox are in use (shared)",
+        self.connections), 1, { limit = "connections" })
     end
     self.sleep(pause)
     if pause < 0.2 then pause = pause * 2 end
