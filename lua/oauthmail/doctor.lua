@@ -277,6 +277,20 @@ function Run:check_claims(tok)
   return self:add("claims", "pass", detail, { claims = public })
 end
 
+
+-- One credential's end date as a check line: fail once past, warn within
+-- WARN_DAYS, pass otherwise.
+local function credential_end(self, what, t, now, cause, fix, fix_soon)
+  if t <= now then
+    self:add("credentials", "fail", what .. " expired on " .. fmt_date(t), { cause = cause, fix = fix })
+  elseif t - now < M.WARN_DAYS * DAY then
+    self:add("credentials", "warn", string.format("%s expires on %s (%d days)", what, fmt_date(t), days(t - now)),
+      { fix = fix_soon })
+  else
+    self:add("credentials", "pass", string.format("%s valid until %s (%d days)", what, fmt_date(t), days(t - now)))
+  end
+end
+
 function Run:credential_life(p, rec)
   local now = self.clock()
   local any = false
@@ -289,15 +303,10 @@ function Run:credential_life(p, rec)
     local na = pem and M.cert_not_after(pem)
     if not na then
       self:add("credentials", "warn", "cannot read the client certificate's notAfter from " .. cert)
-    elseif na <= now then
-      self:add("credentials", "fail", "client certificate expired on " .. fmt_date(na), {
-        cause = "the certificate the app signs in with has expired",
-        fix = "make a new certificate, upload it to the app registration, and point client_certificate at it" })
-    elseif na - now < M.WARN_DAYS * DAY then
-      self:add("credentials", "warn", string.format("client certificate expires on %s (%d days)", fmt_date(na), days(na - now)),
-        { fix = "upload a new certificate to the app registration before then" })
     else
-      self:add("credentials", "pass", string.format("client certificate valid until %s (%d days)", fmt_date(na), days(na - now)))
+      credential_end(self, "client certificate", na, now, "the certificate the app signs in with has expired",
+        "make a new certificate, upload it to the app registration, and point client_certificate at it",
+        "upload a new certificate to the app registration before then")
     end
   end
   if p.secret_expires then
@@ -305,15 +314,10 @@ function Run:credential_life(p, rec)
     local t = require("oauthmail.trace").parse_time(p.secret_expires)
     if not t then
       self:add("credentials", "warn", "secret_expires is not a date (YYYY-MM-DD): " .. tostring(p.secret_expires))
-    elseif t <= now then
-      self:add("credentials", "fail", "client secret expired on " .. fmt_date(t), {
-        cause = "the client secret's end date (secret_expires) has passed",
-        fix = "create a new client secret in the app registration and update the profile" })
-    elseif t - now < M.WARN_DAYS * DAY then
-      self:add("credentials", "warn", string.format("client secret expires on %s (%d days)", fmt_date(t), days(t - now)),
-        { fix = "create a new client secret before then and update the profile (and secret_expires)" })
     else
-      self:add("credentials", "pass", string.format("client secret valid until %s (%d days)", fmt_date(t), days(t - now)))
+      credential_end(self, "client secret", t, now, "the client secret's end date (secret_expires) has passed",
+        "create a new client secret in the app registration and update the profile",
+        "create a new client secret before then and update the profile (and secret_expires)")
     end
   end
   if type(rec) == "table" and type(rec.refresh_token) == "string" then
