@@ -72,7 +72,7 @@ function M.run(ctx, opts)
         ctx:status(string.format("waiting for approval: %s left (checked %d time%s, every %s s)",
           clock_text(deadline - now), polls - 1, polls == 2 and "" or "s", tostring(interval or seconds)))
       end
-      core.sleep(math.min(1, stop - now))
+      require("oauthmail.wait").sleep(math.min(1, stop - now))   -- the one waiter
     end
   end
   if opts.manual then
