@@ -37,9 +37,12 @@ else
 endif
 ALL_CFLAGS  = $(CFLAGS) -std=gnu99 -pthread -fPIC -fvisibility=hidden $(WARN) \
               $(LUA_CFLAGS) $(shell pkg-config --cflags openssl libcurl)
-# oauthmail.core links OpenSSL only; oauthmail.curl (the HTTP family) adds
-# libcurl, whose many libraries then load only when HTTP is first used.
-ALL_LDFLAGS = $(LDFLAGS) -shared -pthread -ldl $(shell pkg-config --libs openssl)
+# Three modules, so a short-lived process maps only the libraries it uses:
+# oauthmail.sys (files, clock, poll) links nothing but libc; oauthmail.core
+# adds OpenSSL; oauthmail.curl (the HTTP family) adds libcurl and its many
+# libraries, which then load only when HTTP is first used.
+BASE_LDFLAGS = $(LDFLAGS) -shared -pthread -ldl
+ALL_LDFLAGS = $(BASE_LDFLAGS) $(shell pkg-config --libs openssl)
 CURL_LDLIBS = $(shell pkg-config --libs libcurl)
 ifneq ($(TESTING),)
   ALL_CFLAGS  += -DOAUTHMAIL_TESTING
@@ -51,15 +54,17 @@ endif
 
 SRCS := $(wildcard csrc/*.c)
 OBJS := $(SRCS:csrc/%.c=$(OUT)/obj/%.o)
+SYS_OBJS := $(OUT)/obj/sys.o $(OUT)/obj/fs.o $(OUT)/obj/poll.o $(OUT)/obj/om.o
 CURL_OBJS := $(OUT)/obj/http.o $(OUT)/obj/om.o
-CORE_OBJS := $(filter-out $(OUT)/obj/http.o,$(OBJS))
+CORE_OBJS := $(filter-out $(OUT)/obj/http.o $(OUT)/obj/sys.o $(OUT)/obj/fs.o $(OUT)/obj/poll.o,$(OBJS))
 HDRS := $(wildcard csrc/*.h)
 CORE := $(OUT)/oauthmail/core.so
+SYS := $(OUT)/oauthmail/sys.so
 CURL := $(OUT)/oauthmail/curl.so
 LUAS := $(shell cd lua && find oauthmail -name '*.lua' | sort)
 
 .PHONY: all install check ci setup test lint asan clean demo rockspec rock rock-install fuzz fuzz-build
-all: $(CORE) $(CURL)
+all: $(SYS) $(CORE) $(CURL)
 
 $(OUT)/obj/%.o: csrc/%.c $(HDRS) Makefile
 	@mkdir -p $(dir $@)
@@ -69,12 +74,17 @@ $(CORE): $(CORE_OBJS)
 	@mkdir -p $(dir $@)
 	$(CC) -o $@ $(CORE_OBJS) $(ALL_LDFLAGS)
 
+$(SYS): $(SYS_OBJS)
+	@mkdir -p $(dir $@)
+	$(CC) -o $@ $(SYS_OBJS) $(BASE_LDFLAGS)
+
 $(CURL): $(CURL_OBJS)
 	@mkdir -p $(dir $@)
 	$(CC) -o $@ $(CURL_OBJS) $(ALL_LDFLAGS) $(CURL_LDLIBS)
 
-install: $(CORE) $(CURL)
+install: $(SYS) $(CORE) $(CURL)
 	install -d $(DESTDIR)$(PREFIX)/lib/lua/$(LUA_ABI)/oauthmail $(DESTDIR)$(PREFIX)/share/lua/$(LUA_ABI)/oauthmail
+	install -m 0755 $(SYS) $(DESTDIR)$(PREFIX)/lib/lua/$(LUA_ABI)/oauthmail/sys.so
 	install -m 0755 $(CORE) $(DESTDIR)$(PREFIX)/lib/lua/$(LUA_ABI)/oauthmail/core.so
 	install -m 0755 $(CURL) $(DESTDIR)$(PREFIX)/lib/lua/$(LUA_ABI)/oauthmail/curl.so
 	for f in $(LUAS); do \
@@ -83,9 +93,13 @@ install: $(CORE) $(CURL)
 	# the command, for the Lua this tree was built for, finding the modules where they went
 	install -d $(DESTDIR)$(PREFIX)/bin
 	sed -e '1s|.*|#!$(shell command -v $(LUA_BIN))|' \
-	    -e 's|^local INSTALLED = nil$$|local INSTALLED = { lua = "$(PREFIX)/share/lua/$(LUA_ABI)", lib = "$(PREFIX)/lib/lua/$(LUA_ABI)" }|' \
+	    -e 's|^local INSTALLED = nil$$|local INSTALLED = { lua = "$(PREFIX)/share/lua/$(LUA_ABI)", lib = "$(PREFIX)/lib/lua/$(LUA_ABI)", bytecode = "$(PREFIX)/lib/oauthmail/$(LUA_BIN)" }|' \
 	    bin/oauthmail > $(DESTDIR)$(PREFIX)/bin/oauthmail
 	chmod 0755 $(DESTDIR)$(PREFIX)/bin/oauthmail
+	# its modules precompiled for that Lua (bin/precompile; the sources stay what `require` loads)
+	rm -rf $(DESTDIR)$(PREFIX)/lib/oauthmail/$(LUA_BIN)
+	install -d $(DESTDIR)$(PREFIX)/lib/oauthmail/$(LUA_BIN)
+	$(LUA_BIN) bin/precompile lua $(DESTDIR)$(PREFIX)/lib/oauthmail/$(LUA_BIN) $(PREFIX)/share/lua/$(LUA_ABI) >/dev/null
 
 # What the rockspec's make backend runs (`luarocks make`): the C module is
 # built in build/rock with luarocks' CC/CFLAGS and the Lua headers it found,
@@ -95,6 +109,7 @@ rock:
 
 rock-install:
 	install -d $(INST_LIBDIR)/oauthmail $(INST_LUADIR)/oauthmail
+	install -m 0755 build/rock/oauthmail/sys.so $(INST_LIBDIR)/oauthmail/sys.so
 	install -m 0755 build/rock/oauthmail/core.so $(INST_LIBDIR)/oauthmail/core.so
 	install -m 0755 build/rock/oauthmail/curl.so $(INST_LIBDIR)/oauthmail/curl.so
 	for f in $(LUAS); do \
@@ -112,12 +127,12 @@ ifeq ($(TESTING),)
 test:
 	@$(MAKE) --no-print-directory test TESTING=1
 else
-test: $(CORE) $(CURL)
+test: $(SYS) $(CORE) $(CURL)
 	$(TEST_ENV) $(SAN_ENV) $(LUA_BIN) bin/busted-run $(BUSTED_ARGS) $(SPEC)
 endif
 
 lint:
-	luacheck lua spec fuzz bin/oauthmail bin/busted-run bin/module-check bin/gen-rockspec $(wildcard examples/*.lua examples/*/*.lua bench/*.lua)
+	luacheck lua spec fuzz bin/oauthmail bin/busted-run bin/module-check bin/gen-rockspec bin/precompile $(wildcard examples/*.lua examples/*/*.lua bench/*.lua)
 
 # The lua binary is not instrumented, so the sanitizer runtimes are preloaded;
 # spec/support/helpers.lua removes them again for the peers it starts.

@@ -1,12 +1,9 @@
 /* core.c — luaopen_oauthmail_core: builds the private module from one list of
- * primitive families (one C file each). The HTTP family is a module of its
- * own, oauthmail.curl (http.c), so that loading the core does not load
- * libcurl and its libraries: a cached `oauthmail token` never needs them. */
-#include <errno.h>
-#include <math.h>
-#include <stdarg.h>
-#include <stdio.h>
-#include <time.h>
+ * primitive families (one C file each), on top of oauthmail.sys (sys.c: the
+ * clock, poll, files, the error value), whose fields it carries. Two families
+ * are modules of their own so that a short-lived process loads only what it
+ * uses: oauthmail.sys needs no OpenSSL (a cached `oauthmail token` reads a
+ * file), and oauthmail.curl (http.c) alone links libcurl. */
 #include "core.h"
 
 static const struct {
@@ -14,7 +11,6 @@ static const struct {
   void (*open)(lua_State *L);
 } families[] = {
   { "conn", om_conn_open },
-  { "fs", om_fs_open },
   { "crypto", om_crypto_open },
   { "smtp", om_smtp_open },
   { "resp", om_resp_open },
@@ -22,40 +18,23 @@ static const struct {
   { NULL, NULL }
 };
 
-
-/* Sleep without holding anything; used by retry back-off and tests. */
-/* A NaN or infinite duration (a server's "interval": NaN, say) is an argument
- * error, never an endless or undefined sleep; a day is the longest. */
-static int core_sleep(lua_State *L) {
-  lua_Number s = luaL_checknumber(L, 1);
-  struct timespec ts;
-  luaL_argcheck(L, isfinite(s), 1, "sleep: duration must be a finite number of seconds");
-  if (s < 0) s = 0;
-  if (s > 86400) s = 86400;
-  ts.tv_sec = (time_t)s;
-  ts.tv_nsec = (long)((s - (lua_Number)ts.tv_sec) * 1e9);
-  while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
-  return 0;
-}
-
-static int core_monotime(lua_State *L) {
-  lua_pushnumber(L, om_now());
-  return 1;
-}
-
 __attribute__((visibility("default"))) int luaopen_oauthmail_core(lua_State *L);
 
 int luaopen_oauthmail_core(lua_State *L) {
   int i;
-  om_error_metatable(L);
+  /* the OpenSSL-free primitives (sys.c) come first and stay the same values:
+   * core.fs, core.poll, core.error_metatable... are oauthmail.sys's own */
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "oauthmail.sys");
+  lua_call(L, 1, 1);
   lua_newtable(L);
-  lua_pushvalue(L, -2);
-  lua_setfield(L, -2, "error_metatable");
-  lua_pushcfunction(L, core_monotime);
-  lua_setfield(L, -2, "monotime");
-  lua_pushcfunction(L, core_sleep);
-  lua_setfield(L, -2, "sleep");
-  om_poll_open(L);
+  lua_pushnil(L);
+  while (lua_next(L, -3) != 0) {
+    lua_pushvalue(L, -2);
+    lua_insert(L, -2);
+    lua_settable(L, -4);
+  }
+  lua_remove(L, -2);
   for (i = 0; families[i].name; i++) {
     lua_newtable(L);
     families[i].open(L);

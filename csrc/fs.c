@@ -15,7 +15,6 @@
 #include <sys/types.h>
 #include <time.h>
 #include <unistd.h>
-#include <openssl/crypto.h>
 #include "core.h"
 
 #define FS_LOCK_TYPE "oauthmail.fs.lock"
@@ -273,6 +272,23 @@ static const char *type_name(mode_t m) {
   return "other";
 }
 
+/* {mode, uid, gid, size, mtime, type}: what stat and read_file report. */
+static void push_stat(lua_State *L, const struct stat *st) {
+  lua_createtable(L, 0, 6);
+  lua_pushinteger(L, (lua_Integer)(st->st_mode & 07777));
+  lua_setfield(L, -2, "mode");
+  lua_pushinteger(L, (lua_Integer)st->st_uid);
+  lua_setfield(L, -2, "uid");
+  lua_pushinteger(L, (lua_Integer)st->st_gid);
+  lua_setfield(L, -2, "gid");
+  lua_pushinteger(L, (lua_Integer)st->st_size);
+  lua_setfield(L, -2, "size");
+  lua_pushnumber(L, (lua_Number)st->st_mtim.tv_sec + (lua_Number)st->st_mtim.tv_nsec / 1e9);
+  lua_setfield(L, -2, "mtime");
+  lua_pushstring(L, type_name(st->st_mode));
+  lua_setfield(L, -2, "type");
+}
+
 /* fs.stat(path [, {follow=true}]) -> {mode=, uid=, gid=, size=, type=, mtime=} | nil, err */
 static int fs_stat(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
@@ -283,19 +299,7 @@ static int fs_stat(lua_State *L) {
     follow = om_opt_bool(L, 2, "follow", 1);
   }
   if ((follow ? stat(path, &st) : lstat(path, &st)) != 0) return fail_errno(L, errno, "cannot stat", path);
-  lua_createtable(L, 0, 6);
-  lua_pushinteger(L, (lua_Integer)(st.st_mode & 07777));
-  lua_setfield(L, -2, "mode");
-  lua_pushinteger(L, (lua_Integer)st.st_uid);
-  lua_setfield(L, -2, "uid");
-  lua_pushinteger(L, (lua_Integer)st.st_gid);
-  lua_setfield(L, -2, "gid");
-  lua_pushnumber(L, (lua_Number)st.st_size);
-  lua_setfield(L, -2, "size");
-  lua_pushnumber(L, (lua_Number)st.st_mtime);
-  lua_setfield(L, -2, "mtime");
-  lua_pushstring(L, type_name(st.st_mode));
-  lua_setfield(L, -2, "type");
+  push_stat(L, &st);
   return 1;
 }
 
@@ -333,7 +337,7 @@ static int fs_mkdir_private(lua_State *L) {
  * memory while pushing the result) neither leaks nor leaves key bytes. */
 static int secretbuf_gc(lua_State *L) {
   void *p = lua_touserdata(L, 1);
-  if (p) OPENSSL_cleanse(p, (size_t)om_rawlen(L, 1));
+  if (p) explicit_bzero(p, (size_t)om_rawlen(L, 1));
   return 0;
 }
 
@@ -343,24 +347,11 @@ static char *secretbuf_new(lua_State *L, size_t n) {
   return p;
 }
 
-static void push_stat(lua_State *L, const struct stat *st) {
-  lua_createtable(L, 0, 5);
-  lua_pushinteger(L, (lua_Integer)(st->st_mode & 07777));
-  lua_setfield(L, -2, "mode");
-  lua_pushinteger(L, (lua_Integer)st->st_uid);
-  lua_setfield(L, -2, "uid");
-  lua_pushinteger(L, (lua_Integer)st->st_gid);
-  lua_setfield(L, -2, "gid");
-  lua_pushinteger(L, (lua_Integer)st->st_size);
-  lua_setfield(L, -2, "size");
-  lua_pushstring(L, type_name(st->st_mode));
-  lua_setfield(L, -2, "type");
-}
 
 /* fs.read_file(path [, max [, {follow=false}]]) -> data, stat | nil, err
  * Never reads more than max bytes. The final path component must not be a
  * symbolic link (unless follow=true) and must be a regular file: a FIFO or a
- * device would block or never end. stat ({mode, uid, gid, size, type}) comes
+ * device would block or never end. stat ({mode, uid, gid, size, mtime, type}) comes
  * from fstat on the descriptor that was read, so a permission check on it
  * concerns exactly these bytes (no window between a stat and the open). */
 static int fs_read_file(lua_State *L) {
@@ -404,7 +395,7 @@ static int fs_read_file(lua_State *L) {
       ncap = cap * 2 > (size_t)max + 1 ? (size_t)max + 1 : cap * 2;
       bigger = secretbuf_new(L, ncap);
       memcpy(bigger, buf, total);
-      OPENSSL_cleanse(buf, cap);
+      explicit_bzero(buf, cap);
       lua_remove(L, -2);
       buf = bigger;
       cap = ncap;
@@ -414,7 +405,7 @@ static int fs_read_file(lua_State *L) {
       err = errno;
       if (err == EINTR) continue;
       close(fd);
-      OPENSSL_cleanse(buf, cap);
+      explicit_bzero(buf, cap);
       return fail_errno(L, err, "cannot read", path);
     }
     if (r == 0) break;
@@ -422,11 +413,11 @@ static int fs_read_file(lua_State *L) {
   }
   close(fd);
   if (total > (size_t)max) {
-    OPENSSL_cleanse(buf, cap);
+    explicit_bzero(buf, cap);
     return om_fail(L, "store", "too_large", "%s is larger than %ld bytes", path, (long)max);
   }
   lua_pushlstring(L, buf, total);
-  OPENSSL_cleanse(buf, cap);
+  explicit_bzero(buf, cap);
   push_stat(L, &st);
   return 2;
 }

@@ -89,6 +89,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     harness_L = luaL_newstate();
     if (!harness_L) abort();
     luaL_openlibs(harness_L);
+    luaL_requiref(harness_L, "oauthmail.sys", luaopen_oauthmail_sys, 0);
+    lua_pop(harness_L, 1);
     luaL_requiref(harness_L, "oauthmail.core", luaopen_oauthmail_core, 0);
     lua_getfield(harness_L, -1, "crypto");
     lua_setfield(harness_L, LUA_REGISTRYINDEX, "fuzz.crypto");

@@ -15,6 +15,7 @@
 #include <lauxlib.h>
 #include <lualib.h>
 
+int luaopen_oauthmail_sys(lua_State *L);
 int luaopen_oauthmail_core(lua_State *L);
 
 /* FUZZ_ROOT is the checkout, given by the Makefile. */
@@ -29,6 +30,8 @@ static inline void harness_init(const char *driver) {
   lua_State *L = luaL_newstate();
   if (!L) abort();
   luaL_openlibs(L);
+  luaL_requiref(L, "oauthmail.sys", luaopen_oauthmail_sys, 0);
+  lua_pop(L, 1);
   luaL_requiref(L, "oauthmail.core", luaopen_oauthmail_core, 0);
   lua_pop(L, 1);
   lua_getglobal(L, "package");

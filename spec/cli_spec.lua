@@ -76,6 +76,37 @@ describe("oauthmail profiles", function()
       .. " " .. h.quote(bin) .. " profiles")
     assert.is_true(run_ok, text)
     assert.matches("search path:\n  " .. home.profiles:gsub("%p", "%%%0"), text)
+    -- its modules precompiled for its Lua: loaded instead of the sources...
+    local bytecode = tree .. "/lib/oauthmail/" .. h.lua_bin:match("[^/]+$")
+    local profiles_bc = bytecode .. "/oauthmail.cli.profiles.luac"
+    assert.is_true(h.read_file(profiles_bc):sub(1, 4) == "\27Lua" or h.read_file(profiles_bc):sub(1, 3) == "\27LJ")
+    local function run_profiles()
+      return h.exec("env -i" .. san .. " HOME=" .. h.quote(home.dir) .. " OAUTHMAIL_PROFILE_PATH="
+        .. h.quote(home.profiles) .. " strace -f -e trace=openat -o " .. h.quote(tree .. "/opens") .. " "
+        .. h.quote(bin) .. " profiles")
+    end
+    local have_strace = h.exec("command -v strace >/dev/null")
+    if have_strace then
+      assert.is_true(run_profiles())
+      local opens = h.read_file(tree .. "/opens")
+      assert.truthy(opens:find("oauthmail.cli.profiles.luac", 1, true), "the precompiled module was not used")
+      assert.falsy(opens:find("share/lua/[%d.]+/oauthmail/cli/profiles.lua\""), "the source was compiled instead")
+    end
+    -- ...until a source is newer (patched after the install): the source wins
+    local src = tree .. "/share/lua/" .. (h.lua_version == "jit" and "5.1" or h.lua_version) .. "/oauthmail/cli/profiles.lua"
+    h.write_file(src, h.read_file(src):gsub('"search path:', '"patched search path:', 1))
+    h.exec("touch -d '+2 seconds' " .. h.quote(src))
+    run_ok, text = h.exec("env -i" .. san .. " HOME=" .. h.quote(home.dir) .. " OAUTHMAIL_PROFILE_PATH="
+      .. h.quote(home.profiles) .. " " .. h.quote(bin) .. " profiles")
+    assert.is_true(run_ok, text)
+    assert.matches("patched search path:", text)
+    -- and bytecode this Lua refuses (damaged, or from another interpreter) is skipped
+    h.write_file(profiles_bc, "\27Lua-not-really")
+    h.exec("touch -d '+4 seconds' " .. h.quote(profiles_bc))
+    run_ok, text = h.exec("env -i" .. san .. " HOME=" .. h.quote(home.dir) .. " OAUTHMAIL_PROFILE_PATH="
+      .. h.quote(home.profiles) .. " " .. h.quote(bin) .. " profiles")
+    assert.is_true(run_ok, text)
+    assert.matches("patched search path:", text)
   end)
 
   it("refuses unknown commands and options with a suggestion (exit 64)", function()
@@ -229,9 +260,21 @@ describe("oauthmail with the oidc-provider and the sandbox", function()
     local store = home.state .. "/oauthmail/spec.json"
     local _, mode = h.exec("stat -c %a " .. h.quote(store))
     assert.equals("600", mode:match("%d+"))
-    local r2 = cli.run(home, { "token", "--profile", "spec", "--trace", trace })
+    -- from the store, the command loads neither OpenSSL nor libcurl (it reads a file)
+    local probe = h.write_file(home.dir .. "/probe.lua", [[
+      local rc = require("oauthmail.cli").main(arg)
+      local f = assert(io.open("/proc/self/maps"))
+      local maps = f:read("*a")
+      f:close()
+      io.stderr:write(maps:find("libssl", 1, true) and "[openssl loaded]" or "[no openssl]",
+        maps:find("libcurl", 1, true) and "[libcurl loaded]" or "[no libcurl]")
+      os.exit(rc)
+    ]])
+    local r2 = cli.run(home, { "token", "--profile", "spec", "--trace", trace }, { program = probe })
     assert.equals(0, r2.rc, r2.err)
     assert.equals(r1.out, r2.out)
+    assert.equals("[no openssl][no libcurl]", r2.err)
+    r2.err = ""
     local text = h.read_file(trace)
     local from_store, run_flow = 0, 0
     for line in text:gmatch("[^\n]+") do

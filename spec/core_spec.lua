@@ -1,9 +1,49 @@
 -- spec/core_spec.lua — what oauthmail.core itself provides: the shared error
--- value, the monotonic clock and sleep.
+-- value, the monotonic clock and sleep (from oauthmail.sys, which loads
+-- without OpenSSL).
 local core = require "oauthmail.core"
 local errors = require "oauthmail.errors"
 
 describe("oauthmail.core", function()
+  it("builds on oauthmail.sys, which maps no OpenSSL and no libcurl: core carries the same values", function()
+    local h = require "spec.support.helpers"
+    local script = h.tmpdir() .. "/maps.lua"
+    h.write_file(script, [[
+      local function mapped(lib)
+        local f = assert(io.open("/proc/self/maps"))
+        local text = f:read("*a")
+        f:close()
+        return text:find(lib, 1, true) ~= nil
+      end
+      local sys = require "oauthmail.sys"
+      require "oauthmail.errors"
+      require "oauthmail.fs"
+      io.write(tostring(mapped("libssl")), " ", tostring(mapped("libcrypto")), " ", tostring(mapped("libcurl")), " ")
+      local core = require "oauthmail.core"
+      io.write(tostring(mapped("libssl")), " ", tostring(core.fs == sys.fs and core.poll == sys.poll
+        and core.monotime == sys.monotime and core.error_metatable == sys.error_metatable))
+    ]])
+    local ok, out = h.exec(h.lua_bin .. " " .. h.quote(script))
+    assert(ok, out)
+    assert.equal("false false false true true", out)
+  end)
+
+  it("isatty says whether a descriptor is a terminal, without starting a shell", function()
+    local sys = require "oauthmail.sys"
+    local h = require "spec.support.helpers"
+    local script = h.tmpdir() .. "/tty.lua"
+    h.write_file(script, [[io.write(tostring(require("oauthmail.sys").isatty(0)), tostring(require("oauthmail.sys").isatty(1)))]])
+    local ok, out = h.exec(h.lua_bin .. " " .. h.quote(script) .. " </dev/null")
+    assert(ok, out)
+    assert.equal("falsefalse", out)
+    -- under script(1) stdout is a pseudo-terminal
+    ok, out = h.exec("script -qec " .. h.quote(h.lua_bin .. " " .. h.quote(script) .. " </dev/null") .. " /dev/null")
+    assert(ok, out)
+    assert.matches("falsetrue", out)
+    assert.has_error(function() sys.isatty(-1) end)
+    assert.has_error(function() sys.isatty("x") end)
+  end)
+
   it("sleeps for the time asked and refuses durations that are not finite", function()
     local t0 = core.monotime()
     core.sleep(0.05)

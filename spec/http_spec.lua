@@ -447,6 +447,19 @@ describe("oauthmail.http form helpers", function()
 end)
 
 describe("oauthmail.redact", function()
+  it("values() masks a list's values as they are now, whatever it masked with that list before", function()
+    local secrets = { "first-secret-value" }
+    assert.are.equal("a <redacted> b", redact.values("a first-secret-value b", secrets))
+    -- the same list, changed: its forms are worked out again, never reused
+    secrets[1] = "second-secret-value"
+    assert.are.equal("x <redacted> first-secret-value", redact.values("x second-secret-value first-secret-value", secrets))
+    secrets[2] = "third-secret-value"
+    assert.are.equal("<redacted> <redacted>", redact.values("second-secret-value dGhpcmQtc2VjcmV0LXZhbHVl", secrets))
+    secrets[2] = nil
+    assert.are.equal("<redacted> third-secret-value", redact.values("second-secret-value third-secret-value", secrets))
+    assert.are.equal("s", redact.values("s", nil))
+  end)
+
   it("keeps the scheme of Authorization headers", function()
     assert.are.equal("Basic <redacted>", redact.header("Authorization", "Basic dXNlcjpwYXNz"))
     assert.are.equal("Bearer <redacted>", redact.header("authorization", "Bearer eyJ0eXAi.x.y"))

@@ -1,12 +1,12 @@
 -- oauthmail.errors — the one error value every expected failure returns.
--- C functions create it with the same metatable (core.error_metatable, whose
--- __tostring lives in csrc/core.c), so an error from the core and one made in
--- Lua print and compare alike. Loading this module changes nothing in it.
-local core = require "oauthmail.core"
+-- C functions create it with the same metatable (oauthmail.sys's
+-- error_metatable, whose __tostring lives in csrc/om.c), so an error from the
+-- C modules and one made in Lua print and compare alike. Loading this module changes nothing in it.
+local sys = require "oauthmail.sys"
 
 local M = {}
 
-local mt = core.error_metatable
+local mt = sys.error_metatable
 M.metatable = mt
 
 local KINDS = {

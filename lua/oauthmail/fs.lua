@@ -1,11 +1,11 @@
--- oauthmail.fs — the file primitives of core.fs, plus fs.lock: a lock with
+-- oauthmail.fs — the file primitives of sys.fs, plus fs.lock: a lock with
 -- a deadline, whose waits go through oauthmail.wait (so a store waiting for
 -- another process's refresh yields to the host's loop instead of blocking it).
-local core = require "oauthmail.core"
+local sys = require "oauthmail.sys"
 local errors = require "oauthmail.errors"
 local wait = require "oauthmail.wait"
 
-local M = setmetatable({}, { __index = core.fs })
+local M = setmetatable({}, { __index = sys.fs })
 
 local MAX_WAIT = 86400
 
@@ -26,13 +26,13 @@ function M.lock(path, opts)
   if timeout ~= timeout or timeout < 0 or timeout > MAX_WAIT then
     error("bad argument #2 to 'lock' (timeout must be a number of seconds in [0, 86400])", 2)
   end
-  local deadline = core.monotime() + timeout
+  local deadline = sys.monotime() + timeout
   local pause = 0.005
   while true do
-    local lk, err = core.fs.lock_try(path, { exclusive = exclusive })
+    local lk, err = sys.fs.lock_try(path, { exclusive = exclusive })
     if lk then return lk end
     if lk == nil then return nil, err end
-    local left = deadline - core.monotime()
+    local left = deadline - sys.monotime()
     if left <= 0 then
       return errors.fail("store", string.format("timed out after %g s waiting for lock on %s", timeout, path),
         { reason = "timeout" })

@@ -67,7 +67,7 @@ local function file_trace(path)
   return function(ev)
     if not checked then
       checked = true
-      local fs = require("oauthmail.core").fs
+      local fs = require("oauthmail.sys").fs
       local st, serr = fs.stat(path)
       if not st and serr and serr.reason == "missing" then fs.atomic_write(path, "", 384) end
     end
@@ -147,29 +147,12 @@ end
 -- with the profile's store; `seed` (the SMTP manager) lends its refresh
 -- token to a delegated Graph manager that has none yet.
 function Mailer:_manager(oauth, seed)
-  local s = self.settings
-  local flow = {}
-  for k, v in pairs(oauth) do flow[k] = v end
-  if self.trace then flow.trace = function(ev) self:_trace(ev) end end
   local clock = self.clock
-  local topts = {
-    flow = flow, store = s.store, margin = s.margin, interactive = s.interactive,
-    profile = s.name, clock = function() return math.floor(clock()) end,
+  return tokens.for_settings(self.settings, oauth, {
+    clock = function() return math.floor(clock()) end,
     trace = self.trace and function(ev) self:_trace(ev) end,
-    seed = seed and function() return seed:refresh_token() end or nil,
-  }
-  -- the profile's field, from tokens.check's value (its options carry the
-  -- profile's names); only a store that cannot be opened raises below
-  local field, text = tokens.check(topts)
-  if field then
-    return errors.fail("config", field .. ": " .. text, { reason = "profile", field = field, retryable = false })
-  end
-  local ok, mgr = pcall(tokens.new, topts)
-  if not ok then
-    local msg = tostring(mgr):gsub("^[^:]*:%d+: ", "")
-    return errors.fail("config", "store: " .. msg, { reason = "profile", field = "store", retryable = false })
-  end
-  return mgr
+    seed = seed,
+  })
 end
 
 -- ------------------------------------------------------------ messages

@@ -6,7 +6,7 @@
 -- the tasks wait on in one poll(2) and resumes the ones that are ready.
 -- Code outside a task (or in a coroutine the loop did not start) still
 -- waits the blocking way. See docs/concurrency.md.
-local core = require "oauthmail.core"
+local sys = require "oauthmail.sys"
 local wait = require "oauthmail.wait"
 
 local M = {}
@@ -52,7 +52,7 @@ end
 function waiter.sleep(seconds)
   local t = current_task()
   if not t then return wait.poll.sleep(seconds) end
-  t.deadline = core.monotime() + seconds
+  t.deadline = sys.monotime() + seconds
   suspend(t)
 end
 
@@ -142,7 +142,7 @@ function M.run(fn, ...)
       if #live == 0 then break end
       local any_ready = false
       for _, t in ipairs(live) do if t.ready then any_ready = true break end end
-      local now = core.monotime()
+      local now = sys.monotime()
       local soonest
       local n = 0
       for _, t in ipairs(live) do
@@ -163,13 +163,13 @@ function M.run(fn, ...)
       elseif n == 0 then
         error("oauthmail.run: every task is waiting and nothing can wake them", 0)
       end
-      local ready, perr = core.poll_many(list, timeout)
+      local ready, perr = sys.poll_many(list, timeout)
       if not ready then error(perr, 0) end
       for _, k in ipairs(ready) do
         local t = owners[k]
         t.ready, t.value = true, true
       end
-      now = core.monotime()
+      now = sys.monotime()
       for _, t in ipairs(live) do
         if not t.ready and t.deadline and now >= t.deadline then
           t.ready, t.value = true, false

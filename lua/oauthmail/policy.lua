@@ -3,7 +3,7 @@
 -- to wait between attempts, and the governor that keeps a mailbox under its
 -- provider's rate, volume and connection limits. The clock, the sleep and the
 -- random source are injectable so tests can run a day in a millisecond.
-local core = require "oauthmail.core"
+local sys = require "oauthmail.sys"
 local waiter = require "oauthmail.wait"
 local errors = require "oauthmail.errors"
 
@@ -22,8 +22,8 @@ M.DEFAULTS = {
 
 -- Wall-clock seconds with sub-second resolution that never jump back.
 function M.default_clock()
-  local base = os.time() - core.monotime()
-  return function() return base + core.monotime() end
+  local base = os.time() - sys.monotime()
+  return function() return base + sys.monotime() end
 end
 
 -- ------------------------------------------------------------ decisions

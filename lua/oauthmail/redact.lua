@@ -242,15 +242,38 @@ function M.forms(v)
   return out
 end
 
+-- The forms of every value of one secrets list, in order, worked out once
+-- per list (a session masks each of its trace lines with the same list); a
+-- list whose values changed since is worked out again. Weak keys: a cache
+-- entry goes with its list and never outlives the session holding it.
+local forms_cache = setmetatable({}, { __mode = "k" })
+
+local function forms_of(secrets)
+  local c = forms_cache[secrets]
+  if c then
+    local n = 0
+    for i, v in ipairs(secrets) do
+      if c.values[i] ~= v then c = nil break end
+      n = i
+    end
+    if c and n == #c.values then return c.forms end
+  end
+  local values, forms = {}, {}
+  for i, v in ipairs(secrets) do
+    values[i] = v
+    if type(v) == "string" and #v >= M.MIN_SECRET then
+      for _, f in ipairs(M.forms(v)) do forms[#forms + 1] = f end
+    end
+  end
+  forms_cache[secrets] = { values = values, forms = forms }
+  return forms
+end
+
 -- redact.values(s, secrets): every value in the list `secrets` masked
 -- wherever it appears in s, in any of redact.forms' encodings.
 function M.values(s, secrets)
-  if type(s) ~= "string" or not secrets then return s end
-  for _, v in ipairs(secrets) do
-    if type(v) == "string" and #v >= M.MIN_SECRET then
-      for _, f in ipairs(M.forms(v)) do s = replace_plain(s, f, M.MASK) end
-    end
-  end
+  if type(s) ~= "string" or type(secrets) ~= "table" then return s end
+  for _, f in ipairs(forms_of(secrets)) do s = replace_plain(s, f, M.MASK) end
   return s
 end
 

@@ -7,7 +7,6 @@ local cjson = require "cjson.safe"
 local errors = require "oauthmail.errors"
 local options = require "oauthmail.options"
 local store_mod = require "oauthmail.store"
-local endpoint = require "oauthmail.oauth2.endpoint"
 local wait = require "oauthmail.wait"
 
 local M = {}
@@ -32,6 +31,23 @@ local INVALID_TTL = 86400
 M.WAIT = wait.WAIT
 
 M.DEFAULT_MARGIN = 300
+
+-- An access token travels in an AUTH line and an Authorization header: it
+-- must be visible ASCII (RFC 6750's b64token and every opaque token in use
+-- fit) and of a size a server takes. Entra's are about 2-3 KB.
+M.MAX_ACCESS_TOKEN = 16384
+
+-- tokens.access_token_problem(s) -> nil when s can be sent, else why not
+-- (the why never quotes the token). The token endpoint checks what arrives,
+-- the manager what a store hands back.
+function M.access_token_problem(s)
+  if type(s) ~= "string" or s == "" then return "is missing" end
+  if #s > M.MAX_ACCESS_TOKEN then
+    return string.format("is %d bytes long (at most %d are accepted)", #s, M.MAX_ACCESS_TOKEN)
+  end
+  if s:find("[^\33-\126]") then return "contains a byte that is not visible ASCII (a control character or space)" end
+  return nil
+end
 
 -- tokens.default_margin(provider) -> seconds: the preset's, else DEFAULT_MARGIN.
 function M.default_margin(provider)
@@ -136,6 +152,36 @@ function M.new(opts)
   return self
 end
 
+-- tokens.for_settings(settings, oauth [, {trace=, clock=, seed=}]) -> manager | nil, err
+-- The manager a profile's settings (oauthmail.profile.read) give for one of
+-- its flow tables (settings.oauth, or settings.graph_oauth): its store,
+-- margin and interactivity. `seed`, another manager, lends its refresh token
+-- to this one while it has none. A wrong field is a config error naming it.
+function M.for_settings(s, oauth, extra)
+  extra = extra or {}
+  local flow = {}
+  for k, v in pairs(oauth) do flow[k] = v end
+  flow.trace = extra.trace
+  local seed = extra.seed
+  local topts = {
+    flow = flow, store = s.store, margin = s.margin, interactive = s.interactive,
+    profile = s.name, clock = extra.clock, trace = extra.trace,
+    seed = seed and function() return seed:refresh_token() end or nil,
+  }
+  -- the profile's field, from check's value (its options carry the
+  -- profile's names); only a store that cannot be opened raises below
+  local field, text = M.check(topts)
+  if field then
+    return errors.fail("config", field .. ": " .. text, { reason = "profile", field = field, retryable = false })
+  end
+  local ok, mgr = pcall(M.new, topts)
+  if not ok then
+    local msg = tostring(mgr):gsub("^[^:]*:%d+: ", "")
+    return errors.fail("config", "store: " .. msg, { reason = "profile", field = "store", retryable = false })
+  end
+  return mgr
+end
+
 local MAIN = {}
 
 function Manager:trace(ev)
@@ -197,7 +243,7 @@ end
 -- A malformed record is treated as absent (its refresh token is still tried).
 function Manager:well_formed(rec)
   if type(rec) ~= "table" or rec.access_token == nil then return false end
-  if endpoint.access_token_problem(rec.access_token) or (rec.expires_at ~= nil and not finite(rec.expires_at))
+  if M.access_token_problem(rec.access_token) or (rec.expires_at ~= nil and not finite(rec.expires_at))
     or (rec.obtained_at ~= nil and not finite(rec.obtained_at)) then
     self:trace { event = "bad_record", account = self.key }
     return false
@@ -397,20 +443,29 @@ function Manager:single_flight(fn, ...)
   return res[2], res[3]
 end
 
+-- manager:peek() -> token | nil, err: a token with margin left from memory
+-- or the store, without any request or lock; nil (and no error) when there
+-- is none and get() would have to obtain one.
+function Manager:peek()
+  if self.unsaved then return nil end
+  if self:usable(self.cached) then return public(self.cached) end
+  local rec, err = self:store_call("load", self.key)
+  if err then return nil, err end
+  if self:usable(rec) then
+    self:trace { event = "from_store", account = self.key }
+    self.cached = rec
+    return public(rec)
+  end
+  return nil
+end
+
 -- manager:get() -> token | nil, err
 function Manager:get()
   for _ = 1, 3 do
-    if not self.unsaved and self:usable(self.cached) then return public(self.cached) end
-    if not self.unsaved then
-      local rec, err = self:store_call("load", self.key)
-      if err then return nil, err end
-      if self:usable(rec) then
-        self:trace { event = "from_store", account = self.key }
-        self.cached = rec
-        return public(rec)
-      end
-    end
-    local rec, err, waited = self:single_flight(self.locked_obtain, false)
+    local tok, err = self:peek()
+    if tok or err then return tok, err end
+    local rec, waited
+    rec, err, waited = self:single_flight(self.locked_obtain, false)
     if not waited then
       if not rec then return nil, err end
       return public(rec)

@@ -13,7 +13,7 @@ local M = {}
 -- clock advances it; without `date`, whole seconds.
 local base_wall, base_mono
 local function now()
-  local mono = require("oauthmail.core").monotime
+  local mono = require("oauthmail.sys").monotime
   if not base_wall then
     local p = io.popen("date +%s.%N 2>/dev/null")
     local t = p and tonumber(p:read("*l") or "")
@@ -97,7 +97,7 @@ end
 -- per event, or nil, err. A new file is made 0600 before anything is
 -- written to it (the events are redacted, but they still say who mails whom).
 function M.writer(path, profile, clock)
-  local fs = require("oauthmail.core").fs
+  local fs = require("oauthmail.sys").fs
   local st, serr = fs.stat(path)
   if not st and serr and serr.reason == "missing" then
     local ok, werr = fs.atomic_write(path, "", 384)

@@ -6,7 +6,7 @@
 -- wait in the library - DNS, connect, TLS, reads, writes, HTTP token calls,
 -- store locks, back-off and governor sleeps - yields to that loop instead.
 -- See docs/concurrency.md.
-local core = require "oauthmail.core"
+local sys = require "oauthmail.sys"
 
 local M = {}
 
@@ -15,7 +15,7 @@ local M = {}
 -- scheduler resumes it later. oauthmail.tokens.WAIT is the same value.
 M.WAIT = setmetatable({}, { __tostring = function() return "oauthmail.wait.WAIT" end })
 
-M.now = core.monotime
+M.now = sys.monotime
 
 local finite = require("oauthmail.options").finite
 
@@ -24,13 +24,13 @@ local finite = require("oauthmail.options").finite
 local poll_waiter = { name = "poll" }
 
 function poll_waiter.fd(fd, mode, deadline)
-  local ok, err = core.poll(fd, mode, deadline - core.monotime())
+  local ok, err = sys.poll(fd, mode, deadline - sys.monotime())
   if ok == nil then error(err, 0) end
   return ok
 end
 
 function poll_waiter.sleep(seconds)
-  core.sleep(seconds)
+  sys.sleep(seconds)
 end
 
 -- Coroutines cannot wait for each other while this thread blocks: a
@@ -39,7 +39,7 @@ end
 function poll_waiter.park(_, deadline)
   local _, ismain = coroutine.running()
   if coroutine.running() == nil or ismain then return false end
-  if core.monotime() >= deadline then return false end
+  if sys.monotime() >= deadline then return false end
   coroutine.yield(M.WAIT)
   return true
 end
@@ -102,12 +102,12 @@ function M.cond()
 end
 
 function Cond:wait(deadline)
-  if core.monotime() >= deadline then return false end
+  if sys.monotime() >= deadline then return false end
   local gen = self.gen
   local w = current
   local r = w.park(self, deadline)
   if self.gen ~= gen then return true end
-  return r and core.monotime() < deadline
+  return r and sys.monotime() < deadline
 end
 
 function Cond:signal()

@@ -68,7 +68,8 @@ local function env_prefix(env)
 end
 M.env_prefix = env_prefix
 
--- cli.run(home, argv_list, {stdin=string, env={}}) -> {rc=, out=, err=}
+-- cli.run(home, argv_list, {stdin=string, env={}, program=path}) -> {rc=, out=, err=}
+-- (program: a Lua script run instead of bin/oauthmail, with the same arguments)
 -- No terminal anywhere: stdin is a file (or /dev/null), stdout and stderr files,
 -- and setsid takes away the controlling terminal as cron does.
 function M.run(home, argv, o)
@@ -85,7 +86,7 @@ function M.run(home, argv, o)
   for i, a in ipairs(argv) do args[i] = h.quote(a) end
   local cmd = string.format("cd %s && env -i PATH=%s %s setsid %s %s %s <%s >%s/out 2>%s/err; echo $? >%s/rc",
     h.quote(dir), h.quote(os.getenv("PATH") or "/usr/bin:/bin"), env_prefix(env), h.lua_bin,
-    h.quote(h.root .. "/bin/oauthmail"), table.concat(args, " "), h.quote(inp), h.quote(dir), h.quote(dir),
+    h.quote(o.program or (h.root .. "/bin/oauthmail")), table.concat(args, " "), h.quote(inp), h.quote(dir), h.quote(dir),
     h.quote(dir))
   h.exec(cmd)
   return { rc = tonumber(h.read_file(dir .. "/rc")), out = h.read_file(dir .. "/out") or "",

@@ -100,19 +100,12 @@ end
 
 -- ------------------------------------------------------------ terminal
 
-local tty_cache = {}
--- Is file descriptor fd a terminal? Asked of a shell, once per process and fd.
+-- Is file descriptor fd a terminal? isatty(3) through oauthmail.sys (no shell
+-- is started: a short-lived command pays for every process it spawns).
 function M.isatty(fd)
-  if tty_cache[fd] == nil then
-    local forced = getenv("OAUTHMAIL_TTY")   -- "0" or "1": tests and wrappers decide
-    if forced then
-      tty_cache[fd] = forced == "1"
-    else
-      local r = os.execute("test -t " .. tonumber(fd) .. " 2>/dev/null")
-      tty_cache[fd] = (r == true or r == 0)
-    end
-  end
-  return tty_cache[fd]
+  local forced = getenv("OAUTHMAIL_TTY")   -- "0" or "1": tests and wrappers decide
+  if forced then return forced == "1" end
+  return require("oauthmail.sys").isatty(fd)
 end
 
 -- ------------------------------------------------------------ the context

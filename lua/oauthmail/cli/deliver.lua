@@ -7,18 +7,22 @@ local M = {}
 
 -- deliver.mailer(ctx) -> mailer | nil, err
 function M.mailer(ctx)
-  ctx.listener = function(ev)
-    if ev.event == "attempt_failed" and ctx:progress_on() then
-      ctx:status_done()
-      ctx:say("attempt %s failed%s%s: %s", tostring(ev.attempt),
-        ev.code and (" with " .. tostring(ev.code)) or "", ev.enhanced and (" " .. ev.enhanced) or "",
-        ev.action == "fail" and "giving up" or ("will " .. tostring(ev.action)))
-    elseif ev.event == "hold" and ctx:progress_on() then
-      ctx:say("holding the message for the %s limit: %s s", tostring(ev.limit), tostring(ev.seconds))
-    elseif ev.event == "refresh" and ctx:progress_on() then
-      ctx:status("refreshing the access token...")
-    elseif ev.event == "session_open" and ctx:progress_on() then
-      ctx:status("connected to " .. tostring(ev.host) .. ", sending...")
+  -- no listener when nothing is shown: the mailer then traces nothing (each
+  -- traced line costs its redaction) unless --trace asks for it
+  if ctx:progress_on() then
+    ctx.listener = function(ev)
+      if ev.event == "attempt_failed" then
+        ctx:status_done()
+        ctx:say("attempt %s failed%s%s: %s", tostring(ev.attempt),
+          ev.code and (" with " .. tostring(ev.code)) or "", ev.enhanced and (" " .. ev.enhanced) or "",
+          ev.action == "fail" and "giving up" or ("will " .. tostring(ev.action)))
+      elseif ev.event == "hold" then
+        ctx:say("holding the message for the %s limit: %s s", tostring(ev.limit), tostring(ev.seconds))
+      elseif ev.event == "refresh" then
+        ctx:status("refreshing the access token...")
+      elseif ev.event == "session_open" then
+        ctx:status("connected to " .. tostring(ev.host) .. ", sending...")
+      end
     end
   end
   local p, err = ctx:load_profile()

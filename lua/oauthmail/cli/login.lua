@@ -31,7 +31,7 @@ local function have_command(name)
 end
 
 function M.run(ctx, opts)
-  local core = require "oauthmail.core"
+  local sys = require "oauthmail.sys"
   local polls, deadline, interval = 0, nil, nil
   ctx.listener = function(ev)
     if ev.event == "slow_down" then
@@ -48,7 +48,7 @@ function M.run(ctx, opts)
   local o = p.oauth
   -- the device code: always shown (the person needs it), even with --quiet
   o.on_device_code = o.on_device_code or function(info)
-    deadline = core.monotime() + info.expires_in
+    deadline = sys.monotime() + info.expires_in
     local lines = {}
     if info.verification_uri_complete then
       lines[#lines + 1] = "To sign in, open " .. info.verification_uri_complete
@@ -63,10 +63,10 @@ function M.run(ctx, opts)
   end
   -- the wait between polls: a countdown on a terminal
   o.sleep = o.sleep or function(seconds)
-    local stop = core.monotime() + seconds
+    local stop = sys.monotime() + seconds
     polls = polls + 1
     while true do
-      local now = core.monotime()
+      local now = sys.monotime()
       if now >= stop then break end
       if deadline then
         ctx:status(string.format("waiting for approval: %s left (checked %d time%s, every %s s)",

@@ -15,22 +15,44 @@ Exit 0, or a sysexits code with the reason on stderr (77: sign-in needed or refu
 75: try again later, 78: profile problem).
 ]]
 
+-- The token the profile's first transport authenticates with: from the
+-- store when it has margin left, read by the token manager alone, so the
+-- common case loads neither the mailer nor OpenSSL nor libcurl (a cached
+-- token is what msmtp's passwordeval asks for, once per message).
+local function stored(p)
+  local s, err = require("oauthmail.profile").read(p)
+  if not s then return nil, err end
+  local oauth = s.transports[1] == "graph" and s.graph_oauth or s.oauth
+  local clock = s.policy.clock   -- a profile's own clock, as the mailer would use it
+  local mgr
+  mgr, err = require("oauthmail.tokens").for_settings(s, oauth, {
+    trace = p.trace, clock = clock and function() return math.floor(clock()) end })
+  if not mgr then return nil, err end
+  return mgr:peek()
+end
+
+-- Otherwise the mailer's manager obtains one (refresh, or a flow that needs
+-- nobody), under the store's lock.
+local function obtained(p)
+  local mailer, err = require("oauthmail").new(p)
+  if not mailer then return nil, err end
+  local tok
+  tok, err = mailer.tokens:get()
+  if not tok then require("oauthmail.decoder").explain(err, mailer.settings.ctx) end
+  mailer:close()
+  return tok, err
+end
+
 function M.run(ctx, opts)
   local p, err = ctx:load_profile()
   if not p then common.report(err) return common.exit_code(err) end
-  local oauthmail = require "oauthmail"
-  local mailer
-  mailer, err = oauthmail.new(p)
-  if not mailer then common.report(err) return common.exit_code(err) end
   local tok
-  tok, err = mailer.tokens:get()
+  tok, err = stored(p)
+  if not tok then tok, err = obtained(p) end
   if not tok then
-    mailer:close()
-    require("oauthmail.decoder").explain(err, mailer.settings.ctx)
     common.report(err)
     return common.exit_code(err)
   end
-  mailer:close()
   ctx:event { type = "cli", event = "token", expires_at = tok.expires_at }
   if opts.json then
     local cjson = require "cjson"

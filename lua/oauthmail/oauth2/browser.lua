@@ -2,7 +2,7 @@
 -- user's machine: PKCE S256 (RFC 7636), a loopback redirect (RFC 8252 7.3)
 -- answered by a tiny bounded HTTP/1.1 reader, or a manual mode where the user
 -- pastes the redirected URL. The state is checked before any token request.
-local core = require "oauthmail.core"
+local sys = require "oauthmail.sys"
 local errors = require "oauthmail.errors"
 local crypto = require "oauthmail.crypto"
 local endpoint = require "oauthmail.oauth2.endpoint"
@@ -54,7 +54,7 @@ end
 -- cut off mid-line would carry the code in err.partial.
 local function read_request(c, deadline)
   local function line(max)
-    local left = deadline - core.monotime()
+    local left = deadline - sys.monotime()
     if left <= 0 then return nil end
     c:settimeout(math.min(left, 5))  -- a browser preconnect that never speaks must not stall us long
     return (c:receive_line(max))
@@ -97,7 +97,7 @@ end
 local function wait_redirect(c, listener, path, deadline, wait, state)
   local mismatched = false
   for _ = 1, MAX_STRAY_REQUESTS do
-    local left = deadline - core.monotime()
+    local left = deadline - sys.monotime()
     if left <= 0 then return timeout_error(wait, mismatched) end
     local req, aerr = listener:accept(left)
     if not req then
@@ -213,7 +213,7 @@ function M.authorization_code(cfg)
   local c, err = discovery.resolve(cfg, { "authorization_endpoint", "token_endpoint" })
   if not c then return nil, err end
   local wait = tonumber(c.wait_timeout) or 300
-  local deadline = core.monotime() + wait
+  local deadline = sys.monotime() + wait
   local verifier = crypto.b64url_encode(crypto.random(32))
   local challenge = crypto.b64url_encode(crypto.sha256(verifier))
   local state = crypto.b64url_encode(crypto.random(16))

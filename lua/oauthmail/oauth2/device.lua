@@ -2,7 +2,7 @@
 -- for a user code, show it, then poll the token endpoint at the pace the
 -- server sets (interval, +5 s on slow_down) until approval, denial, expiry or
 -- the deadline the server gave with the code.
-local core = require "oauthmail.core"
+local sys = require "oauthmail.sys"
 local waiter = require "oauthmail.wait"
 local errors = require "oauthmail.errors"
 local endpoint = require "oauthmail.oauth2.endpoint"
@@ -45,7 +45,7 @@ function M.device_code(cfg)
     return errors.fail("oauth", "device authorization: " .. (expires_in and "interval" or "expires_in")
       .. " in the answer is not a number", { reason = "malformed" })
   end
-  local deadline = core.monotime() + expires_in
+  local deadline = sys.monotime() + expires_in
   local info = {
     verification_uri = uri, user_code = doc.user_code, expires_in = expires_in,
     verification_uri_complete = type(doc.verification_uri_complete) == "string" and doc.verification_uri_complete or nil,
@@ -57,7 +57,7 @@ function M.device_code(cfg)
 
   local polls = 0
   while true do
-    if core.monotime() + interval > deadline then
+    if sys.monotime() + interval > deadline then
       return errors.fail("oauth", "the device code expired before the user approved it (after "
         .. endpoint.fmt_secs(expires_in) .. " s)",
         { oauth_error = "expired_token", reason = "timeout", retryable = true,

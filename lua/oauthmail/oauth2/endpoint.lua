@@ -8,6 +8,7 @@ local waiter = require "oauthmail.wait"
 local errors = require "oauthmail.errors"
 local urls = require "oauthmail.url"
 local crypto = require "oauthmail.crypto"
+local tokens = require "oauthmail.tokens"
 
 local M = {}
 
@@ -418,21 +419,10 @@ function M.call(cfg, url, params, opts)
   end
 end
 
--- An access token travels in an AUTH line and an Authorization header: it
--- must be visible ASCII (RFC 6750's b64token and every opaque token in use
--- fit) and of a size a server takes. Entra's are about 2-3 KB.
-M.MAX_ACCESS_TOKEN = 16384
-
--- endpoint.access_token_problem(s) -> nil when s can be sent, else why not
--- (the why never quotes the token).
-function M.access_token_problem(s)
-  if type(s) ~= "string" or s == "" then return "is missing" end
-  if #s > M.MAX_ACCESS_TOKEN then
-    return string.format("is %d bytes long (at most %d are accepted)", #s, M.MAX_ACCESS_TOKEN)
-  end
-  if s:find("[^\33-\126]") then return "contains a byte that is not visible ASCII (a control character or space)" end
-  return nil
-end
+-- What an access token may be (visible ASCII, at most 16 KiB) is the token
+-- manager's rule, checked here where a token arrives.
+M.MAX_ACCESS_TOKEN = tokens.MAX_ACCESS_TOKEN
+M.access_token_problem = tokens.access_token_problem
 
 -- Decode a token answer into the token table every flow returns.
 function M.token(doc, what)

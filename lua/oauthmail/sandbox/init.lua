@@ -43,7 +43,7 @@ function M.parse_fault(s)
 end
 
 local function write(path, text, mode)
-  local fs = require("oauthmail.core").fs
+  local fs = require("oauthmail.sys").fs
   return fs.atomic_write(path, text, mode or 420)
 end
 

@@ -5,7 +5,7 @@
 -- idle connection costs about a millisecond per round, and the loop sleeps
 -- 5 ms when a round made no progress. Enough for a sandbox with a handful of
 -- clients; the non-blocking core's waiter will replace it.
-local core = require "oauthmail.core"
+local sys = require "oauthmail.sys"
 
 local M = {}
 
@@ -31,7 +31,7 @@ end
 
 -- Inside a task: receive whatever arrives (waiting by yielding), or nil, err.
 function M.receive(c, max, timeout)
-  local deadline = core.monotime() + (timeout or 60)
+  local deadline = sys.monotime() + (timeout or 60)
   c:settimeout(POLL)
   while true do
     local data, err = c:receive_some(max or 65536)
@@ -40,7 +40,7 @@ function M.receive(c, max, timeout)
       return data
     end
     if err.reason ~= "timeout" then return nil, err end
-    if core.monotime() > deadline then return nil, err end
+    if sys.monotime() > deadline then return nil, err end
     coroutine.yield()
   end
 end
@@ -117,7 +117,7 @@ end
 function Loop:run(until_fn)
   while self.running do
     if until_fn and until_fn() then break end
-    if not self:step() then core.sleep(IDLE_SLEEP) end
+    if not self:step() then sys.sleep(IDLE_SLEEP) end
   end
 end
 

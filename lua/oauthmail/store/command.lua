@@ -3,7 +3,7 @@
 -- nothing, `put` reads the record on stdin. The account is named to both in
 -- the environment; the lock is a local flock, because secret managers rarely
 -- offer one.
-local core = require "oauthmail.core"
+local sys = require "oauthmail.sys"
 local cjson = require("cjson.safe").new()
 local crypto = require "oauthmail.crypto"
 local errors = require "oauthmail.errors"
@@ -76,13 +76,13 @@ function M:lock_folder()
     if run and run ~= "" then dir = run .. "/oauthmail"
     elseif home and home ~= "" then dir = home .. "/.cache/oauthmail/locks"
     else return fail("command store: neither XDG_RUNTIME_DIR nor HOME is set; give lock_dir", "config") end
-    local ok, err = core.fs.mkdir_private(dir)
+    local ok, err = sys.fs.mkdir_private(dir)
     if not ok then return fail("command store: lock folder: " .. err.message, err.reason) end
   end
-  local st, err = core.fs.stat(dir)
+  local st, err = sys.fs.stat(dir)
   if not st then return fail("command store: lock folder: " .. err.message, err.reason) end
   if st.type ~= "directory" then return fail("command store: lock folder " .. dir .. " is not a folder", "permissions") end
-  if st.uid ~= core.fs.uid() then
+  if st.uid ~= sys.fs.uid() then
     return fail(string.format("command store: lock folder %s belongs to another user (uid %d)", dir, st.uid), "permissions")
   end
   if store_mod.writable_by_others(st.mode) then

@@ -4,7 +4,9 @@
 -- wrongly keyed, too open, from a newer version) is an error and is never
 -- rewritten: every save re-reads the file and gives up if that read fails.
 local cjson = require("cjson.safe").new()
-local crypto = require "oauthmail.crypto"
+-- crypto (and with it OpenSSL) loads only when a file is encrypted: a
+-- plain token file is read without it (a cached `oauthmail token`).
+local function crypto() return require "oauthmail.crypto" end
 local errors = require "oauthmail.errors"
 local store_mod = require "oauthmail.store"
 local keysource = require "oauthmail.store.keysource"
@@ -151,10 +153,10 @@ function M:key_for(enc)
   end
   local key = material
   if enc.kdf == "scrypt" then
-    local salt = crypto.b64decode(enc.salt or "")
+    local salt = crypto().b64decode(enc.salt or "")
     if not salt or #salt < 16 then return fail("token file " .. self.path .. " has a damaged scrypt salt", "corrupt") end
     local kerr
-    key, kerr = crypto.scrypt(material, salt, { N = enc.N, r = enc.r, p = enc.p, len = 32 })
+    key, kerr = crypto().scrypt(material, salt, { N = enc.N, r = enc.r, p = enc.p, len = 32 })
     if not key then return fail("token file " .. self.path .. ": " .. kerr.message, "key") end
   end
   self.keys[cache_id] = key
@@ -209,9 +211,9 @@ function M:read()
     end
     local key, kerr = self:key_for(enc)
     if not key then return nil, kerr end
-    local blob = crypto.b64decode(env.data)
+    local blob = crypto().b64decode(env.data)
     if not blob then return corrupt("has damaged encrypted data") end
-    local plain = crypto.aead_open(key, blob, aad(enc))
+    local plain = crypto().aead_open(key, blob, aad(enc))
     if not plain then
       return fail("cannot decrypt token file " .. self.path .. ": wrong key, or the file was modified; "
         .. "it was left as it is", "decrypt")
@@ -240,7 +242,7 @@ function M:write(accounts, old_env)
       enc = { cipher = M.CIPHER, kdf = kdf, salt = old.salt, N = old.N, r = old.r, p = old.p }
     elseif kdf == "scrypt" then
       local tune = self.encryption.scrypt or keysource.DEFAULT_SCRYPT
-      enc = { cipher = M.CIPHER, kdf = kdf, salt = crypto.b64encode(crypto.random(16)),
+      enc = { cipher = M.CIPHER, kdf = kdf, salt = crypto().b64encode(crypto().random(16)),
         N = tune.N or keysource.DEFAULT_SCRYPT.N, r = tune.r or keysource.DEFAULT_SCRYPT.r,
         p = tune.p or keysource.DEFAULT_SCRYPT.p }
     else
@@ -249,7 +251,7 @@ function M:write(accounts, old_env)
     local key, err = self:key_for(enc)
     if not key then return nil, err end
     env.encryption = enc
-    env.data = crypto.b64encode(crypto.aead_seal(key, cjson.encode({ accounts = accounts }), aad(enc)))
+    env.data = crypto().b64encode(crypto().aead_seal(key, cjson.encode({ accounts = accounts }), aad(enc)))
   else
     env.accounts = accounts
   end

@@ -1,8 +1,9 @@
 -- oauthmail.store.keysource — where the key that encrypts a token file comes
 -- from: an environment variable, a key file, a command (pass, secret-tool...),
 -- or a passphrase stretched with scrypt. Errors name the source, never the key.
-local core = require "oauthmail.core"
-local crypto = require "oauthmail.crypto"
+local sys = require "oauthmail.sys"
+-- crypto (and with it OpenSSL) loads only when a key is used.
+local function crypto() return require "oauthmail.crypto" end
 local errors = require "oauthmail.errors"
 local shell = require "oauthmail.store.shell"
 
@@ -25,7 +26,7 @@ local function parse_key(text, what, raw_ok)
   if raw_ok and #text == 32 then return text end
   local t = text:gsub("^%s+", ""):gsub("%s+$", "")
   if #t == 64 and t:match("^%x+$") then return unhex(t) end
-  local raw = crypto.b64decode(t)
+  local raw = crypto().b64decode(t)
   if raw and #raw == 32 then return raw end
   return fail(what .. " does not hold a 256-bit key (expected 64 hex digits or base64 of 32 bytes)")
 end
@@ -103,7 +104,7 @@ function M.material(spec)
   elseif spec.key_file then
     -- a key file may be a link (e.g. into /run/secrets); the mode checked is
     -- the one of the descriptor that was read
-    local data, st = core.fs.read_file(spec.key_file, 4096, { follow = true })
+    local data, st = sys.fs.read_file(spec.key_file, 4096, { follow = true })
     if not data then return fail("key file: " .. st.message) end
     if st.mode % 64 ~= 0 then
       return fail(string.format("key file %s is accessible by others (mode %04o); run chmod 600 %s",

@@ -28,7 +28,7 @@ end
 
 local function ms_until(deadline, default)
   if not deadline then return default end
-  local left = deadline - require("oauthmail.core").monotime()
+  local left = deadline - require("oauthmail.sys").monotime()
   if left < 0.001 then left = 0.001 end
   return math.ceil(left * 1000)
 end

@@ -7,7 +7,7 @@
 -- Outside a controller the waits block as with the default waiter.
 local cqueues = require "cqueues"
 local condition = require "cqueues.condition"
-local core = require "oauthmail.core"
+local sys = require "oauthmail.sys"
 local wait = require "oauthmail.wait"
 
 local W = { name = "cqueues" }
@@ -25,7 +25,7 @@ function Pollable:timeout() return self.left end
 
 function W.fd(fd, mode, deadline)
   if not inside() then return wait.poll.fd(fd, mode, deadline) end
-  local left = deadline - core.monotime()
+  local left = deadline - sys.monotime()
   if left < 0 then left = 0 end
   local obj = setmetatable({ fd = fd, mode = mode, left = left }, Pollable)
   local ready = cqueues.poll(obj, left)
@@ -45,7 +45,7 @@ end
 function W.park(cond, deadline)
   if not inside() then return wait.poll.park(cond, deadline) end
   cond.cq = cond.cq or condition.new()
-  local left = deadline - core.monotime()
+  local left = deadline - sys.monotime()
   if left <= 0 then return false end
   return cqueues.poll(cond.cq, left) == cond.cq
 end

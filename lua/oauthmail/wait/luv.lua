@@ -9,7 +9,7 @@
 -- the handle's callback resumes the task. Anywhere else the waits block as
 -- with the default waiter.
 local uv = require "luv"
-local core = require "oauthmail.core"
+local sys = require "oauthmail.sys"
 local wait = require "oauthmail.wait"
 
 local W = { name = "luv" }
@@ -30,7 +30,7 @@ local function resume(t, ...)
 end
 
 local function ms(deadline)
-  local left = deadline - core.monotime()
+  local left = deadline - sys.monotime()
   if left <= 0 then return 0 end
   return math.ceil(left * 1000)
 end

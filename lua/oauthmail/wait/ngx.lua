@@ -8,7 +8,7 @@
 -- own sockets (oauthmail.transport.cosocket), where nginx waits natively;
 -- this waiter serves the rest (token requests through libcurl, store locks,
 -- back-off). Outside a phase where ngx.sleep is allowed, waits block.
-local core = require "oauthmail.core"
+local sys = require "oauthmail.sys"
 local wait = require "oauthmail.wait"
 
 local W = { name = "ngx", step = 0.005 }
@@ -27,8 +27,8 @@ end
 function W.fd(fd, mode, deadline)
   if not yieldable() then return wait.poll.fd(fd, mode, deadline) end
   while true do
-    if core.poll(fd, mode, 0) then return true end
-    local left = deadline - core.monotime()
+    if sys.poll(fd, mode, 0) then return true end
+    local left = deadline - sys.monotime()
     if left <= 0 then return false end
     host().sleep(math.min(W.step, left))
   end
@@ -43,7 +43,7 @@ function W.park(cond, deadline)
   if not yieldable() then return wait.poll.park(cond, deadline) end
   local gen = cond.gen
   while cond.gen == gen do
-    local left = deadline - core.monotime()
+    local left = deadline - sys.monotime()
     if left <= 0 then return false end
     host().sleep(math.min(W.step, left))
   end
