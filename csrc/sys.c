@@ -1,9 +1,9 @@
 /* sys.c — luaopen_oauthmail_sys: the primitives that need no TLS or crypto
- * library — the shared error value, the monotonic clock, sleep, poll (the
- * default waiter), the file family, isatty. A module of its own so that what
- * only reads a file (a cached `oauthmail token`) does not load OpenSSL:
- * mapping libssl and libcrypto costs a short-lived process more than the rest
- * of its work. oauthmail.core requires this module and carries its fields. */
+ * library: the shared error value, the monotonic and wall clocks, sleep,
+ * poll (the default waiter), the file family, isatty. A module of its own so
+ * that what only reads a file (a cached `oauthmail token`) does not load
+ * OpenSSL: mapping libssl and libcrypto costs a short-lived process more than
+ * the rest of its work. oauthmail.core requires it and carries its fields. */
 #include <errno.h>
 #include <math.h>
 #include <time.h>
@@ -30,6 +30,14 @@ static int sys_monotime(lua_State *L) {
   return 1;
 }
 
+/* Wall-clock seconds since the epoch, with the fraction (trace timestamps). */
+static int sys_time(lua_State *L) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec / 1e9);
+  return 1;
+}
+
 /* isatty(fd) -> boolean: whether descriptor 0, 1 or 2 (or any) is a terminal,
  * for progress lines on stderr; no shell is started to ask. */
 static int sys_isatty(lua_State *L) {
@@ -47,6 +55,8 @@ int luaopen_oauthmail_sys(lua_State *L) {
   lua_setfield(L, -2, "error_metatable");
   lua_pushcfunction(L, sys_monotime);
   lua_setfield(L, -2, "monotime");
+  lua_pushcfunction(L, sys_time);
+  lua_setfield(L, -2, "time");
   lua_pushcfunction(L, sys_sleep);
   lua_setfield(L, -2, "sleep");
   lua_pushcfunction(L, sys_isatty);

@@ -28,6 +28,20 @@ describe("oauthmail.core", function()
     assert.equal("false false false true true", out)
   end)
 
+  it("tells the wall-clock time with its fraction", function()
+    local sys = require "oauthmail.sys"
+    local t = sys.time()
+    assert.is_true(math.abs(t - os.time()) <= 1)
+    local seen = {}
+    for _ = 1, 50 do
+      seen[math.floor(sys.time() * 1000) % 1000] = true
+      sys.sleep(0.0013)
+    end
+    local n = 0
+    for _ in pairs(seen) do n = n + 1 end
+    assert.is_true(n > 10, "milliseconds advance between calls")
+  end)
+
   it("isatty says whether a descriptor is a terminal, without starting a shell", function()
     local sys = require "oauthmail.sys"
     local h = require "spec.support.helpers"

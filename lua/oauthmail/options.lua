@@ -23,6 +23,23 @@ function M.whole(v)
   return M.finite(v) and v == math.floor(v)
 end
 
+-- An access token travels in an AUTH line and an Authorization header: it
+-- must be visible ASCII (RFC 6750's b64token and every opaque token in use
+-- fit) and of a size a server takes. Entra's are about 2-3 KB.
+M.MAX_ACCESS_TOKEN = 16384
+
+-- options.access_token_problem(s) -> nil when s can be sent, else why not
+-- (the why never quotes the token). The token endpoint checks what arrives,
+-- the token manager what a store hands back.
+function M.access_token_problem(s)
+  if type(s) ~= "string" or s == "" then return "is missing" end
+  if #s > M.MAX_ACCESS_TOKEN then
+    return string.format("is %d bytes long (at most %d are accepted)", #s, M.MAX_ACCESS_TOKEN)
+  end
+  if s:find("[^\33-\126]") then return "contains a byte that is not visible ASCII (a control character or space)" end
+  return nil
+end
+
 local function type_ok(v, spec)
   for want in spec:gmatch("[^|]+") do
     if want == "callable" then

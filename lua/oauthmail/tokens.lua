@@ -32,23 +32,6 @@ M.WAIT = wait.WAIT
 
 M.DEFAULT_MARGIN = 300
 
--- An access token travels in an AUTH line and an Authorization header: it
--- must be visible ASCII (RFC 6750's b64token and every opaque token in use
--- fit) and of a size a server takes. Entra's are about 2-3 KB.
-M.MAX_ACCESS_TOKEN = 16384
-
--- tokens.access_token_problem(s) -> nil when s can be sent, else why not
--- (the why never quotes the token). The token endpoint checks what arrives,
--- the manager what a store hands back.
-function M.access_token_problem(s)
-  if type(s) ~= "string" or s == "" then return "is missing" end
-  if #s > M.MAX_ACCESS_TOKEN then
-    return string.format("is %d bytes long (at most %d are accepted)", #s, M.MAX_ACCESS_TOKEN)
-  end
-  if s:find("[^\33-\126]") then return "contains a byte that is not visible ASCII (a control character or space)" end
-  return nil
-end
-
 -- tokens.default_margin(provider) -> seconds: the preset's, else DEFAULT_MARGIN.
 function M.default_margin(provider)
   local preset = type(provider) == "string" and require("oauthmail.providers").presets[provider]
@@ -243,7 +226,7 @@ end
 -- A malformed record is treated as absent (its refresh token is still tried).
 function Manager:well_formed(rec)
   if type(rec) ~= "table" or rec.access_token == nil then return false end
-  if M.access_token_problem(rec.access_token) or (rec.expires_at ~= nil and not finite(rec.expires_at))
+  if options.access_token_problem(rec.access_token) or (rec.expires_at ~= nil and not finite(rec.expires_at))
     or (rec.obtained_at ~= nil and not finite(rec.obtained_at)) then
     self:trace { event = "bad_record", account = self.key }
     return false

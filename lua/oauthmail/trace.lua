@@ -8,20 +8,8 @@ local cjson = require("cjson.safe").new()
 
 local M = {}
 
--- Wall-clock seconds with milliseconds: the core has no gettimeofday, so
--- the first event asks `date` once (traces are opt-in) and the monotonic
--- clock advances it; without `date`, whole seconds.
-local base_wall, base_mono
-local function now()
-  local mono = require("oauthmail.sys").monotime
-  if not base_wall then
-    local p = io.popen("date +%s.%N 2>/dev/null")
-    local t = p and tonumber(p:read("*l") or "")
-    if p then p:close() end
-    base_wall, base_mono = t or os.time(), mono()
-  end
-  return base_wall + (mono() - base_mono)
-end
+-- Wall-clock seconds with the fraction (clock_gettime through oauthmail.sys).
+local function now() return require("oauthmail.sys").time() end
 
 local function timestamp(t)
   local whole = math.floor(t)

@@ -8,7 +8,7 @@ local waiter = require "oauthmail.wait"
 local errors = require "oauthmail.errors"
 local urls = require "oauthmail.url"
 local crypto = require "oauthmail.crypto"
-local tokens = require "oauthmail.tokens"
+local options = require "oauthmail.options"
 
 local M = {}
 
@@ -419,10 +419,10 @@ function M.call(cfg, url, params, opts)
   end
 end
 
--- What an access token may be (visible ASCII, at most 16 KiB) is the token
--- manager's rule, checked here where a token arrives.
-M.MAX_ACCESS_TOKEN = tokens.MAX_ACCESS_TOKEN
-M.access_token_problem = tokens.access_token_problem
+-- What an access token may be (visible ASCII, at most 16 KiB), checked here
+-- where a token arrives (oauthmail.options holds the rule).
+M.MAX_ACCESS_TOKEN = options.MAX_ACCESS_TOKEN
+M.access_token_problem = options.access_token_problem
 
 -- Decode a token answer into the token table every flow returns.
 function M.token(doc, what)
