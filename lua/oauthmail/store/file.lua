@@ -4,12 +4,12 @@
 -- wrongly keyed, too open, from a newer version) is an error and is never
 -- rewritten: every save re-reads the file and gives up if that read fails.
 local cjson = require("cjson.safe").new()
--- crypto (and with it OpenSSL) loads only when a file is encrypted: a
--- plain token file is read without it (a cached `oauthmail token`).
-local function crypto() return require "oauthmail.crypto" end
 local errors = require "oauthmail.errors"
 local store_mod = require "oauthmail.store"
-local keysource = require "oauthmail.store.keysource"
+-- crypto (and with it OpenSSL) and keysource load only for an encrypted
+-- file: a plain token file is read without them (a cached `oauthmail token`)
+local function crypto() return require "oauthmail.crypto" end
+local function keysource() return require "oauthmail.store.keysource" end
 
 local fs = require "oauthmail.fs"  -- core.fs plus the waiting lock
 
@@ -49,7 +49,7 @@ function M.new(opts)
   if type(opts) ~= "table" then error("store.file: options must be a table", 2) end
   require("oauthmail.store").check_options("store.file", opts, FIELDS, 2)
   if type(opts.path) ~= "string" or opts.path == "" then error("store.file: 'path' must be a non-empty string", 2) end
-  if opts.encryption ~= nil then keysource.check(opts.encryption) end
+  if opts.encryption ~= nil then keysource().check(opts.encryption) end
   local path = opts.path
   local home = os.getenv("HOME")
   if path:sub(1, 2) == "~/" and home then path = home .. path:sub(2) end
@@ -140,13 +140,13 @@ end
 function M:key_for(enc)
   local cache_id = enc.kdf .. ":" .. (enc.salt or "")
   if self.keys[cache_id] then return self.keys[cache_id] end
-  local want = keysource.kdf(self.encryption)
+  local want = keysource().kdf(self.encryption)
   if enc.kdf ~= want then
     return fail(string.format("token file %s is encrypted with %s, but the store is configured with %s",
       self.path, enc.kdf == "scrypt" and "a passphrase" or "a key",
       want == "scrypt" and "a passphrase" or "a key"), "key")
   end
-  local material, err = keysource.material(self.encryption)
+  local material, err = keysource().material(self.encryption)
   if not material then
     err.message = err.message .. " (for token file " .. self.path .. ")"
     return nil, err
@@ -200,7 +200,7 @@ function M:read()
     -- checked before any key derivation: a tampered cost must be refused,
     -- not run (scrypt with a huge N would take minutes and gigabytes)
     if enc.kdf == "scrypt" then
-      if type(enc.salt) ~= "string" or keysource.scrypt_problem(enc.N, enc.r, enc.p) then
+      if type(enc.salt) ~= "string" or keysource().scrypt_problem(enc.N, enc.r, enc.p) then
         return corrupt("has a damaged encryption header")
       end
     elseif enc.kdf ~= "none" or enc.salt ~= nil or enc.N ~= nil or enc.r ~= nil or enc.p ~= nil then
@@ -236,15 +236,15 @@ function M:write(accounts, old_env)
   local env = { format = M.FORMAT, version = M.VERSION }
   if self.encryption then
     local enc
-    local kdf = keysource.kdf(self.encryption)
+    local kdf = keysource().kdf(self.encryption)
     local old = old_env and old_env.encryption
     if old and old.kdf == kdf then
       enc = { cipher = M.CIPHER, kdf = kdf, salt = old.salt, N = old.N, r = old.r, p = old.p }
     elseif kdf == "scrypt" then
-      local tune = self.encryption.scrypt or keysource.DEFAULT_SCRYPT
+      local tune = self.encryption.scrypt or keysource().DEFAULT_SCRYPT
       enc = { cipher = M.CIPHER, kdf = kdf, salt = crypto().b64encode(crypto().random(16)),
-        N = tune.N or keysource.DEFAULT_SCRYPT.N, r = tune.r or keysource.DEFAULT_SCRYPT.r,
-        p = tune.p or keysource.DEFAULT_SCRYPT.p }
+        N = tune.N or keysource().DEFAULT_SCRYPT.N, r = tune.r or keysource().DEFAULT_SCRYPT.r,
+        p = tune.p or keysource().DEFAULT_SCRYPT.p }
     else
       enc = { cipher = M.CIPHER, kdf = "none" }
     end
