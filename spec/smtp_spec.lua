@@ -644,6 +644,71 @@ describe("smtp session (fake transport)", function()
       assert.truthy(t.deadlines[1] - t0 <= 1.01)
     end)
 
+    -- A server that answers every command at once but takes `delay` s over
+    -- the reply to the end of the data (scanning, relaying).
+    local function slow_final_transport(delay)
+      local t = { out = { "220 fake\r\n" } }
+      function t.send(_, d)
+        for line in d:gmatch("[^\r\n]+") do
+          if line:match("^EHLO") then t.out[#t.out + 1] = "250 fake\r\n"
+          elseif line:match("^MAIL") or line:match("^RCPT") or line:match("^RSET") then t.out[#t.out + 1] = "250 ok\r\n"
+          elseif line:match("^DATA") then t.out[#t.out + 1] = "354 go on\r\n"
+          elseif line:match("^QUIT") then t.out[#t.out + 1] = "221 bye\r\n"
+          end
+        end
+        if d:find("\r\n%.\r\n$") then t.final_at = core.monotime() + delay end
+        return true
+      end
+      function t.receive_some(_, _, deadline)
+        if #t.out > 0 then return table.remove(t.out, 1) end
+        if not t.final_at then return nil, errors.new("network", "nothing to say", { reason = "closed" }) end
+        if t.final_at > deadline then
+          core.sleep(math.max(deadline - core.monotime(), 0))
+          return nil, errors.new("network", "timed out", { reason = "timeout" })
+        end
+        core.sleep(math.max(t.final_at - core.monotime(), 0))
+        t.final_at = nil
+        return "250 2.0.0 queued as 42\r\n"
+      end
+      function t.close() t.closed = true end
+      return t
+    end
+
+    it("waits data_timeout (default 10 minutes, RFC 5321) for the reply to the end of the data, not timeout", function()
+      local s = assert(smtp.open { transport = slow_final_transport(1.2), tls = "none", timeout = 0.4 })
+      assert.equal(600, s.data_timeout)
+      local r, err = s:send { from = "a@example.org", to = "b@example.org", data = "Subject: x\r\n\r\nbody\r\n" }
+      assert.is_nil(err)
+      assert.equal(250, r.code)
+      -- the envelope's replies still get the session's timeout: a silent server there fails in 0.4 s
+      local t = slow_final_transport(0)
+      local s2 = assert(smtp.open { transport = t, tls = "none", timeout = 0.4 })
+      t.send = function() return true end
+      local t0 = core.monotime()
+      local ok, nerr = s2:noop()
+      assert.is_nil(ok)
+      assert.equal("closed", nerr.reason)
+      assert.truthy(core.monotime() - t0 < 1)
+      -- data_timeout is never shorter than timeout unless given
+      assert.equal(900, assert(smtp.open { transport = slow_final_transport(0), tls = "none", timeout = 900 }).data_timeout)
+      assert.has_error(function() smtp.open { transport = slow_final_transport(0), tls = "none", data_timeout = 0 } end)
+    end)
+
+    it("a data_timeout that runs out says the message may have been accepted (retryable, after_data)", function()
+      local s = assert(smtp.open { transport = slow_final_transport(5), tls = "none", timeout = 0.3, data_timeout = 0.6 })
+      local t0 = core.monotime()
+      local r, err = s:send { from = "a@example.org", to = "b@example.org", data = "Subject: x\r\n\r\nbody\r\n" }
+      local took = core.monotime() - t0
+      assert.is_nil(r)
+      assert.equal("network", err.kind)
+      assert.equal("timeout", err.reason)
+      assert.is_true(err.after_data)
+      assert.is_true(err.retryable)
+      assert.matches("no reply to the end of the message within 0.6 s %(data_timeout%)", err.message)
+      assert.matches("may deliver it twice", err.message)
+      assert.truthy(took >= 0.55 and took < 2, "took " .. took)
+    end)
+
     it("states the session's timeout when a dribbling server runs it out (not what was left of it)", function()
       -- a real socket: the greeting's first line comes at once, then one byte
       -- every 0.3 s and never the end of the reply

@@ -55,7 +55,7 @@ M.SCHEMA = {
   } },
   smtp = { fields = {
     host = "string", port = "port", tls = enum("starttls", "implicit", "none"), timeout = "duration",
-    ca_file = "string", ca_path = "string", verify = "boolean", min_tls = "string", client_cert = "string",
+    data_timeout = "duration", ca_file = "string", ca_path = "string", verify = "boolean", min_tls = "string", client_cert = "string",
     client_key = "string", servername = "string", helo = "string",
     mechanism = enum("xoauth2", "oauthbearer"), two_step = "boolean", allow_plaintext_auth = "boolean",
     connect = "function",

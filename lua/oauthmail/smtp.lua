@@ -91,12 +91,22 @@ function Session:_flush()
   return true
 end
 
+-- No reply to the end of the data in time. RFC 5321 6.1: the message may
+-- have been accepted, and delivering it twice is preferred to losing it, so
+-- this stays retryable; the error says so.
+local function final_timeout(timeout)
+  return errors.new("network", string.format("no reply to the end of the message within %g s (data_timeout): "
+    .. "the server may have accepted it, so sending it again may deliver it twice", timeout),
+    { reason = "timeout", retryable = true, after_data = true })
+end
+
 -- The one place that reads: the next reply, reading more bytes as needed.
 -- One deadline covers the whole reply, so a server that dribbles a byte now
 -- and then cannot keep it alive for max_reply waits. The transport waits
 -- (through oauthmail.wait) until that deadline; its timeout error states the
 -- session's timeout, not what was left of it.
-function Session:_reply()
+function Session:_reply(timeout, final)
+  timeout = timeout or self.timeout
   local deadline
   while true do
     local r, err = self.eng:reply()
@@ -113,12 +123,16 @@ function Session:_reply()
     if err then return self:_broken(err) end
     local now = core.monotime()
     if not deadline then
-      deadline = now + self.timeout
+      deadline = now + timeout
     elseif deadline - now <= 0 then
+      if final then return self:_broken(final_timeout(timeout)) end
       return self:_broken(errors.new("network", string.format("no complete reply from the server within %g s",
-        self.timeout), { reason = "timeout", retryable = true }))
+        timeout), { reason = "timeout", retryable = true }))
     end
     local data, rerr = self.conn:receive_some(RECV_MAX, deadline)
+    if not data and final and type(rerr) == "table" and rerr.reason == "timeout" then
+      return self:_broken(final_timeout(timeout))
+    end
     if not data then
       -- a server that said 421 to a pipelined command closes at once: its
       -- reply, not the closed connection, is what the caller needs to see
@@ -129,6 +143,13 @@ function Session:_reply()
     end
     self.eng:feed(data)
   end
+end
+
+-- The reply to the end of a message's data: RFC 5321 4.5.3.2.6 gives the
+-- server 10 minutes for it (it may be scanning or relaying the message), and
+-- a client that gives up sooner makes a retry that may deliver it twice.
+function Session:_final_reply()
+  return self:_reply(self.data_timeout, true)
 end
 
 -- Send what is queued, then read one reply.
@@ -175,6 +196,7 @@ end
 local OPTIONS = {
   port = "number", connect = "function", trace = "callable",
   timeout = function(v) if not options.finite(v) or v <= 0 then return "must be a positive number" end end,
+  data_timeout = function(v) if not options.finite(v) or v <= 0 then return "must be a positive number" end end,
   tls = function(v)
     if not DEFAULT_PORT[v] then return 'must be "starttls", "implicit" or "none"' end
   end,
@@ -186,7 +208,7 @@ local function check_opts(opts)
   options.check("oauthmail.smtp.open", opts, OPTIONS, 3)
 end
 
--- smtp.open{host=, port=, tls=, timeout=, helo=, trace=, allow_plaintext_auth=, ...TLS options}
+-- smtp.open{host=, port=, tls=, timeout=, data_timeout=, helo=, trace=, allow_plaintext_auth=, ...TLS options}
 -- `transport` (a table with send/receive_some/starttls/close) replaces the
 -- connection, for tests; `connect(conn_opts) -> transport | nil, err` makes
 -- one per session (a host's sockets: oauthmail.transport.cosocket).
@@ -196,6 +218,8 @@ function M.open(opts)
   local self = setmetatable({
     host = opts.host or "localhost", port = opts.port or DEFAULT_PORT[tls], tls = tls,
     helo = opts.helo or "localhost", trace = opts.trace, timeout = opts.timeout or 30,
+    -- the reply to the end of the data: RFC 5321's 10 minutes, never less than timeout
+    data_timeout = opts.data_timeout or math.max(600, opts.timeout or 30),
     allow_plaintext_auth = opts.allow_plaintext_auth == true,
     opts = opts, capabilities = {},
   }, Session)
@@ -560,7 +584,7 @@ function Session:_bdat_transaction(to, pipelined, next_chunk)
     if not mr then return nil, accepted end
     for _ = 1, sent do
       local r
-      r, err = self:_reply()
+      r, err = self:_final_reply()
       if not r then return nil, err end
       if not fr or fr.code < 300 then fr = r end  -- keep the first refusal
     end
@@ -572,7 +596,7 @@ function Session:_bdat_transaction(to, pipelined, next_chunk)
     local sent, last = self:_bdat_body(next_chunk, false)
     if sent then
       local err
-      fr, err = self:_reply()
+      fr, err = self:_final_reply()
       if not fr then return nil, err end
     elseif type(last) == "table" and last.command then
       fr = last
@@ -623,7 +647,7 @@ function Session:_data_transaction(to, pipelined, next_chunk)
     if not ok then return nil, err end
   end
   local fr
-  fr, err = self:_reply()
+  fr, err = self:_final_reply()
   if not fr then return nil, err end
   if not envelope_ok then fr = nil end
   return mr, accepted, rejected, fr
@@ -699,7 +723,7 @@ function Session:_window(list, idx, results)
     local mr, accepted, rejected = self:_envelope_replies(q.to, true)
     if not mr then return nil, accepted end
     local fr
-    fr, err = self:_reply()
+    fr, err = self:_final_reply()
     if not fr then return nil, err end
     local receipt
     receipt, err = outcome(mr, accepted, rejected, fr)
