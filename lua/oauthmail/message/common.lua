@@ -35,10 +35,16 @@ local DAYS = { "Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat" }
 local MONTHS = { "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec" }
 
 -- RFC 5322 3.3 date in UTC; names from tables, never from the C locale.
+-- The last second's text is kept: a batch made within a second asks once.
+local last_second, last_date
 local function rfc5322_date(now)
-  local t = os.date("!*t", math.floor(now))
-  return string.format("%s, %02d %s %04d %02d:%02d:%02d +0000",
+  now = math.floor(now)
+  if now == last_second then return last_date end
+  local t = os.date("!*t", now)
+  last_date = string.format("%s, %02d %s %04d %02d:%02d:%02d +0000",
     DAYS[t.wday], t.day, MONTHS[t.month], t.year, t.hour, t.min, t.sec)
+  last_second = now
+  return last_date
 end
 
 -- Random hex for ids and boundaries; deterministic from opts.boundary_seed.

@@ -154,6 +154,9 @@ end
 
 -- m:tostring() -> the whole message | nil, err
 function Message:tostring()
+  local segs = self._segs
+  -- held in memory as one string (raw text, a message without files)
+  if #segs == 1 and type(segs[1]) == "string" then return segs[1] end
   local parts, read = {}, self:reader()
   while true do
     local c, err = read()
