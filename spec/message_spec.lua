@@ -1107,3 +1107,34 @@ describe("message.from_raw with one text read again", function()
     assert.equal("to", err.field)
   end)
 end)
+
+describe("message.id_pool", function()
+  it("hands out distinct random hex of the asked length, drawn n ids at a time", function()
+    local ids = message.id_pool(8)
+    local seen = {}
+    for _ = 1, 200 do
+      local id = ids(16)
+      assert.matches("^%x+$", id)
+      assert.equal(32, #id)
+      assert.is_nil(seen[id])
+      seen[id] = true
+    end
+    assert.equal(24, #ids(12))
+    assert.has_error(function() message.id_pool(0) end, "message.id_pool: n must be a positive whole number")
+  end)
+
+  it("makes the random part of the ids compose and from_raw add, and nothing when boundary_seed is set", function()
+    local function fixed(len) return string.rep("ab", len) end
+    local raw = "From: a@example.org\r\nTo: b@example.org\r\n\r\nx\r\n"
+    local m = assert(message.from_raw(raw, { ids = fixed, hostname = "h.example.org" }))
+    assert.equal(string.rep("ab", 16) .. "@h.example.org", m.message_id)
+    m = assert(message.compose({ from = "a@example.org", to = "b@example.org", text = "x" },
+      { ids = fixed, hostname = "h.example.org" }))
+    assert.equal(string.rep("ab", 16) .. "@h.example.org", m.message_id)
+    local seeded = assert(message.from_raw(raw, { ids = fixed, boundary_seed = "s", hostname = "h.example.org" }))
+    assert.are_not.equal(string.rep("ab", 16) .. "@h.example.org", seeded.message_id)
+    assert.has_error(function() message.from_raw(raw, { ids = "x" }) end, "message.from_raw: opts.ids must be a function")
+    assert.has_error(function() message.compose({ from = "a@example.org", to = "b@example.org" }, { ids = 1 }) end,
+      "message.compose: opts.ids must be a function")
+  end)
+end)

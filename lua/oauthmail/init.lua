@@ -200,41 +200,49 @@ local function shape_error(msg)
   return nil
 end
 
+-- A message composed by oauthmail.message (or shaped like one), prepared:
+-- a new reader for every attempt.
+local function prepared(msg)
+  local env = msg.envelope
+  -- its exact size goes into SIZE= (an oversized message is refused before
+  -- any data is sent), and BODY=8BITMIME only when it really has 8-bit bytes
+  return { from = env.from, to = list_of(env.to), message_id = msg.message_id,
+    size = msg.size and msg:size() or nil, eight_bit = msg.has_8bit and true or false,
+    data = function() return msg:reader() end, message = msg }
+end
+
 -- Bring any accepted message shape to {from, to, data() -> fresh source,
--- message_id, message (the oauthmail.message object)}.
-function Mailer:_prepare(msg)
+-- message_id, message (the oauthmail.message object)}. `ids`: the random
+-- part of new ids (message.id_pool, for a batch), else drawn for each.
+function Mailer:_prepare(msg, ids)
   local why = shape_error(msg)
   if why and not why:find("^no sender") then error("mailer:send: " .. why, 3) end
-  if type(msg.reader) == "function" and type(msg.envelope) == "table" then
-    -- a message composed by oauthmail.message: a new reader for every attempt
-    local env = msg.envelope
-    -- its exact size goes into SIZE= (an oversized message is refused before
-    -- any data is sent), and BODY=8BITMIME only when it really has 8-bit bytes
-    return { from = env.from, to = list_of(env.to), message_id = msg.message_id,
-      size = msg.size and msg:size() or nil, eight_bit = msg.has_8bit and true or false,
-      data = function() return msg:reader() end, message = msg }
-  end
+  if type(msg.reader) == "function" and type(msg.envelope) == "table" then return prepared(msg) end
   local message = require "oauthmail.message"
   local raw = msg.raw or msg.data
   if raw ~= nil then
     -- raw text is read the one way message.from_raw reads it: Bcc removed,
     -- Date and Message-ID added when missing, every address header checked;
     -- the envelope is the call's to/cc/bcc, else the headers'
-    local to = {}
-    for _, field in ipairs(RCPT_FIELDS) do
-      local l = list_of(msg[field])
-      for i = 1, #l do to[#to + 1] = l[i] end
+    local to = msg.to
+    if msg.cc ~= nil or msg.bcc ~= nil then
+      to = {}
+      for _, field in ipairs(RCPT_FIELDS) do
+        local l = list_of(msg[field])
+        for i = 1, #l do to[#to + 1] = l[i] end
+      end
     end
-    local m, err = message.from_raw(raw, { from = msg.from or self.settings.from, to = #to > 0 and to or nil })
+    if type(to) == "table" and #to == 0 then to = nil end
+    local m, err = message.from_raw(raw, { from = msg.from or self.settings.from, to = to, ids = ids })
     if not m then return nil, err end
-    return self:_prepare(m)
+    return prepared(m)
   end
   local t = {}
   for k, v in pairs(msg) do t[k] = v end
   t.from = t.from or self.settings.from
-  local m, err = message.compose(t)
+  local m, err = message.compose(t, ids and { ids = ids } or nil)
   if not m then return nil, err end
-  return self:_prepare(m)
+  return prepared(m)
 end
 
 -- ------------------------------------------------------------ sessions
@@ -541,7 +549,7 @@ end
 
 -- The before_send hook and the message read: m (prepared) | nil, err; the
 -- governor is not asked yet.
-function Mailer:_ready(msg, level)
+function Mailer:_ready(msg, level, ids)
   if self.hooks.before_send then
     local r, why = self.hooks.before_send(msg)
     if r == false then
@@ -551,7 +559,7 @@ function Mailer:_ready(msg, level)
       msg = r
     end
   end
-  local m, perr = self:_prepare(msg)
+  local m, perr = self:_prepare(msg, ids)
   if not m then return nil, perr end
   if type(m.from) ~= "string" then error("mailer:send: no sender: set from in the message or the profile", level + 1) end
   return m
@@ -611,7 +619,7 @@ function Mailer:_take(list, run, size, results)
       run.next = i + 1
     end
     local err
-    if not m then m, err = self:_ready(list[i], 2) end
+    if not m then m, err = self:_ready(list[i], 2, run.ids) end
     local ok = m ~= nil
     if m then
       ok, err = self.governor:admit(#m.to, ahead.messages > 0 and ahead or nil)
@@ -695,7 +703,9 @@ function Mailer:send_many(list, o)
   end
   self.trace_error = nil
   local results = {}
-  local run = { next = 1, back = {}, ahead = { messages = 0, recipients = 0 }, settled = wait.cond() }
+  -- the random part of the batch's new Message-IDs, drawn 64 at a time
+  local ids = require("oauthmail.message").id_pool(64)
+  local run = { next = 1, back = {}, ahead = { messages = 0, recipients = 0 }, settled = wait.cond(), ids = ids }
   local ahead = run.ahead
   local function work()
     while not run.failure do

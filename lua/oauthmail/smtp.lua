@@ -418,14 +418,17 @@ function Session:_prepare(msg)
     end
     params[#params + 1] = string.format("SIZE=%d", size)
   end
-  -- a string is looked at; a stream is taken at its word, or assumed 8-bit
-  local eight
-  if type(data) == "string" then
-    -- one anchored run over the 7-bit bytes, three times faster than a
-    -- search for the first 8-bit one
-    eight = msg.eight_bit == true or not data:find("^[^\128-\255]*$")
-  else
-    eight = msg.eight_bit ~= false
+  -- the caller's word when given (the mailer has looked at the message
+  -- already); else a string is looked at, and a stream assumed 8-bit
+  local eight = msg.eight_bit
+  if eight == nil then
+    if type(data) == "string" then
+      -- one anchored run over the 7-bit bytes, three times faster than a
+      -- search for the first 8-bit one
+      eight = not data:find("^[^\128-\255]*$")
+    else
+      eight = true
+    end
   end
   if caps["8BITMIME"] and eight then
     params[#params + 1] = "BODY=8BITMIME"

@@ -210,6 +210,7 @@ local last_text, last_reading
 local function from_raw(src, opts)
   if opts ~= nil and type(opts) ~= "table" then usage("from_raw", "options must be a table") end
   opts = opts or {}
+  if opts.ids ~= nil and type(opts.ids) ~= "function" then usage("from_raw", "opts.ids must be a function") end
   local r
   if type(src) == "string" and src == last_text then
     r = last_reading
@@ -244,13 +245,20 @@ local function from_raw(src, opts)
       for _, a in ipairs(header_addresses(fl)) do rcpt[#rcpt + 1] = a end
     end
   end
-  local seen, to = {}, {}
-  for _, a in ipairs(rcpt) do
-    if not seen[a:lower()] then seen[a:lower()] = true; to[#to + 1] = a end
+  -- one recipient needs no look for doubles (envelope_list made a new list;
+  -- a header's list is remembered, so it is copied)
+  local to
+  if #rcpt == 1 and opts.to ~= nil then
+    to = rcpt
+  else
+    local seen = {}
+    to = {}
+    for _, a in ipairs(rcpt) do
+      if not seen[a:lower()] then seen[a:lower()] = true; to[#to + 1] = a end
+    end
   end
   if #to == 0 then bad("to", "no recipients: give opts.to or To/Cc/Bcc headers", "missing") end
 
-  local ids = id_source(opts.boundary_seed)
   local out = { r.kept }
   local mid
   if first["message-id"] then
@@ -267,7 +275,7 @@ local function from_raw(src, opts)
       bad("opts.hostname", "is not a host name", "hostname")
     end
     host = host or env_from:match("@([%w%.%-]+)$") or "localhost"
-    mid = ids(16) .. "@" .. host
+    mid = id_source(opts.boundary_seed, opts.ids)(16) .. "@" .. host
     out[#out + 1] = "Message-ID: <" .. mid .. ">\r\n"
   end
   out[#out + 1] = "\r\n"
