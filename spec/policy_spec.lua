@@ -129,6 +129,23 @@ describe("governor", function()
     assert.same({}, t.slept)
   end)
 
+  it("keeps no window a limit does not read: a governor without rate limits stays empty", function()
+    local t = fake_time()
+    local g = policy.governor({ connections = 3 }, t)
+    for _ = 1, 1000 do assert(g:admit(2)) g:record(2) end
+    assert.equals(0, g.minute:count())
+    assert.equals(0, g.day:count())
+    -- a minute limit alone counts messages, not the day's recipients
+    g = policy.governor({ messages_per_minute = 5 }, t)
+    g:record(3)
+    assert.equals(1, g.minute:count())
+    assert.equals(0, g.day:count())
+    g = policy.governor({ recipients_per_day = 5 }, t)
+    g:record(3)
+    assert.equals(0, g.minute:count())
+    assert.equals(3, g.day.sum)
+  end)
+
   it("counts recipients over a rolling 24 hours", function()
     local t = fake_time()
     local g = policy.governor({ recipients_per_day = 100, max_wait = 90000 }, t)

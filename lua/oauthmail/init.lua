@@ -193,8 +193,11 @@ local function shape_error(msg)
   local raw = msg.raw or msg.data
   if raw ~= nil then
     if type(raw) ~= "string" then return "'raw' must be the message text (a string)" end
-    for _, field in ipairs(RCPT_FIELDS) do
-      if type(list_of(msg[field])) ~= "table" then return "'" .. field .. "' must be an address or a list" end
+    for i = 1, #RCPT_FIELDS do
+      local v = msg[RCPT_FIELDS[i]]
+      if v ~= nil and type(v) ~= "string" and type(v) ~= "table" then
+        return "'" .. RCPT_FIELDS[i] .. "' must be an address or a list"
+      end
     end
   end
   return nil

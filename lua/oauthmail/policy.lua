@@ -277,7 +277,7 @@ end
 -- a message that does not fit beside them now is not waited for: false, and
 -- the batch goes first (send_many).
 function Governor:admit(n, ahead)
-  if ahead and ahead.messages > 0 and not self:fits(n, ahead) then return false end
+  if ahead and ahead.messages > 0 then return self:fits(n, ahead) end
   local waited = 0
   while true do
     local wait, why = self:wait_for(n)
@@ -293,11 +293,15 @@ function Governor:admit(n, ahead)
   end
 end
 
--- governor:record(n): a message with n recipients was sent.
+-- governor:record(n): a message with n recipients was sent. Counted in
+-- the windows a limit reads (a limit set later counts from then on).
 function Governor:record(n)
+  local L = self.limits
+  local minute, day = L.messages_per_minute, L.messages_per_day or L.recipients_per_day
+  if not (minute or day) then return end
   local now = self.clock()
-  self.minute:push(now, 1)
-  self.day:push(now, n)
+  if minute then self.minute:push(now, 1) end
+  if day then self.day:push(now, n) end
 end
 
 -- governor:acquire() -> true | nil, err: take one of the mailbox's connections.

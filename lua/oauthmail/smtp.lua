@@ -57,8 +57,9 @@ function Session:_clean(text, ours)
 end
 
 function Session:_trace()
+  if not self.trace then return end   -- the engine keeps no events then
   local evs = self.eng:trace_events()
-  if evs and self.trace then
+  if evs then
     for i = 1, #evs do
       local ev = evs[i]
       ev.text = self:_clean(ev.text, ev.dir == "C")
