@@ -440,6 +440,32 @@ describe("mailer against the oidc-provider and the sandbox", function()
     assert.equals(2, #sb.messages() - before)
   end)
 
+  it("send_many takes an object shaped like a message (envelope and reader), read in chunks to the end", function()
+    local text = raw("shaped", "mshaped")
+    local obj = {
+      envelope = { from = USER, to = { "ops@example.org" } }, message_id = "mshaped@contoso.test",
+      reader = function()
+        local pos = 1
+        return function()
+          if pos > #text then return nil end
+          local c = text:sub(pos, pos + 9)
+          pos = pos + 10
+          return c
+        end
+      end,
+    }
+    local mailer = assert(oauthmail.new(profile()))
+    local results = mailer:send_many { obj, { raw = raw("plain", "mshaped2"), to = "ops@example.org" } }
+    mailer:close()
+    assert.is_truthy(results[1].reply, tostring(results[1].message))
+    assert.equals("mshaped@contoso.test", results[1].message_id)
+    assert.equals(1, count("mshaped@contoso.test"))
+    assert.equals(1, count("mshaped2@contoso.test"))
+    local got
+    for _, m in ipairs(sb.messages()) do if m.message_id == "mshaped@contoso.test" then got = m end end
+    assert.truthy(got.data:find("Subject: shaped\r\n", 1, true))
+  end)
+
   it("send_many raises for a message of the wrong shape before anything goes out", function()
     local mailer = assert(oauthmail.new(profile()))
     local before = #sb.messages()

@@ -581,24 +581,12 @@ function Mailer:send(msg)
   return self:_deliver(m)
 end
 
--- The whole text of a prepared message, for a pipelined group: the
--- message object's own string when it holds one (raw text, a composed
--- message without files), else read to the end | nil, err (a file that
--- cannot be read, or changed since the message was made).
+-- The whole text of a prepared message, for a pipelined group |
+-- nil, err (a file that cannot be read, or changed since the message was
+-- made): Message:tostring, which returns a one-string message as it is and
+-- reads any other object with a reader() to the end.
 local function whole_text(m)
-  if m.message then return m.message:tostring() end
-  local data = m.data()
-  if type(data) == "string" then return data end
-  if io.type(data) == "file" then return data:read("*a") end
-  local parts = {}
-  while true do
-    local chunk, err = data()
-    if chunk == nil then
-      if err then return nil, err end
-      return table.concat(parts)
-    end
-    parts[#parts + 1] = chunk
-  end
+  return require("oauthmail.message").Message.tostring(m.message)
 end
 
 -- The next batch of send_many's list, taken in list order: up to `size`

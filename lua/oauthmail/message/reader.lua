@@ -162,11 +162,12 @@ function Message:size()
   return self._size
 end
 
--- m:tostring() -> the whole message | nil, err
+-- m:tostring() -> the whole message | nil, err. Also reads any object
+-- shaped like a message (a reader() method) to the end.
 function Message:tostring()
   local segs = self._segs
   -- held in memory as one string (raw text, a message without files)
-  if #segs == 1 and type(segs[1]) == "string" then return segs[1] end
+  if segs and #segs == 1 and type(segs[1]) == "string" then return segs[1] end
   local parts, read = {}, self:reader()
   while true do
     local c, err = read()
