@@ -350,13 +350,16 @@ end
 
 -- ------------------------------------------------------------ sending
 
+local function by_address(a, b) return a.address < b.address end
+
 local function rejected_list(map)
   local out = {}
-  for addr, r in pairs(map or {}) do
+  if map == nil or next(map) == nil then return out end
+  for addr, r in pairs(map) do
     local e = { address = addr, code = r.code, enhanced = r.enhanced, text = r.text }
     out[#out + 1] = decoder.explain(e)
   end
-  table.sort(out, function(a, b) return a.address < b.address end)
+  table.sort(out, by_address)
   return out
 end
 
@@ -413,7 +416,9 @@ function Mailer:_delivered(m, receipt, attempt, e, lane, keep)
   self.sent = self.sent + 1
   if not keep then errors.pcall(lane.pool.release, lane.pool, e) end
   errors.pcall(self.governor.record, self.governor, #m.to)
-  self:_trace { event = "sent", message_id = m.message_id, attempts = attempt, code = receipt.code, transport = lane.name }
+  if self.trace then
+    self:_trace { event = "sent", message_id = m.message_id, attempts = attempt, code = receipt.code, transport = lane.name }
+  end
   return out
 end
 

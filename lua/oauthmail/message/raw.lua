@@ -92,12 +92,12 @@ local function remember(kind, text, v)
 end
 
 local function envelope_list(field, v)
-  if type(v) == "string" then v = { v } end
-  if type(v) ~= "table" then usage("from_raw", field .. " must be an address or a list") end
+  local one = type(v) == "string"
+  if not one and type(v) ~= "table" then usage("from_raw", field .. " must be an address or a list") end
   local out = {}
-  for i = 1, #v do
-    local f = #v > 1 and (field .. "[" .. i .. "]") or field
-    local text = v[i]
+  for i = 1, one and 1 or #v do
+    local f = (not one and #v > 1) and (field .. "[" .. i .. "]") or field
+    local text = one and v or v[i]
     if type(text) ~= "string" then usage("from_raw", f .. " must be a string") end
     local a = known.one[text]
     if not a then
@@ -199,7 +199,7 @@ local function read_source(src)
     end
   end
   return { head = head, body = body, raw_seg = raw_seg, eight = eight, first = first, rcpt_fields = rcpt_fields,
-    kept = table.concat(kept) }
+    kept = table.concat(kept), head_utf8 = encode.has_8bit(head) }
 end
 
 -- The last text read, and its reading: a list that repeats one text (the
@@ -218,7 +218,7 @@ local function from_raw(src, opts)
     r = read_source(src)
     if type(src) == "string" then last_text, last_reading = src, r end
   end
-  local head, body, raw_seg, first, rcpt_fields = r.head, r.body, r.raw_seg, r.first, r.rcpt_fields
+  local body, raw_seg, first, rcpt_fields = r.body, r.raw_seg, r.first, r.rcpt_fields
 
 
   local env_from
@@ -283,7 +283,7 @@ local function from_raw(src, opts)
   if raw_seg then out[#out + 1] = raw_seg end
 
   local m = new_message(out)
-  local utf8 = head:find("[\128-\255]") ~= nil or env_from:find("[\128-\255]") ~= nil
+  local utf8 = r.head_utf8 or env_from:find("[\128-\255]") ~= nil
   for _, a in ipairs(to) do utf8 = utf8 or a:find("[\128-\255]") ~= nil end
   m.envelope = { from = env_from, to = to }
   m.message_id = mid
@@ -291,7 +291,7 @@ local function from_raw(src, opts)
   if r.eight ~= nil then
     m.has_8bit = r.eight
   else
-    m.has_8bit = (raw_seg ~= nil and raw_seg.eight) or encode.has_8bit(head)
+    m.has_8bit = (raw_seg ~= nil and raw_seg.eight) or r.head_utf8
   end
   return m
 end
