@@ -2,10 +2,14 @@
 -- TLS over oauthmail.conn, offers PIPELINING, CHUNKING, 8BITMIME, SIZE and
 -- AUTH (any credentials pass), discards every message. Replies are held until
 -- the client's bytes run out, so a pipelined group costs one write back.
--- Usage: lua bench/smtp_sink.lua CERT KEY [concurrent]   (prints "listening on PORT")
+-- Usage: lua bench/smtp_sink.lua CERT KEY [concurrent [DELAY_MS]]   (prints "listening on PORT")
 -- With "concurrent" it serves every connection at once under oauthmail.run
--- (each connection a task; one poll(2) for all of them).
+-- (each connection a task; one poll(2) for all of them). DELAY_MS holds
+-- every write of replies that long (through oauthmail.wait, so the other
+-- connections go on): a server a network round trip away.
 local conn = require "oauthmail.conn"
+local wait = require "oauthmail.wait"
+local DELAY = (tonumber(arg[4]) or 0) / 1000
 
 local cert, key = arg[1], arg[2]
 local l = assert(conn.listen { host = "127.0.0.1", port = 0, backlog = 2048, tls = { cert = cert, key = key } })
@@ -23,6 +27,7 @@ local function serve(c)
   local function reply(s) n = n + 1 out[n] = s end
   local function flush()
     if n > 0 then
+      if DELAY > 0 then wait.sleep(DELAY) end
       local ok = c:send(table.concat(out, "", 1, n))
       out, n = {}, 0
       return ok

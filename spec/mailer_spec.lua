@@ -368,6 +368,117 @@ describe("mailer against the oidc-provider and the sandbox", function()
     assert.equals(30, #sb.messages() - before)
   end)
 
+  it("send_many keeps the minute's limit inside one call: the 4th of 3/minute fails, nothing beyond goes", function()
+    local now = os.time()
+    local mailer = assert(oauthmail.new(profile {
+      limits = { messages_per_minute = 3, on_limit = "fail" },
+      policy = { clock = function() return now end, sleep = function() error("must not sleep") end },
+    }))
+    local before = #sb.messages()
+    local list = {}
+    for i = 1, 5 do list[i] = { raw = raw("many " .. i, "mmany" .. i), to = "ops@example.org" } end
+    local results = mailer:send_many(list, { batch = 50 })
+    mailer:close()
+    for i = 1, 3 do
+      assert.is_truthy(results[i].reply, tostring(results[i].message))
+      assert.equals(1, count("mmany" .. i .. "@contoso.test"))
+    end
+    for i = 4, 5 do
+      assert.equals("policy", results[i].kind)
+      assert.equals("messages_per_minute", results[i].limit)
+      assert.equals(0, count("mmany" .. i .. "@contoso.test"))
+    end
+    assert.equals(3, #sb.messages() - before)
+  end)
+
+  it("send_many reads one repeated text for each entry: its own Message-ID, Bcc out, envelope from the call", function()
+    local text = "From: " .. USER .. "\r\nTo: undisclosed-recipients:;\r\nBcc: hidden@example.org\r\n"
+      .. "Subject: same text\r\n\r\nOne text, three envelopes.\r\n"
+    local mailer = assert(oauthmail.new(profile()))
+    local before = #sb.messages()
+    local rcpts = { "a@example.org", "b@example.org", "c@example.org" }
+    local list = {}
+    for i, a in ipairs(rcpts) do list[i] = { raw = text, to = a } end
+    local results = mailer:send_many(list)
+    mailer:close()
+    local ids = {}
+    for i, a in ipairs(rcpts) do
+      assert.is_truthy(results[i].reply, tostring(results[i].message))
+      assert.same({ a }, results[i].accepted)
+      assert.is_nil(ids[results[i].message_id])
+      ids[results[i].message_id] = true
+      assert.equals(1, count(results[i].message_id))
+    end
+    local got = sb.messages()
+    assert.equals(3, #got - before)
+    for k = before + 1, #got do
+      assert.falsy(got[k].data:find("hidden@example.org", 1, true))
+      assert.truthy(got[k].data:find("\r\nDate: ", 1, true))
+    end
+  end)
+
+  it("send_many returns a file that changed after composing as that message's error, and sends the rest", function()
+    local path = h.tmpdir() .. "/report.txt"
+    h.write_file(path, string.rep("r", 1000))
+    local message = require "oauthmail.message"
+    local changed = assert(message.compose { from = USER, to = "ops@example.org", subject = "changed",
+      text = "see the file", attachments = { { path = path } } })
+    h.write_file(path, string.rep("r", 400))
+    local mailer = assert(oauthmail.new(profile()))
+    local before = #sb.messages()
+    local results = mailer:send_many {
+      { raw = raw("before", "mchg1"), to = "ops@example.org" }, changed,
+      { raw = raw("after", "mchg2"), to = "ops@example.org" },
+    }
+    mailer:close()
+    assert.equals("config", results[2].kind)
+    assert.equals("reader", results[2].reason)
+    assert.truthy(results[2].message:find("changed after the message was made", 1, true))
+    assert.equals(1, count("mchg1@contoso.test"))
+    assert.equals(1, count("mchg2@contoso.test"))
+    assert.equals(0, count(changed.message_id))
+    assert.equals(2, #sb.messages() - before)
+  end)
+
+  it("send_many takes an object shaped like a message (envelope and reader), read in chunks to the end", function()
+    local text = raw("shaped", "mshaped")
+    local obj = {
+      envelope = { from = USER, to = { "ops@example.org" } }, message_id = "mshaped@contoso.test",
+      reader = function()
+        local pos = 1
+        return function()
+          if pos > #text then return nil end
+          local c = text:sub(pos, pos + 9)
+          pos = pos + 10
+          return c
+        end
+      end,
+    }
+    local mailer = assert(oauthmail.new(profile()))
+    local results = mailer:send_many { obj, { raw = raw("plain", "mshaped2"), to = "ops@example.org" } }
+    mailer:close()
+    assert.is_truthy(results[1].reply, tostring(results[1].message))
+    assert.equals("mshaped@contoso.test", results[1].message_id)
+    assert.equals(1, count("mshaped@contoso.test"))
+    assert.equals(1, count("mshaped2@contoso.test"))
+    local got
+    for _, m in ipairs(sb.messages()) do if m.message_id == "mshaped@contoso.test" then got = m end end
+    assert.truthy(got.data:find("Subject: shaped\r\n", 1, true))
+  end)
+
+  it("send_many raises for a message of the wrong shape before anything goes out", function()
+    local mailer = assert(oauthmail.new(profile()))
+    local before = #sb.messages()
+    assert.has_error(function()
+      mailer:send_many { { raw = raw("first", "mshape1"), to = "ops@example.org" }, 42 }
+    end, "mailer:send: expected a message table")
+    assert.has_error(function()
+      mailer:send_many { { raw = raw("first", "mshape1"), to = "ops@example.org" }, { raw = {} } }
+    end, "mailer:send: 'raw' must be the message text (a string)")
+    mailer:close()
+    assert.equals(0, #sb.messages() - before)
+  end)
+
   it("runs two mailers side by side with different profiles", function()
     local other_user = "alerts@fabrikam.test"
     local sb2 = sandbox.start { user = other_user, jwks_uri = srv.issuer .. "/jwks", ca = srv.ca }

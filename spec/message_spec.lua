@@ -1045,8 +1045,96 @@ describe("message.encode.crlf", function()
       ["a\nb"] = "a\r\nb", ["a\rb"] = "a\r\nb", ["a\r\nb"] = "a\r\nb", ["a\r"] = "a\r\n", ["\n"] = "\r\n",
       ["a\r\r\nb"] = "a\r\n\r\nb", ["a\n\rb"] = "a\r\n\r\nb", [""] = "", ["no break"] = "no break",
       ["x\r\ny\nz"] = "x\r\ny\r\nz", ["x\r\ny\r"] = "x\r\ny\r\n",
+      -- as many CRs as LFs, one of them alone
+      ["a\r\nb\rc\n"] = "a\r\nb\r\nc\r\n", ["a\rb\r\n\r\n"] = "a\r\nb\r\n\r\n",
     } do
       assert.equal(want, encode.crlf(input), string.format("%q", input))
     end
+  end)
+end)
+
+describe("message.encode.has_8bit", function()
+  it("finds any byte above 127, wherever it is, and nothing in 7-bit text", function()
+    local encode = require "oauthmail.message.encode"
+    assert.is_false(encode.has_8bit(""))
+    assert.is_false(encode.has_8bit("plain\r\ntext\0with\1controls\127"))
+    for _, b in ipairs { 128, 160, 195, 255 } do
+      local c = string.char(b)
+      assert.is_true(encode.has_8bit(c), tostring(b))
+      assert.is_true(encode.has_8bit(c .. string.rep("a", 5000)), tostring(b))
+      assert.is_true(encode.has_8bit(string.rep("a", 5000) .. c), tostring(b))
+      assert.is_true(encode.has_8bit(string.rep("a\r\n", 100) .. c .. "\0tail"), tostring(b))
+    end
+  end)
+end)
+
+describe("message.from_raw with one text read again", function()
+  local TEXT = "From: a@example.org\r\nTo: b@example.org\r\nBcc: secret@example.org\r\nSubject: again\r\n\r\nbody\r\n"
+
+  it("gives each message its own Message-ID, the call's envelope, and leaves Bcc out every time", function()
+    local m1 = assert(message.from_raw(TEXT, { now = 1751371200 }))
+    local m2 = assert(message.from_raw(TEXT, { now = 1751371201, to = "c@example.org" }))
+    local m3 = assert(message.from_raw(TEXT, { from = "d@example.org", hostname = "mx.example.org" }))
+    assert.are_not.equal(m1.message_id, m2.message_id)
+    assert.are_not.equal(m2.message_id, m3.message_id)
+    assert.truthy(m3.message_id:find("@mx.example.org$"))
+    assert.same({ "b@example.org", "secret@example.org" }, m1.envelope.to)
+    assert.same({ "c@example.org" }, m2.envelope.to)
+    assert.equal("a@example.org", m2.envelope.from)
+    assert.equal("d@example.org", m3.envelope.from)
+    local t1, t2 = assert(m1:tostring()), assert(m2:tostring())
+    for _, t in ipairs { t1, t2 } do assert.falsy(t:find("secret@example.org", 1, true)) end
+    assert.truthy(t1:find("Date: " .. message._date(1751371200) .. "\r\n", 1, true))
+    assert.truthy(t2:find("Date: " .. message._date(1751371201) .. "\r\n", 1, true))
+    assert.equal("Tue, 01 Jul 2025 12:00:00 +0000", message._date(1751371200))
+    assert.equal("Tue, 01 Jul 2025 12:00:01 +0000", message._date(1751371201))
+    assert.equal(#t1, m1:size())
+  end)
+
+  it("refuses a bad text each time it is given, and a bad envelope for a text that read well", function()
+    local bad = "From: a@example.org\r\nReply-To: x\27y@example.org\r\nTo: b@example.org\r\n\r\nbody\r\n"
+    for _ = 1, 2 do
+      local m, err = message.from_raw(bad)
+      assert.is_nil(m)
+      assert.equal("address", err.reason)
+    end
+    assert(message.from_raw(TEXT))
+    local m, err = message.from_raw(TEXT, { to = "c@example.org\r\nRCPT TO:<x@evil.example>" })
+    assert.is_nil(m)
+    assert.equal("to", err.field)
+    m, err = message.from_raw(TEXT, { to = "nul\0@example.org" })
+    assert.is_nil(m)
+    assert.equal("to", err.field)
+  end)
+end)
+
+describe("message.id_pool", function()
+  it("hands out distinct random hex of the asked length, drawn n ids at a time", function()
+    local ids = message.id_pool(8)
+    local seen = {}
+    for _ = 1, 200 do
+      local id = ids(16)
+      assert.matches("^%x+$", id)
+      assert.equal(32, #id)
+      assert.is_nil(seen[id])
+      seen[id] = true
+    end
+    assert.equal(24, #ids(12))
+    assert.has_error(function() message.id_pool(0) end, "message.id_pool: n must be a positive whole number")
+  end)
+
+  it("makes the random part of the ids compose and from_raw add, and nothing when boundary_seed is set", function()
+    local function fixed(len) return string.rep("ab", len) end
+    local raw = "From: a@example.org\r\nTo: b@example.org\r\n\r\nx\r\n"
+    local m = assert(message.from_raw(raw, { ids = fixed, hostname = "h.example.org" }))
+    assert.equal(string.rep("ab", 16) .. "@h.example.org", m.message_id)
+    m = assert(message.compose({ from = "a@example.org", to = "b@example.org", text = "x" },
+      { ids = fixed, hostname = "h.example.org" }))
+    assert.equal(string.rep("ab", 16) .. "@h.example.org", m.message_id)
+    local seeded = assert(message.from_raw(raw, { ids = fixed, boundary_seed = "s", hostname = "h.example.org" }))
+    assert.are_not.equal(string.rep("ab", 16) .. "@h.example.org", seeded.message_id)
+    assert.has_error(function() message.from_raw(raw, { ids = "x" }) end, "message.from_raw: opts.ids must be a function")
+    assert.has_error(function() message.compose({ from = "a@example.org", to = "b@example.org" }, { ids = 1 }) end,
+      "message.compose: opts.ids must be a function")
   end)
 end)

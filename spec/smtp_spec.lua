@@ -551,6 +551,28 @@ describe("smtp session (fake transport)", function()
       assert.is_true(t.done())
     end)
 
+    it("looks at a string for 8-bit bytes only when eight_bit is not given", function()
+      local s, t = fake_session {
+        { "S", "250-mx.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 100\r\n" },
+        { "C", "MAIL FROM:<a@example.org> SIZE=8 BODY=8BITMIME\r\nRCPT TO:<b@example.org>\r\nDATA\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n354 go\r\n" }, { "C", "h\195\169llo\r\n.\r\n" }, { "S", "250 sent\r\n" },
+        { "C", "MAIL FROM:<a@example.org> SIZE=7\r\nRCPT TO:<b@example.org>\r\nDATA\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n354 go\r\n" }, { "C", "plain\r\n.\r\n" }, { "S", "250 sent\r\n" },
+        { "C", "MAIL FROM:<a@example.org> SIZE=8\r\nRCPT TO:<b@example.org>\r\nDATA\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n354 go\r\n" }, { "C", "h\195\169llo\r\n.\r\n" }, { "S", "250 sent\r\n" },
+        { "C", "MAIL FROM:<a@example.org> SIZE=7 BODY=8BITMIME\r\nRCPT TO:<b@example.org>\r\nDATA\r\n" },
+        { "S", "250 ok\r\n250 ok\r\n354 go\r\n" }, { "C", "plain\r\n.\r\n" }, { "S", "250 sent\r\n" },
+      }
+      -- not given: the string is looked at, wherever its 8-bit byte is
+      assert.truthy(s:send { from = "a@example.org", to = "b@example.org", data = "h\195\169llo\r\n" })
+      assert.truthy(s:send { from = "a@example.org", to = "b@example.org", data = "plain\r\n" })
+      -- given: the caller's word (the mailer has looked already)
+      assert.truthy(s:send { from = "a@example.org", to = "b@example.org", data = "h\195\169llo\r\n",
+        eight_bit = false })
+      assert.truthy(s:send { from = "a@example.org", to = "b@example.org", data = "plain\r\n", eight_bit = true })
+      assert.is_true(t.done())
+    end)
+
     it("takes size= and eight_bit= for a streamed message", function()
       local function reader(text)
         local done = false

@@ -163,41 +163,72 @@ local function list_of(v)
   return v
 end
 
--- Bring any accepted message shape to {from, to, data() -> fresh source, message_id}.
-function Mailer:_prepare(msg)
-  if type(msg) ~= "table" then error("mailer:send: expected a message table", 3) end
+local RCPT_FIELDS = { "to", "cc", "bcc" }
+
+-- What is wrong with a message's shape (a programmer error: send raises
+-- it), or nil. send_many asks before anything goes out.
+local function shape_error(msg)
+  if type(msg) ~= "table" then return "expected a message table" end
   if type(msg.reader) == "function" and type(msg.envelope) == "table" then
-    -- a message composed by oauthmail.message: a new reader for every attempt
-    local env = msg.envelope
-    -- its exact size goes into SIZE= (an oversized message is refused before
-    -- any data is sent), and BODY=8BITMIME only when it really has 8-bit bytes
-    return { from = env.from, to = list_of(env.to), message_id = msg.message_id,
-      size = msg.size and msg:size() or nil, eight_bit = msg.has_8bit and true or false,
-      data = function() return msg:reader() end }
+    if type(msg.envelope.from) ~= "string" then return "no sender: set from in the message or the profile" end
+    return nil
   end
+  local raw = msg.raw or msg.data
+  if raw ~= nil then
+    if type(raw) ~= "string" then return "'raw' must be the message text (a string)" end
+    for i = 1, #RCPT_FIELDS do
+      local v = msg[RCPT_FIELDS[i]]
+      if v ~= nil and type(v) ~= "string" and type(v) ~= "table" then
+        return "'" .. RCPT_FIELDS[i] .. "' must be an address or a list"
+      end
+    end
+  end
+  return nil
+end
+
+-- A message composed by oauthmail.message (or shaped like one), prepared:
+-- a new reader for every attempt.
+local function prepared(msg)
+  local env = msg.envelope
+  -- its exact size goes into SIZE= (an oversized message is refused before
+  -- any data is sent), and BODY=8BITMIME only when it really has 8-bit bytes
+  return { from = env.from, to = list_of(env.to), message_id = msg.message_id,
+    size = msg.size and msg:size() or nil, eight_bit = msg.has_8bit and true or false,
+    data = function() return msg:reader() end, message = msg }
+end
+
+-- Bring any accepted message shape to {from, to, data() -> fresh source,
+-- message_id, message (the oauthmail.message object)}. `ids`: the random
+-- part of new ids (message.id_pool, for a batch), else drawn for each.
+function Mailer:_prepare(msg, ids)
+  local why = shape_error(msg)
+  if why and not why:find("^no sender") then error("mailer:send: " .. why, 3) end
+  if type(msg.reader) == "function" and type(msg.envelope) == "table" then return prepared(msg) end
   local message = require "oauthmail.message"
   local raw = msg.raw or msg.data
   if raw ~= nil then
     -- raw text is read the one way message.from_raw reads it: Bcc removed,
     -- Date and Message-ID added when missing, every address header checked;
     -- the envelope is the call's to/cc/bcc, else the headers'
-    if type(raw) ~= "string" then error("mailer:send: 'raw' must be the message text (a string)", 3) end
-    local to = {}
-    for _, field in ipairs { "to", "cc", "bcc" } do
-      local l = list_of(msg[field])
-      if type(l) ~= "table" then error("mailer:send: '" .. field .. "' must be an address or a list", 3) end
-      for _, a in ipairs(l) do to[#to + 1] = a end
+    local to = msg.to
+    if msg.cc ~= nil or msg.bcc ~= nil then
+      to = {}
+      for _, field in ipairs(RCPT_FIELDS) do
+        local l = list_of(msg[field])
+        for i = 1, #l do to[#to + 1] = l[i] end
+      end
     end
-    local m, err = message.from_raw(raw, { from = msg.from or self.settings.from, to = #to > 0 and to or nil })
+    if type(to) == "table" and #to == 0 then to = nil end
+    local m, err = message.from_raw(raw, { from = msg.from or self.settings.from, to = to, ids = ids })
     if not m then return nil, err end
-    return self:_prepare(m)
+    return prepared(m)
   end
   local t = {}
   for k, v in pairs(msg) do t[k] = v end
   t.from = t.from or self.settings.from
-  local m, err = message.compose(t)
+  local m, err = message.compose(t, ids and { ids = ids } or nil)
   if not m then return nil, err end
-  return self:_prepare(m)
+  return prepared(m)
 end
 
 -- ------------------------------------------------------------ sessions
@@ -302,13 +333,16 @@ end
 
 -- ------------------------------------------------------------ sending
 
+local function by_address(a, b) return a.address < b.address end
+
 local function rejected_list(map)
   local out = {}
-  for addr, r in pairs(map or {}) do
+  if map == nil or next(map) == nil then return out end
+  for addr, r in pairs(map) do
     local e = { address = addr, code = r.code, enhanced = r.enhanced, text = r.text }
     out[#out + 1] = decoder.explain(e)
   end
-  table.sort(out, function(a, b) return a.address < b.address end)
+  table.sort(out, by_address)
   return out
 end
 
@@ -365,7 +399,9 @@ function Mailer:_delivered(m, receipt, attempt, e, lane, keep)
   self.sent = self.sent + 1
   if not keep then errors.pcall(lane.pool.release, lane.pool, e) end
   errors.pcall(self.governor.record, self.governor, #m.to)
-  self:_trace { event = "sent", message_id = m.message_id, attempts = attempt, code = receipt.code, transport = lane.name }
+  if self.trace then
+    self:_trace { event = "sent", message_id = m.message_id, attempts = attempt, code = receipt.code, transport = lane.name }
+  end
   return out
 end
 
@@ -494,6 +530,17 @@ end
 
 -- Run hooks and checks that come before any attempt: m (prepared) | nil, err.
 function Mailer:_accept(msg, level)
+  local m, err = self:_ready(msg, level + 1)
+  if not m then return nil, err end
+  local ok
+  ok, err = self.governor:admit(#m.to)
+  if not ok then return nil, err end
+  return m
+end
+
+-- The before_send hook and the message read: m (prepared) | nil, err; the
+-- governor is not asked yet.
+function Mailer:_ready(msg, level, ids)
   if self.hooks.before_send then
     local r, why = self.hooks.before_send(msg)
     if r == false then
@@ -503,11 +550,9 @@ function Mailer:_accept(msg, level)
       msg = r
     end
   end
-  local m, perr = self:_prepare(msg)
+  local m, perr = self:_prepare(msg, ids)
   if not m then return nil, perr end
   if type(m.from) ~= "string" then error("mailer:send: no sender: set from in the message or the profile", level + 1) end
-  local ok, err = self.governor:admit(#m.to)
-  if not ok then return nil, err end
   return m
 end
 
@@ -524,6 +569,64 @@ function Mailer:send(msg)
   return self:_deliver(m)
 end
 
+-- The whole text of a prepared message, for a pipelined group |
+-- nil, err (a file that cannot be read, or changed since the message was
+-- made): Message:tostring, which returns a one-string message as it is and
+-- reads any other object with a reader() to the end.
+local function whole_text(m)
+  return require("oauthmail.message").Message.tostring(m.message)
+end
+
+-- The next batch of send_many's list, taken in list order: up to `size`
+-- messages read, admitted by the governor and in memory. The messages that
+-- batches in flight have admitted but not yet sent count in `run.ahead`: a
+-- message that would not fit the mailbox's limits beside them ends the
+-- batch and goes back (run.back) until they are counted, then it waits or
+-- fails as send's would. Returns the batch (empty, with `blocked`, when
+-- only other tasks' batches stand in the way), or nil when the list is done.
+function Mailer:_take(list, run, size, results)
+  local batch = { m = {}, i = {}, rcpt = 0 }
+  local ahead, back = run.ahead, run.back
+  while #batch.m < size do
+    local i, m
+    if #back > 0 then
+      local b = table.remove(back, 1)
+      i, m = b[1], b[2]
+    else
+      i = run.next
+      if i > #list then break end
+      run.next = i + 1
+    end
+    local err
+    if not m then m, err = self:_ready(list[i], 2, run.ids) end
+    local ok = m ~= nil
+    if m then
+      ok, err = self.governor:admit(#m.to, ahead.messages > 0 and ahead or nil)
+      if ok == false then
+        back[#back + 1] = { i, m }
+        batch.blocked = #batch.m == 0
+        break
+      end
+    end
+    if ok then
+      local text
+      text, err = whole_text(m)
+      if text then
+        m.text = text
+        local k = #batch.m + 1
+        batch.m[k], batch.i[k] = m, i
+        batch.rcpt = batch.rcpt + #m.to
+        ahead.messages, ahead.recipients = ahead.messages + 1, ahead.recipients + #m.to
+      else
+        ok = false
+      end
+    end
+    if not ok then results[i] = err end
+  end
+  if #batch.m == 0 and not batch.blocked then return nil end
+  return batch
+end
+
 -- One batch on one session, pipelined; what the batch could not settle
 -- (the session broke, or a transient refusal) goes again through send's
 -- policy loop, one by one.
@@ -538,21 +641,23 @@ function Mailer:_batch(batch, results)
     end
     out = r
   end
-  local redo = {}
+  local lane, single = self.lanes[1], #self.lanes == 1
+  local redo
   for k, i in ipairs(batch.i) do
     local r = out and out[k]
-    if r and not errors.is(r) and r.code then
-      results[i] = self:_delivered(batch.m[k], r, 1, e, self.lanes[1], true)   -- the batch gives the session back once
-    elseif r and errors.is(r) and #self.lanes == 1 and self:_classify(r, 1, "send") == "fail" then
+    if r and r.code and not errors.is(r) then
+      results[i] = self:_delivered(batch.m[k], r, 1, e, lane, true)   -- the batch gives the session back once
+    elseif r and single and errors.is(r) and self:_classify(r, 1, "send") == "fail" then
       r.attempts = 1
       results[i] = r
     else
+      redo = redo or {}
       redo[#redo + 1] = k
     end
   end
   if e then self.pool:release(e) end
   if not e then self:_trace { event = "batch_open_failed", kind = oerr.kind, code = oerr.code } end
-  for _, k in ipairs(redo) do
+  for _, k in ipairs(redo or {}) do
     local r, err = self:_deliver(batch.m[k])
     results[batch.i[k]] = r or err
   end
@@ -562,59 +667,59 @@ end
 -- Pipelines each batch on one session (MAIL/RCPT/BDAT LAST per message when
 -- the server offers PIPELINING and CHUNKING) and spreads the batches over
 -- the pool when the waiter can run tasks side by side (oauthmail.run,
--- cqueues, luv); otherwise one batch after the other.
+-- cqueues, luv); otherwise one batch after the other. Each batch is read
+-- and admitted just before it goes, so a long list never sits in memory
+-- whole and the governor sees what the batches before it sent.
 function Mailer:send_many(list, o)
   if self.closed then error("mailer:send_many: the mailer is closed", 2) end
   if type(list) ~= "table" then error("mailer:send_many: expected a list of messages", 2) end
   local size = (o and o.batch) or 50
   if type(size) ~= "number" or size < 1 or size % 1 ~= 0 then error("mailer:send_many: batch must be a positive whole number", 2) end
+  -- a message of the wrong shape raises before anything goes out
+  for _, msg in ipairs(list) do
+    local why = shape_error(msg)
+    if why then error("mailer:send: " .. why, 2) end
+  end
   self.trace_error = nil
-  local results, batches, cur = {}, {}, nil
-  for i, msg in ipairs(list) do
-    local m, err = self:_accept(msg, 2)
-    if not m then
-      results[i] = err
-    else
-      -- the whole message in memory, so it can go in a pipelined group
-      local data = m.data()
-      if type(data) ~= "string" then
-        local parts = {}
-        if io.type(data) == "file" then parts[1] = data:read("*a") else
-          for chunk in data do parts[#parts + 1] = chunk end
-        end
-        data = table.concat(parts)
+  local results = {}
+  -- the random part of the batch's new Message-IDs, drawn 64 at a time
+  local ids = require("oauthmail.message").id_pool(64)
+  local run = { next = 1, back = {}, ahead = { messages = 0, recipients = 0 }, settled = wait.cond(), ids = ids }
+  local ahead = run.ahead
+  local function work()
+    while not run.failure do
+      local b = self:_take(list, run, size, results)
+      if not b then return end
+      if b.blocked then
+        -- another task's batch holds the room this message needs: once it
+        -- is sent (and counted), the message is admitted or waits as send's would
+        run.settled:wait(wait.now() + 86400)
+      else
+        local ok, err = errors.pcall(self._batch, self, b, results)
+        ahead.messages, ahead.recipients = ahead.messages - #b.m, ahead.recipients - b.rcpt
+        run.settled:signal()
+        if not ok then error(err, 0) end
       end
-      m.data = function() return data end
-      if not cur or #cur.m >= size then
-        cur = { m = {}, i = {} }
-        batches[#batches + 1] = cur
-      end
-      cur.m[#cur.m + 1], cur.i[#cur.i + 1] = m, i
     end
   end
   local spawn = wait.current().spawn
-  local workers = math.min(#batches, self.pool:limit())
+  local workers = math.min(math.ceil(#list / size), self.pool:limit())
   if spawn and workers > 1 then
-    local next_batch, running, failure = 1, workers, nil
+    local running = workers
     local finished = wait.cond()
     for _ = 1, workers do
       spawn(function()
-        local ok, err = errors.pcall(function()
-          while next_batch <= #batches and not failure do
-            local b = batches[next_batch]
-            next_batch = next_batch + 1
-            self:_batch(b, results)
-          end
-        end)
-        if not ok then failure = failure or err end
+        local ok, err = errors.pcall(work)
+        if not ok then run.failure = run.failure or err end
         running = running - 1
+        run.settled:signal()
         finished:signal()
       end)
     end
     while running > 0 do finished:wait(wait.now() + 86400) end
-    if failure then error(failure, 0) end
+    if run.failure then error(run.failure, 0) end
   else
-    for _, b in ipairs(batches) do self:_batch(b, results) end
+    work()
   end
   return results
 end

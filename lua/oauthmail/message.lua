@@ -29,6 +29,13 @@ function M.from_raw(src, opts)
   return common.guarded(from_raw, src, opts)
 end
 
+-- message.id_pool(n) -> ids: a source for opts.ids that draws the random
+-- bytes of n ids at once (one batch of messages; never kept across a fork)
+function M.id_pool(n)
+  if type(n) ~= "number" or n < 1 or n % 1 ~= 0 then error("message.id_pool: n must be a positive whole number", 2) end
+  return common.id_pool(n)
+end
+
 -- message.parse_address(s) -> {name=, address=} | nil, err
 function M.parse_address(s)
   if type(s) ~= "string" then error("message.parse_address: expected a string", 2) end

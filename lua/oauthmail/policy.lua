@@ -258,9 +258,26 @@ function Governor:wait_for(n)
   return wait, why
 end
 
--- governor:admit(n) -> true | nil, err: wait (bounded by max_wait) or fail
--- until a message with n recipients may go.
-function Governor:admit(n)
+-- Does a message with n recipients fit every window now, beside `ahead`
+-- ({messages=, recipients=}: admitted, not yet recorded)?
+function Governor:fits(n, ahead)
+  local L = self.limits
+  local wait = self:wait_for(n)
+  if wait ~= 0 then return false end
+  local minute, day = self.minute, self.day
+  if L.messages_per_minute and minute:count() + ahead.messages >= L.messages_per_minute then return false end
+  if L.messages_per_day and day:count() + ahead.messages >= L.messages_per_day then return false end
+  if L.recipients_per_day and day.sum + ahead.recipients + n > L.recipients_per_day then return false end
+  return true
+end
+
+-- governor:admit(n [, ahead]) -> true | nil, err | false: wait (bounded by
+-- max_wait) or fail until a message with n recipients may go. With `ahead`
+-- (messages a batch admitted and has not sent yet: {messages=, recipients=})
+-- a message that does not fit beside them now is not waited for: false, and
+-- the batch goes first (send_many).
+function Governor:admit(n, ahead)
+  if ahead and ahead.messages > 0 then return self:fits(n, ahead) end
   local waited = 0
   while true do
     local wait, why = self:wait_for(n)
@@ -276,11 +293,15 @@ function Governor:admit(n)
   end
 end
 
--- governor:record(n): a message with n recipients was sent.
+-- governor:record(n): a message with n recipients was sent. Counted in
+-- the windows a limit reads (a limit set later counts from then on).
 function Governor:record(n)
+  local L = self.limits
+  local minute, day = L.messages_per_minute, L.messages_per_day or L.recipients_per_day
+  if not (minute or day) then return end
   local now = self.clock()
-  self.minute:push(now, 1)
-  self.day:push(now, n)
+  if minute then self.minute:push(now, 1) end
+  if day then self.day:push(now, n) end
 end
 
 -- governor:acquire() -> true | nil, err: take one of the mailbox's connections.

@@ -35,14 +35,39 @@ local DAYS = { "Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat" }
 local MONTHS = { "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec" }
 
 -- RFC 5322 3.3 date in UTC; names from tables, never from the C locale.
+-- The last second's text is kept: a batch made within a second asks once.
+local last_second, last_date
 local function rfc5322_date(now)
-  local t = os.date("!*t", math.floor(now))
-  return string.format("%s, %02d %s %04d %02d:%02d:%02d +0000",
+  now = math.floor(now)
+  if now == last_second then return last_date end
+  local t = os.date("!*t", now)
+  last_date = string.format("%s, %02d %s %04d %02d:%02d:%02d +0000",
     DAYS[t.wday], t.day, MONTHS[t.month], t.year, t.hour, t.min, t.sec)
+  last_second = now
+  return last_date
 end
 
--- Random hex for ids and boundaries; deterministic from opts.boundary_seed.
-local function id_source(seed)
+-- A source of random hex that draws the bytes of `n` ids at a time: one
+-- crypto.random call costs about as much as 64 ids' bytes. For one batch
+-- (mailer:send_many) only: bytes kept across a fork would give both
+-- processes the same ids.
+local function id_pool(n)
+  local buf, pos = "", 1
+  return function(len)
+    local want = 2 * len
+    if pos + want - 1 > #buf then
+      buf, pos = crypto.hex(crypto.random(len * n)), 1
+    end
+    local s = buf:sub(pos, pos + want - 1)
+    pos = pos + want
+    return s
+  end
+end
+
+-- Random hex for ids and boundaries; deterministic from opts.boundary_seed;
+-- from `pool` (an id_pool) when given.
+local function id_source(seed, pool)
+  if seed == nil and pool ~= nil then return pool end
   local n = 0
   return function(len)
     n = n + 1
@@ -74,7 +99,7 @@ local function strip_path(msg, path)
 end
 
 M.bad, M.usage, M.guarded, M.strip_path = bad, usage, guarded, strip_path
-M.rfc5322_date, M.id_source = rfc5322_date, id_source
+M.rfc5322_date, M.id_source, M.id_pool = rfc5322_date, id_source, id_pool
 M.no_breaks, M.utf8_text, M.basename = no_breaks, utf8_text, basename
 
 return M

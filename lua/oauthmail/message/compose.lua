@@ -265,9 +265,10 @@ local function compose(tbl, opts)
   if type(tbl) ~= "table" then usage("compose", "expected a message table") end
   if opts ~= nil and type(opts) ~= "table" then usage("compose", "opts must be a table") end
   opts = opts or {}
+  if opts.ids ~= nil and type(opts.ids) ~= "function" then usage("compose", "opts.ids must be a function") end
   local smtputf8 = opts.smtputf8 == true
   local state = { utf8 = false }
-  local ids = id_source(opts.boundary_seed)
+  local ids = id_source(opts.boundary_seed, opts.ids)
 
   if tbl.from == nil then bad("from", "a sender is required", "missing") end
   local from = address_list("from", tbl.from, smtputf8, state)

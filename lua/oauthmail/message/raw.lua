@@ -77,16 +77,35 @@ local function parse_fields(head)
   return fields
 end
 
+-- What address texts and address-list header values read as, by their
+-- exact text: a batch from one sender, or to one list, parses each once.
+-- Only what parsed is kept (a bad one is read again, and raises again);
+-- the lists are only read by their users. Emptied when full.
+local KNOWN_MAX = 256
+local known = { one = {}, list = {}, n = 0 }
+
+local function remember(kind, text, v)
+  if known.n >= KNOWN_MAX then known.one, known.list, known.n = {}, {}, 0 end
+  known[kind][text] = v
+  known.n = known.n + 1
+  return v
+end
+
 local function envelope_list(field, v)
-  if type(v) == "string" then v = { v } end
-  if type(v) ~= "table" then usage("from_raw", field .. " must be an address or a list") end
+  local one = type(v) == "string"
+  if not one and type(v) ~= "table" then usage("from_raw", field .. " must be an address or a list") end
   local out = {}
-  for i = 1, #v do
-    local f = #v > 1 and (field .. "[" .. i .. "]") or field
-    if type(v[i]) ~= "string" then usage("from_raw", f .. " must be a string") end
-    local mb, why = address.parse(v[i])
-    if not mb then bad(f, why, "address") end
-    out[#out + 1] = mb.address
+  for i = 1, one and 1 or #v do
+    local f = (not one and #v > 1) and (field .. "[" .. i .. "]") or field
+    local text = one and v or v[i]
+    if type(text) ~= "string" then usage("from_raw", f .. " must be a string") end
+    local a = known.one[text]
+    if not a then
+      local mb, why = address.parse(text)
+      if not mb then bad(f, why, "address") end
+      a = remember("one", text, mb.address)
+    end
+    out[#out + 1] = a
   end
   return out
 end
@@ -97,21 +116,26 @@ local ADDRESS_HEADERS = {
 }
 
 local function header_addresses(fl)
-  local out = {}
+  local out = known.list[fl.value]
+  if out then return out end
+  out = {}
   for _, s in ipairs(address.split_list(fl.value)) do
     local mb, why = address.parse(s)
     if not mb then bad(fl.name .. " header", why, "address") end
     out[#out + 1] = mb.address
   end
-  return out
+  return remember("list", fl.value, out)
 end
 
-local function from_raw(src, opts)
-  if opts ~= nil and type(opts) ~= "table" then usage("from_raw", "options must be a table") end
-  opts = opts or {}
-  local head, body, raw_seg
+-- The reading of a text or a file that does not depend on the options:
+-- {head=, body=, raw_seg=, eight=, first= (the first field of each name),
+-- rcpt_fields= (To/Cc/Bcc), kept= (the header lines without Bcc)}.
+local function read_source(src)
+  local head, body, raw_seg, eight
   if type(src) == "string" then
     local t, longest = encode.crlf_longest(src)
+    -- header and body are one text here: one look for 8-bit bytes
+    eight = encode.has_8bit(t)
     local s, e = t:find("\r\n\r\n", 1, true)
     if t:sub(1, 2) == "\r\n" then
       head, body = "", t:sub(3)
@@ -137,7 +161,7 @@ local function from_raw(src, opts)
       -- measure the body as the reader will produce it: size and 8-bit use
       local ok2, serr = f:seek("set", off)
       if not ok2 then f:close(); bad("path", "cannot read '" .. path .. "': " .. tostring(serr), "open") end
-      local stream, size, eight = raw_body_stream(f), 0, false
+      local stream, size, eight_body = raw_body_stream(f), 0, false
       local lines = { line = 1, len = 0 }
       while true do
         local c, rerr = stream()
@@ -146,11 +170,11 @@ local function from_raw(src, opts)
           break
         end
         size = size + #c
-        eight = eight or c:find("[\128-\255]") ~= nil
+        eight_body = eight_body or encode.has_8bit(c)
         local n = long_line(lines, c)
         if n then f:close(); too_long_body(n) end
       end
-      raw_seg = { raw = true, path = path, offset = off, size = size, field = "path", eight = eight }
+      raw_seg = { raw = true, path = path, offset = off, size = size, field = "path", eight = eight_body }
     end
     f:close()
     body = ""
@@ -163,13 +187,39 @@ local function from_raw(src, opts)
   local fields = parse_fields(head)
   local first = {}
   local rcpt_fields = {}
+  local kept = {}
   for _, fl in ipairs(fields) do
     if not first[fl.lower] then first[fl.lower] = fl end
     if fl.lower == "to" or fl.lower == "cc" or fl.lower == "bcc" then rcpt_fields[#rcpt_fields + 1] = fl end
     -- every address header is held to the same rules, whether or not it
     -- feeds the envelope (a Reply-To once carried NUL and ESC through)
     if ADDRESS_HEADERS[fl.lower] then header_addresses(fl) end
+    if fl.lower ~= "bcc" then
+      for _, l in ipairs(fl.lines) do kept[#kept + 1] = l .. "\r\n" end
+    end
   end
+  return { head = head, body = body, raw_seg = raw_seg, eight = eight, first = first, rcpt_fields = rcpt_fields,
+    kept = table.concat(kept), head_utf8 = encode.has_8bit(head) }
+end
+
+-- The last text read, and its reading: a list that repeats one text (the
+-- same message to many recipients, one by one) reads it once. Only a text
+-- that read without a failure is kept; what comes from it is never changed.
+local last_text, last_reading
+
+local function from_raw(src, opts)
+  if opts ~= nil and type(opts) ~= "table" then usage("from_raw", "options must be a table") end
+  opts = opts or {}
+  if opts.ids ~= nil and type(opts.ids) ~= "function" then usage("from_raw", "opts.ids must be a function") end
+  local r
+  if type(src) == "string" and src == last_text then
+    r = last_reading
+  else
+    r = read_source(src)
+    if type(src) == "string" then last_text, last_reading = src, r end
+  end
+  local body, raw_seg, first, rcpt_fields = r.body, r.raw_seg, r.first, r.rcpt_fields
+
 
   local env_from
   if opts.from ~= nil then
@@ -195,19 +245,21 @@ local function from_raw(src, opts)
       for _, a in ipairs(header_addresses(fl)) do rcpt[#rcpt + 1] = a end
     end
   end
-  local seen, to = {}, {}
-  for _, a in ipairs(rcpt) do
-    if not seen[a:lower()] then seen[a:lower()] = true; to[#to + 1] = a end
+  -- one recipient needs no look for doubles (envelope_list made a new list;
+  -- a header's list is remembered, so it is copied)
+  local to
+  if #rcpt == 1 and opts.to ~= nil then
+    to = rcpt
+  else
+    local seen = {}
+    to = {}
+    for _, a in ipairs(rcpt) do
+      if not seen[a:lower()] then seen[a:lower()] = true; to[#to + 1] = a end
+    end
   end
   if #to == 0 then bad("to", "no recipients: give opts.to or To/Cc/Bcc headers", "missing") end
 
-  local ids = id_source(opts.boundary_seed)
-  local out = {}
-  for _, fl in ipairs(fields) do
-    if fl.lower ~= "bcc" then
-      for _, l in ipairs(fl.lines) do out[#out + 1] = l .. "\r\n" end
-    end
-  end
+  local out = { r.kept }
   local mid
   if first["message-id"] then
     mid = first["message-id"].value:match("<([^<>]*)>") or first["message-id"].value:gsub("^%s+", ""):gsub("%s+$", "")
@@ -223,7 +275,7 @@ local function from_raw(src, opts)
       bad("opts.hostname", "is not a host name", "hostname")
     end
     host = host or env_from:match("@([%w%.%-]+)$") or "localhost"
-    mid = ids(16) .. "@" .. host
+    mid = id_source(opts.boundary_seed, opts.ids)(16) .. "@" .. host
     out[#out + 1] = "Message-ID: <" .. mid .. ">\r\n"
   end
   out[#out + 1] = "\r\n"
@@ -231,12 +283,16 @@ local function from_raw(src, opts)
   if raw_seg then out[#out + 1] = raw_seg end
 
   local m = new_message(out)
-  local utf8 = head:find("[\128-\255]") ~= nil or env_from:find("[\128-\255]") ~= nil
+  local utf8 = r.head_utf8 or env_from:find("[\128-\255]") ~= nil
   for _, a in ipairs(to) do utf8 = utf8 or a:find("[\128-\255]") ~= nil end
   m.envelope = { from = env_from, to = to }
   m.message_id = mid
   m.needs_smtputf8 = utf8
-  m.has_8bit = body:find("[\128-\255]") ~= nil or (raw_seg ~= nil and raw_seg.eight) or head:find("[\128-\255]") ~= nil
+  if r.eight ~= nil then
+    m.has_8bit = r.eight
+  else
+    m.has_8bit = (raw_seg ~= nil and raw_seg.eight) or r.head_utf8
+  end
   return m
 end
 

@@ -17,7 +17,17 @@ Message.__index = Message
 -- Segments: strings; {b64 = true, data = s | path = p, size = n, field = f};
 -- {raw = true, path = p, offset = o, size = n}. Adjacent strings are merged.
 local function new_message(segs)
-  local merged, buf = {}, {}
+  local merged, buf
+  local all_strings = true
+  for i = 1, #segs do
+    if type(segs[i]) ~= "string" then all_strings = false break end
+  end
+  if all_strings then
+    -- text only (raw text, most composed mail): one string, no merging
+    local text = table.concat(segs)
+    return setmetatable({ _segs = { text }, _size = #text, needs_smtputf8 = false, has_8bit = false }, Message)
+  end
+  merged, buf = {}, {}
   for i = 1, #segs do
     local s = segs[i]
     if type(s) == "string" then
@@ -152,8 +162,12 @@ function Message:size()
   return self._size
 end
 
--- m:tostring() -> the whole message | nil, err
+-- m:tostring() -> the whole message | nil, err. Also reads any object
+-- shaped like a message (a reader() method) to the end.
 function Message:tostring()
+  local segs = self._segs
+  -- held in memory as one string (raw text, a message without files)
+  if segs and #segs == 1 and type(segs[1]) == "string" then return segs[1] end
   local parts, read = {}, self:reader()
   while true do
     local c, err = read()

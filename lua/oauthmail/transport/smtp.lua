@@ -41,13 +41,16 @@ function T.submit(_, s, m)
 end
 
 -- Pipelined MAIL/RCPT/BDAT LAST when the server offers PIPELINING and
--- CHUNKING (session:send_many falls back to one by one otherwise).
+-- CHUNKING (session:send_many falls back to one by one otherwise). A
+-- message whose whole text is at hand (m.text, as send_many has it) goes
+-- as that string, in one window with the rest of the list.
 function T.submit_many(_, s, list)
   local out = {}
-  for i, m in ipairs(list) do
-    out[i] = { from = m.from, to = m.to, data = m.data(), size = m.size, eight_bit = m.eight_bit }
+  for i = 1, #list do
+    local m = list[i]
+    out[i] = { from = m.from, to = m.to, data = m.text or m.data(), size = m.size, eight_bit = m.eight_bit }
   end
-  return s:send_many(out)
+  return s:send_many(out, { window = #list })
 end
 
 function T.usable(_, s)
