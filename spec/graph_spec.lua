@@ -365,7 +365,8 @@ describe("graph transport and failover against the oidc-provider, the Graph peer
     local trace = h.trace_collector()
     -- even with every network failure listed: the data went out, so no failover
     local mailer = assert(oauthmail.new(profile { transport = { "smtp", "graph" }, trace = trace,
-      failover_on = { "5.7.139", "timeout", "network" }, smtp = sb.smtp { timeout = 1 }, policy = { attempts = 1 } }))
+      failover_on = { "5.7.139", "timeout", "network" }, smtp = sb.smtp { timeout = 1, data_timeout = 1 },
+      policy = { attempts = 1 } }))
     local r, err = mailer:send { raw = raw("maybe taken", "gstall"), to = "ops@example.org" }
     assert.is_nil(r)
     assert.equals("network", err.kind)

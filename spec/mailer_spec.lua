@@ -176,9 +176,9 @@ describe("mailer against the oidc-provider and the sandbox", function()
     assert.equals(#body, m.size)
   end)
 
-  it("sends again after a timeout before the final reply to the data", function()
+  it("sends again when data_timeout runs out before the final reply to the data", function()
     sb.faults { { stage = "data", action = "stall" } }
-    local mailer = assert(oauthmail.new(profile { smtp = sb.smtp { timeout = 1 } }))
+    local mailer = assert(oauthmail.new(profile { smtp = sb.smtp { timeout = 1, data_timeout = 1 } }))
     local t0 = h.now()
     local r, err = mailer:send { raw = raw("stall", "mstall"), to = "ops@example.org" }
     assert.is_nil(err)
