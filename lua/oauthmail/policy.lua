@@ -221,19 +221,27 @@ local function limit_error(what, wait, fields)
   return errors.new("policy", what, f)
 end
 
+-- policy.recipients_problem(limits, n) -> nil | error: a message with n
+-- recipients that no wait can let through (the local and the shared
+-- governor both refuse it at once).
+function M.recipients_problem(L, n)
+  if L.recipients_per_message and n > L.recipients_per_message then
+    return errors.new("policy", string.format("%d recipients in one message; the limit is %d",
+      n, L.recipients_per_message), { reason = "recipients_per_message", retryable = false })
+  end
+  if L.recipients_per_day and n > L.recipients_per_day then
+    return errors.new("policy", string.format("%d recipients exceed the daily limit of %d",
+      n, L.recipients_per_day), { reason = "recipients_per_day", retryable = false })
+  end
+end
+
 -- Seconds until a message with n recipients fits every window (0: now), or nil, err if it never can.
 function Governor:wait_for(n)
   local L, now = self.limits, self.clock()
   self.minute:prune(now - 60)
   self.day:prune(now - 86400)
-  if L.recipients_per_message and n > L.recipients_per_message then
-    return nil, errors.new("policy", string.format("%d recipients in one message; the limit is %d",
-      n, L.recipients_per_message), { reason = "recipients_per_message", retryable = false })
-  end
-  if L.recipients_per_day and n > L.recipients_per_day then
-    return nil, errors.new("policy", string.format("%d recipients exceed the daily limit of %d",
-      n, L.recipients_per_day), { reason = "recipients_per_day", retryable = false })
-  end
+  local never = M.recipients_problem(L, n)
+  if never then return nil, never end
   local wait, why = 0, nil
   local minute, day = self.minute, self.day
   if L.messages_per_minute and minute:count() >= L.messages_per_minute then

@@ -14,6 +14,7 @@
 local crypto = require "oauthmail.crypto"
 local errors = require "oauthmail.errors"
 local redis = require "oauthmail.redis"
+local policy = require "oauthmail.policy"
 local wait = require "oauthmail.wait"
 
 local M = {}
@@ -280,14 +281,8 @@ end
 -- windows, reserved; waits within max_wait or fails, like the local governor.
 function Shared:admit(n)
   local L = self.limits
-  if L.recipients_per_message and n > L.recipients_per_message then
-    return nil, errors.new("policy", string.format("%d recipients in one message; the limit is %d",
-      n, L.recipients_per_message), { reason = "recipients_per_message", retryable = false })
-  end
-  if L.recipients_per_day and n > L.recipients_per_day then
-    return nil, errors.new("policy", string.format("%d recipients exceed the daily limit of %d",
-      n, L.recipients_per_day), { reason = "recipients_per_day", retryable = false })
-  end
+  local never = policy.recipients_problem(L, n)
+  if never then return nil, never end
   if not (L.messages_per_minute or L.messages_per_day or L.recipients_per_day) then return self:renew() end
   local waited = 0
   while true do
