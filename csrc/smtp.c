@@ -162,7 +162,7 @@ static int has_8bit(const char *s, size_t n) {
 
 /* Checks a path; strips one balanced pair of <> around it. Returns NULL when
  * fine, else the reason, for the caller's config error. */
-static const char *address_problem(const char **s, size_t *n, int allow_empty, int utf8) {
+const char *address_problem(const char **s, size_t *n, int allow_empty, int utf8) {
   size_t i;
   if (*n >= 2 && (*s)[0] == '<' && (*s)[*n - 1] == '>') {
     (*s)++;
@@ -437,6 +437,7 @@ static int eng_close(lua_State *L) {
   buf_free(&e->red, 1);
   free(e->queue);
   e->queue = NULL;
+  batch_free(e);
   if (e->trace_ref != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, e->trace_ref);
   e->trace_ref = LUA_NOREF;
   return 0;
@@ -498,6 +499,8 @@ static const luaL_Reg methods[] = {
   { "body", eng_body },
   { "body_end", eng_body_end },
   { "bdat", eng_bdat },
+  { "batch", eng_batch },
+  { "batch_replies", eng_batch_replies },
   { "rset", eng_rset },
   { "noop", eng_noop },
   { "quit", eng_quit },

@@ -84,12 +84,8 @@ int eng_body_end(lua_State *L) {
   return 0;
 }
 
-/* eng:bdat(chunk, last): RFC 3030 framing of the normalised chunk. */
-int eng_bdat(lua_State *L) {
-  engine_t *e = check_engine(L);
-  size_t n;
-  const char *s = luaL_optlstring(L, 2, "", &n);
-  int last = lua_toboolean(L, 3);
+/* RFC 3030 framing of the normalised chunk: "BDAT n[ LAST]" and the data. */
+void bdat_emit(lua_State *L, engine_t *e, const char *s, size_t n, int last) {
   char head[64];
   int hl;
   e->tmp.len = 0;
@@ -111,5 +107,13 @@ int eng_bdat(lua_State *L) {
   }
   queue_push(L, e, ST_BDAT);
   if (e->tmp.cap > (1u << 20)) buf_free(&e->tmp, 0);
+}
+
+/* eng:bdat(chunk, last) */
+int eng_bdat(lua_State *L) {
+  engine_t *e = check_engine(L);
+  size_t n;
+  const char *s = luaL_optlstring(L, 2, "", &n);
+  bdat_emit(L, e, s, n, lua_toboolean(L, 3));
   return 0;
 }

@@ -67,6 +67,15 @@ typedef struct {
   size_t body_bytes;
   int trace_ref;         /* table of pending trace events, or LUA_NOREF */
   int closed;
+  /* a pipelined batch in flight (smtp_batch.c): one record per message,
+     win[wpos] the one whose replies come next */
+  struct batch_msg *win;
+  size_t wlen, wcap, wpos;
+  int wstage;            /* which of win[wpos]'s replies comes next */
+  int wmail;             /* the code of its MAIL reply */
+  size_t wrcpt;          /* its RCPT replies so far */
+  unsigned char *wacc;   /* which of its recipients were accepted */
+  size_t wacc_cap;
 } engine_t;
 
 /* smtp.c: buffers (grown by copy, wiped), trace, the queue of awaited
@@ -90,6 +99,15 @@ OM_HIDDEN int caps_keyword(const char *k, size_t n, const char *name);
 
 /* smtp_reply.c */
 OM_HIDDEN int eng_reply(lua_State *L);
+OM_HIDDEN int reply_scan(lua_State *L, engine_t *e, int *code, size_t *nlines, size_t *end);
+OM_HIDDEN void reply_take(lua_State *L, engine_t *e, int code, size_t nlines, int table, int full,
+                          const char **raw, size_t *rawlen);
+OM_HIDDEN void reply_consumed(engine_t *e, size_t end);
+
+/* smtp_batch.c: many messages pipelined as RSET/MAIL/RCPT/BDAT LAST */
+OM_HIDDEN int eng_batch(lua_State *L);
+OM_HIDDEN int eng_batch_replies(lua_State *L);
+OM_HIDDEN void batch_free(engine_t *e);
 
 /* smtp_sasl.c: AUTH, the handler of every AUTH_* state, and the redaction
  * of server lines during the exchange */
@@ -103,6 +121,8 @@ OM_HIDDEN void body_reset(engine_t *e);
 OM_HIDDEN int eng_body(lua_State *L);
 OM_HIDDEN int eng_body_end(lua_State *L);
 OM_HIDDEN int eng_bdat(lua_State *L);
+OM_HIDDEN void bdat_emit(lua_State *L, engine_t *e, const char *s, size_t n, int last);
+OM_HIDDEN const char *address_problem(const char **s, size_t *n, int allow_empty, int utf8);
 
 static inline int in_auth(const engine_t *e) {
   return e->state >= ST_AUTH && e->state <= ST_AUTH_CANCEL;

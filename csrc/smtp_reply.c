@@ -197,22 +197,15 @@ static int reply_fail(lua_State *L, engine_t *e, const char *reason, const char 
   return 2;
 }
 
-/* eng:reply() -> reply | nil (needs more bytes) | nil, err (malformed/too long) */
-int eng_reply(lua_State *L) {
-  engine_t *e = check_engine(L);
+/* Is a whole, well-formed reply at rpos? 1: yes (its code, line count and
+ * end offset are set); 0: more bytes are needed; 2: it is malformed or too
+ * long, and nil, err are pushed. */
+int reply_scan(lua_State *L, engine_t *e, int *codep, size_t *nlinesp, size_t *endp) {
   size_t pos = e->rpos, nlines = 0;
-  int code = 0, reply_idx, lines_idx;
-  char cls = 0;
-  luaL_Buffer text;
-  char enh[16];
-  size_t enh_len = 0;
-  int auth = in_auth(e);
-  const char *raw = NULL, *why;
-  size_t rawlen = 0;
+  int code = 0;
   /* Nothing unparsed: wait for bytes. Before the first feed in.p is NULL,
    * and even NULL + 0 is undefined behaviour in C. */
   if (e->rpos >= e->in.len) return 0;
-  /* First pass: is a whole reply here, and is it well-formed? */
   for (;;) {
     const char *line = e->in.p + pos, *nl;
     size_t avail = e->in.len - pos, ll, scan = avail < e->max_line + 2 ? avail : e->max_line + 2;
@@ -239,61 +232,99 @@ int eng_reply(lua_State *L) {
     if (pos - e->rpos > e->max_reply) return reply_fail(L, e, "too_long", "reply too long", e->in.p + e->rpos, 120);
     if (ll == 3 || line[3] == ' ') break;
   }
-  /* Second pass: build the table. */
-  cls = (char)('0' + code / 100);
-  lua_createtable(L, 0, 6);
-  reply_idx = lua_gettop(L);
-  lua_createtable(L, (int)nlines, 0);
-  lines_idx = lua_gettop(L);
-  luaL_buffinit(L, &text);
-  {
-    size_t p = e->rpos, i;
-    for (i = 1; i <= nlines; i++) {
-      const char *line = e->in.p + p, *nl = memchr(line, '\n', e->in.len - p);
-      size_t ll = (size_t)(nl - line), tl, el;
-      const char *t;
-      if (ll && line[ll - 1] == '\r') ll--;
-      p = (size_t)(nl - e->in.p) + 1;
-      if (i == 1) {
-        raw = ll > 4 ? line + 4 : line + ll;
-        rawlen = ll > 4 ? ll - 4 : 0;
-      }
-      if (auth) {
-        redact_line(L, e, line, ll);
-        line = e->red.p;
-        ll = e->red.len;
-      }
-      trace_add(L, e, "recv", line, ll);
-      t = ll > 4 ? line + 4 : line + ll;
-      tl = ll > 4 ? ll - 4 : 0;
+  *codep = code;
+  *nlinesp = nlines;
+  *endp = pos;
+  return 1;
+}
+
+/* The scanned reply at rpos, traced line by line. With `table`, pushes
+ * {code=, enhanced=, text=, lines=, command=} (lines and command only with
+ * `full`); raw/rawlen get the first line's text as received, unredacted. */
+void reply_take(lua_State *L, engine_t *e, int code, size_t nlines, int table, int full,
+                const char **rawp, size_t *rawlenp) {
+  char cls = (char)('0' + code / 100);
+  int reply_idx = 0, lines_idx = 0, auth = in_auth(e);
+  luaL_Buffer text;
+  char enh[16];
+  size_t enh_len = 0, p = e->rpos, i;
+  if (table) {
+    lua_createtable(L, 0, 6);
+    reply_idx = lua_gettop(L);
+    if (full) {
+      lua_createtable(L, (int)nlines, 0);
+      lines_idx = lua_gettop(L);
+    }
+    luaL_buffinit(L, &text);
+  }
+  for (i = 1; i <= nlines; i++) {
+    const char *line = e->in.p + p, *nl = memchr(line, '\n', e->in.len - p);
+    size_t ll = (size_t)(nl - line), tl, el;
+    const char *t;
+    if (ll && line[ll - 1] == '\r') ll--;
+    p = (size_t)(nl - e->in.p) + 1;
+    if (i == 1 && rawp) {
+      *rawp = ll > 4 ? line + 4 : line + ll;
+      *rawlenp = ll > 4 ? ll - 4 : 0;
+    }
+    if (auth) {
+      redact_line(L, e, line, ll);
+      line = e->red.p;
+      ll = e->red.len;
+    }
+    trace_add(L, e, "recv", line, ll);
+    if (!table) continue;
+    t = ll > 4 ? line + 4 : line + ll;
+    tl = ll > 4 ? ll - 4 : 0;
+    if (full) {
       lua_pushlstring(L, t, tl);
       lua_rawseti(L, lines_idx, (int)i);
-      el = enhanced_len(t, tl, cls);
-      if (el && el < sizeof enh && (!enh_len || (el == enh_len && memcmp(t, enh, el) == 0))) {
-        if (!enh_len) {
-          memcpy(enh, t, el);
-          enh_len = el;
-          lua_pushlstring(L, t, el);
-          lua_setfield(L, reply_idx, "enhanced");
-        }
-        t += el;
-        tl -= el;
-        while (tl && *t == ' ') { t++; tl--; }
-      }
-      if (i > 1) luaL_addchar(&text, '\n');
-      luaL_addlstring(&text, t, tl);
     }
+    el = enhanced_len(t, tl, cls);
+    if (el && el < sizeof enh && (!enh_len || (el == enh_len && memcmp(t, enh, el) == 0))) {
+      if (!enh_len) {
+        memcpy(enh, t, el);
+        enh_len = el;
+        lua_pushlstring(L, t, el);
+        lua_setfield(L, reply_idx, "enhanced");
+      }
+      t += el;
+      tl -= el;
+      while (tl && *t == ' ') { t++; tl--; }
+    }
+    if (i > 1) luaL_addchar(&text, '\n');
+    luaL_addlstring(&text, t, tl);
   }
+  if (!table) return;
   luaL_pushresult(&text);
   lua_setfield(L, reply_idx, "text");
-  lua_setfield(L, reply_idx, "lines");
+  if (full) {
+    lua_setfield(L, reply_idx, "lines");
+    lua_pushstring(L, state_names[e->state]);
+    lua_setfield(L, reply_idx, "command");
+  }
   lua_pushinteger(L, code);
   lua_setfield(L, reply_idx, "code");
-  lua_pushstring(L, state_names[e->state]);
-  lua_setfield(L, reply_idx, "command");
-  /* the bytes stay where they are until the next feed: raw remains valid */
-  e->rpos = pos;
+}
+
+/* The reply's bytes are consumed; they stay where they are until the next
+ * feed, so a raw pointer into them remains valid. */
+void reply_consumed(engine_t *e, size_t end) {
+  e->rpos = end;
   if (e->rpos == e->in.len) e->rpos = e->in.len = 0;
+}
+
+/* eng:reply() -> reply | nil (needs more bytes) | nil, err (malformed/too long) */
+int eng_reply(lua_State *L) {
+  engine_t *e = check_engine(L);
+  size_t nlines, end, rawlen = 0;
+  int code, reply_idx, got;
+  const char *raw = NULL, *why;
+  got = reply_scan(L, e, &code, &nlines, &end);
+  if (got != 1) return got;
+  reply_take(L, e, code, nlines, 1, 1, &raw, &rawlen);
+  reply_idx = lua_gettop(L);
+  reply_consumed(e, end);
   why = handler_for(e->state)(L, e, code, reply_idx, raw, rawlen);
   if (why) {
     lua_settop(L, reply_idx - 1);

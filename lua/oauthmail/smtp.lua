@@ -691,57 +691,61 @@ end
 -- ---------------------------------------------------------------- batches
 
 -- One window of messages pipelined as MAIL/RCPT/BDAT LAST each, written in
--- one send and matched back to the messages in order. Every MAIL after the
--- first is preceded by RSET (RFC 2920 lets RSET sit in a pipelined group):
--- after a refused RCPT or BDAT the server's transaction state is unknown
--- (RFC 3030 3), and a MAIL that met an open transaction would be refused as
--- nested while its RCPTs and data joined that transaction. With RSET each
--- message's replies tell its own fate, so nothing is ever sent twice.
+-- one send and matched back to the messages in order; the engine does both
+-- (csrc/smtp_batch.c, which says why every MAIL after the first follows an
+-- RSET). Here: the reading, the deadlines, and what no 2xx settled.
 function Session:_window(list, idx, results)
-  local queued = {}
-  for k = 1, #idx do
-    local i = idx[k]
-    local msg = list[i]
-    local to, params = self:_prepare(msg)
-    if not to then
-      results[i] = params
-    else
-      local rset = #queued > 0
-      if rset then self.eng:rset() end
-      local ok, err = self:_envelope(msg, to, params)
-      -- _prepare made the engine's checks already; should they disagree, the
-      -- queued commands no longer match the replies to come
-      if not ok then return self:_broken(err) end
-      self.eng:bdat(msg.data, true)
-      queued[#queued + 1] = { i = i, to = to, rset = rset }
-    end
+  local caps = self.capabilities
+  local size_limit = type(caps.SIZE) == "number" and caps.SIZE or -1
+  local queued, problems = self.eng:batch(list, idx, size_limit)
+  if queued == false then error(problems, 5) end
+  if problems then
+    for i, err in pairs(problems) do results[i] = err end
   end
+  if queued == 0 then return true end
   local ok, err = self:_flush()
   if not ok then return nil, err end
-  local open_tx, rset_failed = false, nil
-  for _, q in ipairs(queued) do
-    if q.rset then
-      local rr
-      rr, err = self:_reply()
-      if not rr then return nil, err end
-      if rr.code >= 300 then rset_failed = rr end
+  local st = {}
+  local deadline
+  while true do
+    local done, progressed, final_next = self.eng:batch_replies(list, results, st)
+    self:_trace()
+    if st.closing then self.closing = st.closing end
+    if done == nil then return self:_broken(progressed) end
+    if done then break end
+    local timeout = final_next and self.data_timeout or self.timeout
+    local now = core.monotime()
+    if progressed > 0 or not deadline then
+      deadline = now + timeout
+    elseif deadline - now <= 0 then
+      if final_next then return self:_broken(final_timeout(timeout)) end
+      return self:_broken(errors.new("network", string.format("no complete reply from the server within %g s",
+        timeout), { reason = "timeout", retryable = true }))
     end
-    local mr, accepted, rejected = self:_envelope_replies(q.to, true)
-    if not mr then return nil, accepted end
-    local fr
-    fr, err = self:_final_reply()
-    if not fr then return nil, err end
-    local receipt
-    receipt, err = outcome(mr, accepted, rejected, fr)
-    results[q.i] = receipt or err
-    open_tx = not receipt
+    local data, rerr = self.conn:receive_some(RECV_MAX, deadline)
+    if not data then
+      if final_next and type(rerr) == "table" and rerr.reason == "timeout" then
+        return self:_broken(final_timeout(timeout))
+      end
+      if self.closing and rerr and rerr.reason == "closed" then
+        return self:_broken(reply_error("smtp", "server closed the session", self.closing))
+      end
+      return self:_broken(rerr)
+    end
+    self.eng:feed(data)
   end
-  if rset_failed then
+  -- what no 2xx settled: the reason, as session:send would give it
+  for _, i in ipairs(st.failed) do
+    local p = results[i]
+    local _, why = outcome(p.mr, p.accepted, p.rejected, p.fr)
+    results[i] = why
+  end
+  if st.rset_failed then
     -- without a working RSET the next transaction could inherit this one
-    return self:_broken(reply_error("smtp", "RSET refused in a pipelined batch", rset_failed,
+    return self:_broken(reply_error("smtp", "RSET refused in a pipelined batch", st.rset_failed,
       { reason = "rset_refused", retryable = true }))
   end
-  if open_tx then
+  if not st.last_ok then
     local rok, rerr = self:_rset()
     if rok == nil then return nil, rerr end
   end
