@@ -288,6 +288,7 @@ static int eng_reset(lua_State *L) {
   e->caps = 0;
   e->tx_utf8 = 0;
   e->qhead = e->qlen = 0;
+  e->wlen = e->wpos = e->wcmds = 0;
   e->bol = 1;
   e->after_cr = 0;
   sasl_clear(e);

@@ -161,21 +161,23 @@ static void emit_envelope(lua_State *L, engine_t *e, const char *from, size_t fl
   }
 }
 
-/* eng:batch(list, idx, size_limit) -> queued, problems | false, usage
+/* eng:batch(list, idx, size_limit [, rset_first]) -> queued, problems | false, usage
  * Queues list[idx[1]], list[idx[2]], ... (each {from=, to=, data=string,
- * size=, eight_bit=}). size_limit: -1 when the server offers no SIZE, 0 for
- * SIZE without a limit, else the limit. A message refused before anything is
+ * size=, eight_bit=}), behind any batch still awaiting replies. size_limit:
+ * -1 when the server offers no SIZE, 0 for SIZE without a limit, else the
+ * limit. rset_first: an RSET goes before the first MAIL too (a message
+ * before it may have failed and left a transaction open). A message refused before anything is
  * sent (an address, its size) is left out: problems[i] = its error. A wrong
  * shape is the caller's bug: nothing is queued, false and the message. */
 int eng_batch(lua_State *L) {
   engine_t *e = check_engine(L);
   size_t k, nidx, queued = 0;
   lua_Integer size_limit;
+  int rset_first = lua_toboolean(L, 5);
   luaL_checktype(L, 2, LUA_TTABLE);
   luaL_checktype(L, 3, LUA_TTABLE);
   size_limit = luaL_checkinteger(L, 4);
-  if (e->wpos < e->wlen) return luaL_error(L, "smtp engine: a batch is already awaiting its replies");
-  if (e->qlen) return luaL_error(L, "smtp engine: a batch needs every earlier reply read first");
+  if (e->qlen != e->wcmds) return luaL_error(L, "smtp engine: a batch needs every earlier reply read first");
   nidx = om_rawlen(L, 3);
   lua_settop(L, 4);
   lua_pushnil(L);  /* 5: the problems, made at the first */
@@ -192,7 +194,14 @@ int eng_batch(lua_State *L) {
     }
     lua_pop(L, 1);
   }
-  e->wlen = e->wpos = 0;
+  if (e->wpos == e->wlen) {
+    e->wlen = e->wpos = 0;
+  } else if (e->wpos > e->wlen / 2) {
+    /* keep only the records still awaiting replies */
+    memmove(e->win, e->win + e->wpos, (e->wlen - e->wpos) * sizeof *e->win);
+    e->wlen -= e->wpos;
+    e->wpos = 0;
+  }
   for (k = 1; k <= nidx; k++) {
     lua_Integer idx, size;
     size_t fl, dl, nrcpt, pl = 0;
@@ -231,18 +240,22 @@ int eng_batch(lua_State *L) {
     if (size_limit >= 0) pl += (size_t)snprintf(params + pl, sizeof params - pl, " SIZE=%lld", (long long)size);
     if ((e->caps & CAP_8BITMIME) && eight) pl += (size_t)snprintf(params + pl, sizeof params - pl, " BODY=8BITMIME");
     if (utf8) pl += (size_t)snprintf(params + pl, sizeof params - pl, " SMTPUTF8");
-    if (queued > 0) {
+    if (queued > 0 || rset_first) {
       emit_line(L, e, "RSET", 4, NULL);
       queue_push(L, e, ST_RSET);
     }
     emit_envelope(L, e, from, fl, to, nrcpt, params, pl, utf8);
     bdat_emit(L, e, data, dl, 1);
-    win_push(L, e, idx, nrcpt, queued > 0);
+    win_push(L, e, idx, nrcpt, queued > 0 || rset_first);
+    e->wcmds += (queued > 0 || rset_first) + 2 + nrcpt;
+    if (e->wpos == e->wlen - 1 && queued == 0) {
+      /* nothing was in flight: this message's replies come next */
+      e->wstage = e->win[e->wpos].rset ? STAGE_RSET : STAGE_MAIL;
+      e->wmail = 0;
+      e->wrcpt = 0;
+    }
     queued++;
   }
-  e->wstage = e->wlen && e->win[0].rset ? STAGE_RSET : STAGE_MAIL;
-  e->wmail = 0;
-  e->wrcpt = 0;
   lua_pushinteger(L, (lua_Integer)queued);
   lua_pushvalue(L, 5);
   return 2;
@@ -312,9 +325,10 @@ static int finish(lua_State *L, engine_t *e, const struct batch_msg *m, int list
   return 0;
 }
 
-/* eng:batch_replies(list, results, st) -> done, progressed, final_next | nil, err
+/* eng:batch_replies(list, results, st [, n]) -> done, progressed, final_next | nil, err
  * Reads the replies at hand and settles each message whose last reply came.
- * done: every message of the batch is settled. progressed: replies read now.
+ * done: the next n messages awaiting replies (all of them without n) are
+ * settled; the replies of any behind them are left unread. progressed: replies read now.
  * final_next: the reply awaited next ends a message's data (it may take the
  * server a long time: RFC 5321 4.5.3.2.6). st (the caller's, kept across
  * calls) gets rset_failed (the first refused RSET), closing (a 421 reply),
@@ -323,9 +337,13 @@ static int finish(lua_State *L, engine_t *e, const struct batch_msg *m, int list
 int eng_batch_replies(lua_State *L) {
   engine_t *e = check_engine(L);
   int progressed = 0;
+  size_t upto;
   luaL_checktype(L, 2, LUA_TTABLE);
   luaL_checktype(L, 3, LUA_TTABLE);
   luaL_checktype(L, 4, LUA_TTABLE);
+  upto = (size_t)luaL_optinteger(L, 5, 0);
+  if (upto == 0 || upto > e->wlen - e->wpos) upto = e->wlen - e->wpos;
+  upto += e->wpos;   /* settle the messages up to this record */
   lua_settop(L, 4);
   lua_getfield(L, 4, "failed");
   if (lua_isnil(L, -1)) {
@@ -333,7 +351,7 @@ int eng_batch_replies(lua_State *L) {
     lua_setfield(L, 4, "failed");
   }
   lua_pop(L, 1);
-  while (e->wpos < e->wlen) {
+  while (e->wpos < upto) {
     const struct batch_msg *m = &e->win[e->wpos];
     static const smtp_state expect[] = { ST_RSET, ST_MAIL, ST_RCPT, ST_BDAT };
     int code, got, table, full, stage = e->wstage;
@@ -349,6 +367,7 @@ int eng_batch_replies(lua_State *L) {
     reply_take(L, e, code, nlines, table, full, NULL, NULL);
     reply_consumed(e, end);
     queue_pop(L, e);
+    e->wcmds--;
     progressed++;
     if (code == 421) {
       lua_getfield(L, 4, "closing");
@@ -422,9 +441,9 @@ int eng_batch_replies(lua_State *L) {
     }
     lua_settop(L, 4);
   }
-  if (e->wpos >= e->wlen) e->wlen = e->wpos = 0;
-  lua_pushboolean(L, e->wlen == 0);
+  lua_pushboolean(L, e->wpos >= upto);
   lua_pushinteger(L, progressed);
-  lua_pushboolean(L, e->wlen > 0 && e->wstage == STAGE_BDAT);
+  lua_pushboolean(L, e->wpos < upto && e->wstage == STAGE_BDAT);
+  if (e->wpos == e->wlen) e->wlen = e->wpos = 0;
   return 3;
 }

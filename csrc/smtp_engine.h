@@ -71,6 +71,7 @@ typedef struct {
      win[wpos] the one whose replies come next */
   struct batch_msg *win;
   size_t wlen, wcap, wpos;
+  size_t wcmds;          /* the batch's commands awaiting replies */
   int wstage;            /* which of win[wpos]'s replies comes next */
   int wmail;             /* the code of its MAIL reply */
   size_t wrcpt;          /* its RCPT replies so far */

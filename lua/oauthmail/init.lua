@@ -165,6 +165,10 @@ end
 
 local RCPT_FIELDS = { "to", "cc", "bcc" }
 
+local function not_a_list(v)
+  return v ~= nil and type(v) ~= "string" and type(v) ~= "table"
+end
+
 -- What is wrong with a message's shape (a programmer error: send raises
 -- it), or nil. send_many asks before anything goes out.
 local function shape_error(msg)
@@ -176,12 +180,10 @@ local function shape_error(msg)
   local raw = msg.raw or msg.data
   if raw ~= nil then
     if type(raw) ~= "string" then return "'raw' must be the message text (a string)" end
-    for i = 1, #RCPT_FIELDS do
-      local v = msg[RCPT_FIELDS[i]]
-      if v ~= nil and type(v) ~= "string" and type(v) ~= "table" then
-        return "'" .. RCPT_FIELDS[i] .. "' must be an address or a list"
-      end
-    end
+    -- (the three fields by name: send_many asks this of every message)
+    if not_a_list(msg.to) then return "'to' must be an address or a list" end
+    if not_a_list(msg.cc) then return "'cc' must be an address or a list" end
+    if not_a_list(msg.bcc) then return "'bcc' must be an address or a list" end
   end
   return nil
 end
@@ -200,8 +202,8 @@ end
 -- Bring any accepted message shape to {from, to, data() -> fresh source,
 -- message_id, message (the oauthmail.message object)}. `ids`: the random
 -- part of new ids (message.id_pool, for a batch), else drawn for each.
-function Mailer:_prepare(msg, ids)
-  local why = shape_error(msg)
+function Mailer:_prepare(msg, ids, checked)
+  local why = not checked and shape_error(msg)
   if why and not why:find("^no sender") then error("mailer:send: " .. why, 3) end
   if type(msg.reader) == "function" and type(msg.envelope) == "table" then return prepared(msg) end
   local message = require "oauthmail.message"
@@ -540,17 +542,18 @@ end
 
 -- The before_send hook and the message read: m (prepared) | nil, err; the
 -- governor is not asked yet.
-function Mailer:_ready(msg, level, ids)
+function Mailer:_ready(msg, level, ids, checked)
   if self.hooks.before_send then
     local r, why = self.hooks.before_send(msg)
     if r == false then
       return errors.fail("policy", "before_send refused the message" .. (why and (": " .. tostring(why)) or ""),
         { reason = "before_send", retryable = false })
     elseif type(r) == "table" then
+      checked = checked and r == msg
       msg = r
     end
   end
-  local m, perr = self:_prepare(msg, ids)
+  local m, perr = self:_prepare(msg, ids, checked)
   if not m then return nil, perr end
   if type(m.from) ~= "string" then error("mailer:send: no sender: set from in the message or the profile", level + 1) end
   return m
@@ -573,8 +576,10 @@ end
 -- nil, err (a file that cannot be read, or changed since the message was
 -- made): Message:tostring, which returns a one-string message as it is and
 -- reads any other object with a reader() to the end.
+local message_tostring
 local function whole_text(m)
-  return require("oauthmail.message").Message.tostring(m.message)
+  message_tostring = message_tostring or require("oauthmail.message").Message.tostring
+  return message_tostring(m.message)
 end
 
 -- The next batch of send_many's list, taken in list order: up to `size`
@@ -598,7 +603,7 @@ function Mailer:_take(list, run, size, results)
       run.next = i + 1
     end
     local err
-    if not m then m, err = self:_ready(list[i], 2, run.ids) end
+    if not m then m, err = self:_ready(list[i], 2, run.ids, true) end
     local ok = m ~= nil
     if m then
       ok, err = self.governor:admit(#m.to, ahead.messages > 0 and ahead or nil)

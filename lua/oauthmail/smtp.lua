@@ -690,25 +690,38 @@ end
 
 -- ---------------------------------------------------------------- batches
 
--- One window of messages pipelined as MAIL/RCPT/BDAT LAST each, written in
--- one send and matched back to the messages in order; the engine does both
--- (csrc/smtp_batch.c, which says why every MAIL after the first follows an
--- RSET). Here: the reading, the deadlines, and what no 2xx settled.
-function Session:_window(list, idx, results)
+-- A pipelined batch: windows of messages written as RSET/MAIL/RCPT/BDAT
+-- LAST each and matched back to the messages in order; the engine does both
+-- (csrc/smtp_batch.c, which says why every MAIL but the very first follows
+-- an RSET). Two windows are in flight at most: while the server works
+-- through one, the next is on its way, and the replies the client has not
+-- read stay a few kilobytes (RFC 2920 3.1: a client that writes without
+-- reading could fill both directions' buffers and deadlock).
+
+-- Write one window: the number of messages queued (those refused before
+-- sending get their error in results at once) | nil, err.
+function Session:_batch_write(list, idx, results, rset_first)
   local caps = self.capabilities
   local size_limit = type(caps.SIZE) == "number" and caps.SIZE or -1
-  local queued, problems = self.eng:batch(list, idx, size_limit)
+  local queued, problems = self.eng:batch(list, idx, size_limit, rset_first)
   if queued == false then error(problems, 5) end
   if problems then
     for i, err in pairs(problems) do results[i] = err end
   end
-  if queued == 0 then return true end
+  if queued == 0 then return 0 end
   local ok, err = self:_flush()
   if not ok then return nil, err end
-  local st = {}
+  return queued
+end
+
+-- Read replies until the next n messages in flight are settled (each
+-- reply within the timeout, the one to the end of a message's data within
+-- data_timeout); then what no 2xx settled gets its reason, as session:send
+-- would give it. st: the engine's notes, kept across calls.
+function Session:_batch_read(list, results, st, n)
   local deadline
   while true do
-    local done, progressed, final_next = self.eng:batch_replies(list, results, st)
+    local done, progressed, final_next = self.eng:batch_replies(list, results, st, n)
     self:_trace()
     if st.closing then self.closing = st.closing end
     if done == nil then return self:_broken(progressed) end
@@ -734,20 +747,20 @@ function Session:_window(list, idx, results)
     end
     self.eng:feed(data)
   end
-  -- what no 2xx settled: the reason, as session:send would give it
-  for _, i in ipairs(st.failed) do
-    local p = results[i]
-    local _, why = outcome(p.mr, p.accepted, p.rejected, p.fr)
-    results[i] = why
+  local failed = st.failed
+  if failed and #failed > 0 then
+    for k = 1, #failed do
+      local i = failed[k]
+      local p = results[i]
+      local _, why = outcome(p.mr, p.accepted, p.rejected, p.fr)
+      results[i] = why
+    end
+    st.failed = {}
   end
   if st.rset_failed then
     -- without a working RSET the next transaction could inherit this one
     return self:_broken(reply_error("smtp", "RSET refused in a pipelined batch", st.rset_failed,
       { reason = "rset_refused", retryable = true }))
-  end
-  if not st.last_ok then
-    local rok, rerr = self:_rset()
-    if rok == nil then return nil, rerr end
   end
   return true
 end
@@ -770,40 +783,70 @@ function Session:send_many(list, o)
 end
 
 function Session:_send_many(list, window, results)
-  local ok, err
   local caps = self.capabilities
   local batch = caps.PIPELINING ~= nil and caps.CHUNKING ~= nil
-  local i = 1
+  local st = {}
+  local written = false     -- a window went out in this call: the next starts with RSET
+  local inflight = 0        -- messages of the window before the last one written
+  local last = 0            -- messages of the last window written
   local pending = {}
-  local function run(idx)
-    return self:_window(list, idx, results)
+  -- settle what is in flight; a failed last message leaves no transaction open
+  local function settle_all()
+    if inflight + last > 0 then
+      local ok, err = self:_batch_read(list, results, st)
+      if not ok then return nil, err end
+      inflight, last = 0, 0
+      if st.last_ok == false then
+        st.last_ok = nil
+        local rok, rerr = self:_rset()
+        if rok == nil then return nil, rerr end
+      end
+    end
+    written = false
+    return true
   end
-  while i <= #list do
+  local function write(idx)
+    local q, err = self:_batch_write(list, idx, results, written)
+    if not q then return nil, err end
+    if q == 0 then return true end
+    written = true
+    -- the window before the last one must be settled before a third goes
+    if inflight > 0 then
+      local ok, rerr = self:_batch_read(list, results, st, inflight)
+      if not ok then return nil, rerr end
+    end
+    inflight, last = last, q
+    return true
+  end
+  local i, n = 1, #list
+  while i <= n do
     local msg = list[i]
     if batch and type(msg) == "table" and type(msg.data) == "string" then
       pending[#pending + 1] = i
-    else
-      if #pending > 0 then
-        ok, err = run(pending)
+      if #pending >= window then
+        local ok, err = write(pending)
         if not ok then return nil, err end
         pending = {}
       end
+    else
+      if #pending > 0 then
+        local ok, err = write(pending)
+        if not ok then return nil, err end
+        pending = {}
+      end
+      local ok, err = settle_all()
+      if not ok then return nil, err end
       local r, serr = self:send(msg)
       results[i] = r or serr
       if self.broken then return nil, serr end
     end
-    if #pending >= window then
-      ok, err = run(pending)
-      if not ok then return nil, err end
-      pending = {}
-    end
     i = i + 1
   end
   if #pending > 0 then
-    ok, err = run(pending)
+    local ok, err = write(pending)
     if not ok then return nil, err end
   end
-  return true
+  return settle_all()
 end
 
 -- ---------------------------------------------------------------- misc

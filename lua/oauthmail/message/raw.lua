@@ -9,7 +9,7 @@ local bad, usage = common.bad, common.usage
 local CHUNK, strip_path = common.CHUNK, common.strip_path
 local rfc5322_date, id_source = common.rfc5322_date, common.id_source
 local MAX_RAW_HEADER = common.MAX_RAW_HEADER
-local new_message, raw_body_stream = reader.new, reader.raw_body_stream
+local new_message, new_text, raw_body_stream = reader.new, reader.text, reader.raw_body_stream
 
 
 -- The header section of a file: read in chunks until the blank line, never
@@ -91,6 +91,17 @@ local function remember(kind, text, v)
   return v
 end
 
+-- One address text: its address, parsed once per text.
+local function envelope_one(f, text)
+  local a = known.one[text]
+  if not a then
+    local mb, why = address.parse(text)
+    if not mb then bad(f, why, "address") end
+    a = remember("one", text, mb.address)
+  end
+  return a
+end
+
 local function envelope_list(field, v)
   local one = type(v) == "string"
   if not one and type(v) ~= "table" then usage("from_raw", field .. " must be an address or a list") end
@@ -99,13 +110,7 @@ local function envelope_list(field, v)
     local f = (not one and #v > 1) and (field .. "[" .. i .. "]") or field
     local text = one and v or v[i]
     if type(text) ~= "string" then usage("from_raw", f .. " must be a string") end
-    local a = known.one[text]
-    if not a then
-      local mb, why = address.parse(text)
-      if not mb then bad(f, why, "address") end
-      a = remember("one", text, mb.address)
-    end
-    out[#out + 1] = a
+    out[#out + 1] = envelope_one(f, text)
   end
   return out
 end
@@ -207,6 +212,16 @@ end
 -- that read without a failure is kept; what comes from it is never changed.
 local last_text, last_reading
 
+-- The host part of a sender for new Message-IDs ("localhost" if none):
+-- the last sender's is kept, a batch has one.
+local last_sender, last_host
+local function sender_host(from)
+  if from ~= last_sender then
+    last_sender, last_host = from, from:match("@([%w%.%-]+)$") or "localhost"
+  end
+  return last_host
+end
+
 local function from_raw(src, opts)
   if opts ~= nil and type(opts) ~= "table" then usage("from_raw", "options must be a table") end
   opts = opts or {}
@@ -222,7 +237,9 @@ local function from_raw(src, opts)
 
 
   local env_from
-  if opts.from ~= nil then
+  if type(opts.from) == "string" then
+    env_from = envelope_one("from", opts.from)
+  elseif opts.from ~= nil then
     env_from = envelope_list("from", opts.from)
     if #env_from ~= 1 then bad("from", "exactly one sender is required", "missing") end
     env_from = env_from[1]
@@ -237,7 +254,9 @@ local function from_raw(src, opts)
     end
   end
   local rcpt
-  if opts.to ~= nil then
+  if type(opts.to) == "string" then
+    rcpt = { envelope_one("to", opts.to) }
+  elseif opts.to ~= nil then
     rcpt = envelope_list("to", opts.to)
   else
     rcpt = {}
@@ -259,30 +278,32 @@ local function from_raw(src, opts)
   end
   if #to == 0 then bad("to", "no recipients: give opts.to or To/Cc/Bcc headers", "missing") end
 
-  local out = { r.kept }
-  local mid
+  local mid, date_line, mid_line = nil, "", ""
   if first["message-id"] then
     mid = first["message-id"].value:match("<([^<>]*)>") or first["message-id"].value:gsub("^%s+", ""):gsub("%s+$", "")
   end
   if not first.date then
     local now = opts.now
     if now ~= nil and type(now) ~= "number" then usage("from_raw", "opts.now must be a number") end
-    out[#out + 1] = "Date: " .. rfc5322_date(now or os.time()) .. "\r\n"
+    date_line = "Date: " .. rfc5322_date(now or os.time()) .. "\r\n"
   end
   if not mid then
     local host = opts.hostname
     if host ~= nil and (type(host) ~= "string" or not host:find("^[%w%.%-]+$")) then
       bad("opts.hostname", "is not a host name", "hostname")
     end
-    host = host or env_from:match("@([%w%.%-]+)$") or "localhost"
+    host = host or sender_host(env_from)
     mid = id_source(opts.boundary_seed, opts.ids)(16) .. "@" .. host
-    out[#out + 1] = "Message-ID: <" .. mid .. ">\r\n"
+    mid_line = "Message-ID: <" .. mid .. ">\r\n"
   end
-  out[#out + 1] = "\r\n"
-  if body ~= "" then out[#out + 1] = body end
-  if raw_seg then out[#out + 1] = raw_seg end
 
-  local m = new_message(out)
+  local m
+  if raw_seg then
+    m = new_message { r.kept, date_line, mid_line, "\r\n", raw_seg }
+  else
+    -- one string, made in one concatenation
+    m = new_text(r.kept .. date_line .. mid_line .. "\r\n" .. body)
+  end
   local utf8 = r.head_utf8 or env_from:find("[\128-\255]") ~= nil
   for _, a in ipairs(to) do utf8 = utf8 or a:find("[\128-\255]") ~= nil end
   m.envelope = { from = env_from, to = to }

@@ -14,6 +14,11 @@ local M = {}
 local Message = {}
 Message.__index = Message
 
+-- A message that is one string.
+local function new_text(text)
+  return setmetatable({ _segs = { text }, _size = #text, needs_smtputf8 = false, has_8bit = false }, Message)
+end
+
 -- Segments: strings; {b64 = true, data = s | path = p, size = n, field = f};
 -- {raw = true, path = p, offset = o, size = n}. Adjacent strings are merged.
 local function new_message(segs)
@@ -24,8 +29,7 @@ local function new_message(segs)
   end
   if all_strings then
     -- text only (raw text, most composed mail): one string, no merging
-    local text = table.concat(segs)
-    return setmetatable({ _segs = { text }, _size = #text, needs_smtputf8 = false, has_8bit = false }, Message)
+    return new_text(table.concat(segs))
   end
   merged, buf = {}, {}
   for i = 1, #segs do
@@ -179,6 +183,6 @@ function Message:tostring()
   end
 end
 
-M.Message, M.new, M.raw_body_stream = Message, new_message, raw_body_stream
+M.Message, M.new, M.text, M.raw_body_stream = Message, new_message, new_text, raw_body_stream
 
 return M
