@@ -947,6 +947,216 @@ describe("smtp session (fake transport)", function()
       assert.is_true(t.closed)
     end)
 
+    -- A server for the batch tests: PIPELINING, CHUNKING and what `caps`
+    -- adds; `answer(line, t)` may override the reply to any command.
+    local function batch_server(caps, answer)
+      local t
+      t = server(function(line)
+        local r = answer and answer(line, t)
+        if r then return r end
+        if line:match("^EHLO") then return "250-fake\r\n250-PIPELINING\r\n250-CHUNKING\r\n" .. (caps or "") .. "250 AUTH XOAUTH2\r\n" end
+        if line:match("^AUTH") then return "235 2.7.0 ok\r\n" end
+        if line:match("^MAIL") then return "250 2.1.0 ok\r\n" end
+        if line:match("^RCPT") then return "250 2.1.5 ok\r\n" end
+        if line:match("^BDAT") then return "250 2.0.0 queued\r\n" end
+        if line == "RSET" then return "250 2.0.0 flushed\r\n" end
+        if line == "QUIT" then return "221 bye\r\n" end
+        return "500 5.5.2 what?\r\n"
+      end)
+      return t
+    end
+    local function msgs(n, extra)
+      local l = {}
+      for i = 1, n do
+        l[i] = { from = "a@example.org", to = "b" .. i .. "@example.org", data = "Subject: " .. i .. "\r\n\r\nm" .. i .. "\r\n" }
+        for k, v in pairs(extra and extra[i] or {}) do l[i][k] = v end
+      end
+      return l
+    end
+
+    it("raises for a message of the wrong shape before anything of the batch is written", function()
+      local t = batch_server()
+      local s = assert(smtp.open { transport = t, tls = "none" })
+      local before = #t.lines
+      local list = msgs(3, { [2] = { from = 42 } })
+      local ok, err = pcall(s.send_many, s, list)
+      assert.is_false(ok)
+      assert.matches("session:send: 'from' must be a string", err)
+      list = msgs(2, { [2] = { to = { "c@example.org", false } } })
+      ok, err = pcall(s.send_many, s, list)
+      assert.is_false(ok)
+      assert.matches("'to%[2%]' must be a string", err)
+      assert.equal(before, #t.lines)
+      -- and the session goes on
+      local res = s:send_many(msgs(2))
+      assert.equal(250, res[1].code)
+      assert.equal(250, res[2].code)
+    end)
+
+    it("refuses a message over the server's SIZE or with a bad address before sending it, and sends the rest", function()
+      local t = batch_server("250-SIZE 200\r\n")
+      local s = assert(smtp.open { transport = t, tls = "none" })
+      local big = "Subject: big\r\n\r\n" .. string.rep("x", 300) .. "\r\n"
+      local res = s:send_many(msgs(4, { [2] = { data = big }, [3] = { to = "bad address@example.org" } }))
+      assert.equal(250, res[1].code)
+      assert.equal("too_large", res[2].reason)
+      assert.is_false(res[2].retryable)
+      assert.equal("config", res[3].kind)
+      assert.is_false(res[3].retryable)
+      assert.equal(250, res[4].code)
+      local mails = {}
+      for _, l in ipairs(t.lines) do if l:match("^MAIL") then mails[#mails + 1] = l end end
+      assert.same({ "MAIL FROM:<a@example.org> SIZE=18", "MAIL FROM:<a@example.org> SIZE=18" }, mails)
+      for _, l in ipairs(t.lines) do assert.is_nil(l:find("b2@", 1, true)) assert.is_nil(l:find("bad address", 1, true)) end
+    end)
+
+    it("asks for 8BITMIME and SMTPUTF8 per message, and refuses a UTF-8 address the server cannot take", function()
+      local t = batch_server("250-8BITMIME\r\n250-SMTPUTF8\r\n")
+      local s = assert(smtp.open { transport = t, tls = "none" })
+      local res = s:send_many(msgs(3, { [2] = { data = "Subject: \195\169\r\n\r\nd\195\169j\195\160\r\n" },
+        [3] = { to = "j\195\182rg@example.org" } }))
+      for i = 1, 3 do assert.equal(250, res[i].code) end
+      local mails = {}
+      for _, l in ipairs(t.lines) do if l:match("^MAIL") then mails[#mails + 1] = l end end
+      assert.same({ "MAIL FROM:<a@example.org>", "MAIL FROM:<a@example.org> BODY=8BITMIME",
+        "MAIL FROM:<a@example.org> SMTPUTF8" }, mails)
+      local t2 = batch_server()
+      local s2 = assert(smtp.open { transport = t2, tls = "none" })
+      res = s2:send_many(msgs(2, { [1] = { to = "j\195\182rg@example.org" } }))
+      assert.equal("invalid_address", res[1].reason)
+      assert.matches("SMTPUTF8", res[1].message)
+      assert.equal(250, res[2].code)
+    end)
+
+    it("matches every reply to its message when they arrive a byte at a time", function()
+      local t = batch_server(nil, function(line)
+        if line:match("^RCPT TO:<b3@") then return "550 5.1.1 no such user\r\n" end
+        if line:match("^RCPT TO:<b5@") then return "450-4.2.1 busy\r\n450 4.2.1 try later\r\n" end
+      end)
+      local whole = t.receive_some
+      local buf = ""
+      function t.receive_some()
+        if buf == "" then
+          local d, err = whole()
+          if not d then return nil, err end
+          buf = d
+        end
+        local c = buf:sub(1, 1)
+        buf = buf:sub(2)
+        return c
+      end
+      local s = assert(smtp.open { transport = t, tls = "none" })
+      local list = msgs(6, { [4] = { to = { "c@example.org", "b4@example.org" } } })
+      local res = s:send_many(list, { window = 4 })
+      assert.equal(250, res[1].code)
+      assert.equal(250, res[2].code)
+      assert.equal("every recipient was refused: 550 5.1.1 no such user", res[3].message)
+      assert.equal(550, res[3].rejected["b3@example.org"].code)
+      assert.same({ "c@example.org", "b4@example.org" }, res[4].accepted)
+      assert.equal(450, res[5].code)
+      assert.is_true(res[5].retryable)
+      assert.equal("busy\ntry later", res[5].rejected["b5@example.org"].text)
+      assert.equal(250, res[6].code)
+      assert.is_nil(s.broken)
+    end)
+
+    it("drops the session when the server refuses RSET in a batch", function()
+      local t = batch_server(nil, function(line) if line == "RSET" then return "502 5.5.1 no RSET here\r\n" end end)
+      local s = assert(smtp.open { transport = t, tls = "none" })
+      local res = s:send_many(msgs(3))
+      assert.equal(250, res[1].code)
+      assert.equal("rset_refused", s.broken.reason)
+      assert.truthy(t.closed)
+      local r, err = s:send_many(msgs(1))
+      assert.equal("rset_refused", (r and r[1] or err).reason)
+    end)
+
+    it("reports a 421 in the middle of a batch to the message it answered and to those after it", function()
+      local t = batch_server(nil, function(line, tt)
+        if line == "MAIL FROM:<a@example.org>" and tt.mails then
+          tt.gone = true
+          return "421 4.3.2 shutting down\r\n"
+        end
+        if line:match("^MAIL") then tt.mails = true end
+        if tt.gone then return "" end
+      end)
+      local whole = t.receive_some
+      function t.receive_some()
+        local d, err = whole()
+        if d then return d end
+        if t.gone then return nil, errors.new("network", "closed", { reason = "closed" }) end
+        return nil, err
+      end
+      local s = assert(smtp.open { transport = t, tls = "none" })
+      local res = s:send_many(msgs(3))
+      assert.equal(250, res[1].code)
+      assert.equal("smtp", res[2].kind)
+      assert.equal(421, res[2].code)
+      assert.equal(421, res[3].code)
+      assert.matches("server closed the session", res[3].message)
+      assert.truthy(s.broken)
+    end)
+
+    it("drops the session on a malformed reply in a batch", function()
+      local t = batch_server(nil, function(line)
+        if line:match("^RCPT TO:<b2@") then return "hello there\r\n" end
+      end)
+      local s = assert(smtp.open { transport = t, tls = "none" })
+      local res = s:send_many(msgs(3))
+      assert.equal(250, res[1].code)
+      assert.equal("malformed", res[2].reason)
+      assert.equal("malformed", res[3].reason)
+      assert.truthy(s.broken)
+    end)
+
+    it("waits data_timeout, not timeout, for the replies to a batch's data", function()
+      local function slow(delay)
+        local t = batch_server(nil, function(line, tt)
+          if line:match("^BDAT") then tt.final_at = core.monotime() + delay return "" end
+        end)
+        local whole = t.receive_some
+        function t.receive_some(_, _, deadline)
+          local d = whole()
+          if d then return d end
+          if not t.final_at then return nil, errors.new("network", "nothing to say", { reason = "closed" }) end
+          if t.final_at > deadline then
+            core.sleep(math.max(deadline - core.monotime(), 0))
+            return nil, errors.new("network", "timed out", { reason = "timeout" })
+          end
+          core.sleep(math.max(t.final_at - core.monotime(), 0))
+          t.final_at = nil
+          return "250 2.0.0 queued\r\n"
+        end
+        return t
+      end
+      local s = assert(smtp.open { transport = slow(0.8), tls = "none", timeout = 0.3 })
+      local res = s:send_many(msgs(1))
+      assert.equal(250, res[1].code)
+      s = assert(smtp.open { transport = slow(5), tls = "none", timeout = 0.3, data_timeout = 0.5 })
+      local t0 = core.monotime()
+      res = s:send_many(msgs(1))
+      local took = core.monotime() - t0
+      assert.truthy(took >= 0.45 and took < 2, "took " .. took)
+      assert.is_true(res[1].after_data)
+      assert.is_true(res[1].retryable)
+      assert.matches("within 0.5 s %(data_timeout%)", res[1].message)
+    end)
+
+    it("traces a batch's commands and replies, and never the token", function()
+      local trace = h.trace_collector()
+      local t = batch_server()
+      local s = assert(smtp.open { transport = t, tls = "none", allow_plaintext_auth = true, trace = trace })
+      assert.is_true(s:auth { mechanism = "xoauth2", user = USER, token = TOKEN })
+      local res = s:send_many(msgs(3, { [2] = { data = "Subject: x\r\n\r\n" .. TOKEN .. "\r\n" } }))
+      for i = 1, 3 do assert.equal(250, res[i].code) end
+      local text = trace.text()
+      assert.truthy(text:find("dir=send proto=smtp text=RSET", 1, true), text)
+      assert.truthy(text:find("dir=send proto=smtp text=BDAT 65 LAST", 1, true), text)
+      assert.truthy(text:find("dir=recv proto=smtp text=250 2.1.5 ok", 1, true), text)
+      assert.truthy(text:find("bytes of message data", 1, true), text)
+      h.assert_no_secrets(text, { TOKEN })
+    end)
+
     it("falls back to per-message pipelining without CHUNKING", function()
       local s, t = fake_session {
         { "S", "250-mx.test\r\n250 PIPELINING\r\n" },
