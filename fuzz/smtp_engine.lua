@@ -78,7 +78,59 @@ return function(data)
     end
   end
 
+  -- bit 4 of byte 1: the messages go as one pipelined batch (eng:batch),
+  -- when the server offers PIPELINING and CHUNKING
+  local batch
+  local function start_batch()
+    local list = {
+      { from = USER, to = { "a@example.org", "b@example.org" }, data = "Subject: x\r\n\r\nhello\r\n" },
+      { from = "", to = "c@example.org", data = bit(f2, 5) and ".x\rbare\n\128\255" or "short" },
+      { from = USER, to = "bad address@example.org", data = "x\r\n" },
+      { from = USER, to = "d@example.org", data = "", eight_bit = true },
+    }
+    local queued, problems = e:batch(list, { 1, 2, 3, 4 }, type(caps.SIZE) == "number" and caps.SIZE or -1,
+      bit(f2, 4))
+    assert(problems and problems[3] and problems[3].reason == "invalid_address", "the bad address went out")
+    local refused = 0
+    for i, p in pairs(problems) do
+      refused = refused + 1
+      assert(i == 3 or p.reason == "too_large", "a good message was refused: " .. tostring(p.message))
+    end
+    assert(queued + refused == 4, "the batch lost a message")
+    if queued == 0 then return end
+    batch = { list = list, results = problems, st = {} }
+  end
+
+  local function batch_settled()
+    local b = batch
+    batch = nil
+    local failed = {}
+    for _, i in ipairs(b.st.failed) do failed[i] = true end
+    for _, i in ipairs { 1, 2, 4 } do
+      local r = b.results[i]
+      assert(type(r) == "table", "a batched message was not settled")
+      if r.reason == "too_large" then
+        r = { code = 250, accepted = { "" }, rejected = {} }  -- refused before sending
+      elseif failed[i] then
+        assert(type(r.mr) == "table" and type(r.fr) == "table" and type(r.accepted) == "table"
+          and type(r.rejected) == "table", "a failed batch message without its replies")
+        check_reply(r.fr.lines and r.fr or { code = r.fr.code, text = r.fr.text, lines = { "" }, command = "BDAT" })
+      else
+        assert(r.code >= 200 and r.code < 300 and #r.accepted >= 1, "a receipt that is no receipt")
+      end
+      for addr, rr in pairs(r.rejected) do
+        assert(type(addr) == "string", "rejected by something not an address")
+        check_reply(rr)
+      end
+      if watch and (r.text or ""):find(secret, 1, true) then error("secret in a batch result") end
+    end
+    messages_left = 0
+    e:noop()
+    if bit(f2, 3) then quit() end
+  end
+
   local function transaction()
+    if bit(f1, 4) and caps.PIPELINING and caps.CHUNKING then return start_batch() end
     local params = {}
     if bit(f2, 2) then params[1] = "SMTPUTF8" end
     if caps.SIZE then params[#params + 1] = "SIZE=42" end
@@ -194,18 +246,35 @@ return function(data)
   for piece in (server .. "\255"):gmatch("([^\255]*)\255") do
     e:feed(piece)
     while not done do
-      local r, err = e:reply()
-      sweep("a reply")
-      if err then
-        assert(type(err) == "table" and type(err.message) == "string", "engine error is not an error value")
-        if watch and err.message:find(secret, 1, true) then error("secret in an engine error") end
-        done = true
-      elseif not r then
-        break
-      elseif on_reply(r) == "done" then
-        done = true
+      if batch then
+        local settled, progressed, final_next = e:batch_replies(batch.list, batch.results, batch.st)
+        sweep("batch replies")
+        if settled == nil then
+          assert(type(progressed) == "table" and type(progressed.message) == "string",
+            "engine error is not an error value")
+          if watch and progressed.message:find(secret, 1, true) then error("secret in an engine error") end
+          done = true
+        elseif settled then
+          batch_settled()
+          sweep("the batch settled")
+        else
+          assert(type(progressed) == "number" and type(final_next) == "boolean")
+          break
+        end
+      else
+        local r, err = e:reply()
+        sweep("a reply")
+        if err then
+          assert(type(err) == "table" and type(err.message) == "string", "engine error is not an error value")
+          if watch and err.message:find(secret, 1, true) then error("secret in an engine error") end
+          done = true
+        elseif not r then
+          break
+        elseif on_reply(r) == "done" then
+          done = true
+        end
+        sweep("the client's answer")
       end
-      sweep("the client's answer")
     end
     if done then break end
   end
