@@ -704,17 +704,11 @@ function Mailer:send_many(list, o)
         ahead.messages, ahead.recipients = ahead.messages - #b.m, ahead.recipients - b.rcpt
         run.settled:signal()
         if not ok then error(err, 0) end
-        -- the session just given back goes to the task whose batch is
-        -- ready, not to this one's next (it would sit idle meanwhile)
-        if run.tasks > 1 then wait.sleep(0) end
       end
     end
   end
-  -- one task more than sessions: while every session waits for its
-  -- batch's replies, the spare task reads and admits the next batch
   local spawn = wait.current().spawn
-  local workers = math.min(math.ceil(#list / size), self.pool:limit() + 1)
-  run.tasks = spawn and workers or 1
+  local workers = math.min(math.ceil(#list / size), self.pool:limit())
   if spawn and workers > 1 then
     local running = workers
     local finished = wait.cond()
