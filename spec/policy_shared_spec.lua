@@ -156,6 +156,67 @@ describe("shared governor (limits.shared)", function()
     peer.stop()
   end)
 
+  it_redis("a reservation cancelled (the message was not sent) gives its place in the windows back, once", function()
+    local shared = require "oauthmail.policy.shared"
+    local limits = { messages_per_minute = 2, recipients_per_day = 6, on_limit = "fail",
+      shared = { kind = "redis", url = redis_srv.url, prefix = "cancel:" } }
+    local a = shared.new(limits, { mailbox = "m@example.org" })
+    local b = shared.new(limits, { mailbox = "m@example.org" })
+    local r1 = assert(a:reserve(1))
+    local r2 = assert(b:reserve(3))
+    local none, err = b:reserve(1)
+    assert.is_nil(none)
+    assert.equals("messages_per_minute", err.limit)
+    a:cancel(r1)
+    a:cancel(r1)                           -- a second cancel is harmless
+    local r3 = assert(b:reserve(1))
+    none, err = a:reserve(1)
+    assert.is_nil(none)
+    assert.equals("messages_per_minute", err.limit)
+    b:record(3, r2)                        -- sent: a later cancel keeps it counted
+    b:cancel(r2)
+    b:cancel(r3)
+    none, err = a:reserve(4)               -- 3 sent recipients + 4 > 6: r3's 1 is not counted
+    assert.is_nil(none)
+    assert.equals("recipients_per_day", err.limit)
+    none, err = a:reserve(3)               -- 3 + 3 fits 6, and the minute has room again
+    assert.truthy(none, err and err.message)
+    none, err = a:reserve(1)
+    assert.is_nil(none)
+    assert.equals("recipients_per_day", err.limit)
+  end)
+
+  it_redis("a mailer's refused sends (5xx) keep no place in the shared windows", function()
+    local oauthmail = require "oauthmail"
+    local peer = smtp_peers.node_smtp { token = TOKEN, reject = { "nobody@example.org" } }
+    local mailer = assert(oauthmail.new {
+      provider = "generic", token_endpoint = "https://127.0.0.1:9/token", flow = "client_credentials",
+      client_id = "unused", client_secret = "unused", user = "alice@example.org",
+      store = { load = function() return { access_token = TOKEN, token_type = "Bearer", expires_at = os.time() + 3600 } end,
+        save = function() return true end, lock = function() return function() return true end end },
+      smtp = { host = "127.0.0.1", port = peer.port, tls = "starttls", ca_file = peer.ca, servername = "localhost" },
+      limits = { connections = 1, messages_per_minute = 2, on_limit = "fail",
+        shared = { kind = "redis", url = redis_srv.url, prefix = "refused:" } },
+    })
+    local function send(to, i)
+      return mailer:send { raw = "From: alice@example.org\r\nTo: " .. to .. "\r\nSubject: s" .. i
+        .. "\r\n\r\nbody\r\n", to = to }
+    end
+    for i = 1, 3 do
+      local r, err = send("nobody@example.org", i)
+      assert.is_nil(r)
+      assert.equals(550, err.code, tostring(err))
+    end
+    assert.truthy(send("ops@example.org", 4))
+    assert.truthy(send("ops@example.org", 5))
+    local r, err = send("ops@example.org", 6)
+    assert.is_nil(r)
+    assert.equals("messages_per_minute", err.limit)
+    mailer:close()
+    assert.equals(2, #peer.messages())
+    peer.stop()
+  end)
+
   it_redis("a 432 4.3.2 seen by one process lowers the limit for all of them", function()
     local peer = smtp_peers.node_smtp { token = TOKEN, data_delay_ms = 150, max_connections = 2 }
     local vars = { OM_SMTP_PORT = peer.port, OM_CA = peer.ca, OM_TOKEN = TOKEN, OM_REDIS_URL = redis_srv.url,

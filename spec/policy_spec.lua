@@ -222,3 +222,115 @@ describe("governor", function()
     assert.is_true(#t.slept >= 19 and #t.slept <= 21)
   end)
 end)
+
+-- Senders in flight together (coroutines between admission and delivery)
+-- must see each other's room: a reservation holds it until record or cancel.
+describe("governor reservations", function()
+  local oauthmail = require "oauthmail"
+  local wait = require "oauthmail.wait"
+
+  it("counts reserved messages and recipients for every other sender until record or cancel, each once", function()
+    local t = fake_time()
+    local g = policy.governor({ messages_per_minute = 3, recipients_per_day = 10, on_limit = "fail" }, t)
+    local a = assert(g:reserve(1))
+    local b = assert(g:reserve(4))
+    local c = assert(g:reserve(1))
+    -- nothing was sent yet: only the three in flight stand in the way
+    local none, err = g:reserve(1)
+    assert.is_nil(none)
+    assert.equals("policy", err.kind)
+    assert.equals("messages_per_minute", err.limit)
+    assert.is_true(err.in_flight)
+    assert.equals(60, err.retry_after)
+    g:cancel(b)
+    g:cancel(b)                            -- a second cancel gives nothing more back
+    assert.same({ messages = 2, recipients = 2 }, g.reserved)
+    none, err = g:reserve(9)               -- 2 recipients in flight + 9 > 10
+    assert.is_nil(none)
+    assert.equals("recipients_per_day", err.limit)
+    local d = assert(g:reserve(1))
+    g:record(1, a)
+    g:record(1, c)
+    g:cancel(a)                            -- sent: nothing to give back
+    g:cancel(c)
+    assert.same({ messages = 1, recipients = 1 }, g.reserved)
+    assert.equals(2, g.minute:count())
+    -- two sent and one in flight: the window must slide first
+    none, err = g:reserve(1)
+    assert.is_nil(none)
+    assert.is_nil(err.in_flight)
+    assert.equals(60, err.retry_after)
+    -- a batch's own unsent messages count beside the reservations
+    assert.is_false(g:admit(1, { messages = 1, recipients = 1 }))
+    g:cancel(d)
+    assert.is_false(g:admit(1, { messages = 1, recipients = 1 }))
+    assert.is_true(g:fits(1, { messages = 0, recipients = 0 }))
+    t.now = t.now + 60                     -- the two sends leave the window
+    assert.truthy(g:reserve(1))
+    assert.truthy(g:reserve(1))
+    assert.truthy(g:reserve(1))
+    assert.is_nil((g:reserve(1)))
+    assert.same({}, t.slept)
+  end)
+
+  it("wakes a waiting sender when a message in flight is cancelled (at once) or sent (then the window slides)", function()
+    local t = fake_time()
+    local events = {}
+    local g = policy.governor({ messages_per_minute = 2, max_wait = 120 },
+      { clock = t.clock, sleep = t.sleep, trace = function(ev) events[#events + 1] = ev end })
+    local order, waited = {}, nil
+    oauthmail.run(function()
+      local a = assert(g:reserve(1))
+      local b = assert(g:reserve(1))
+      oauthmail.spawn(function()
+        local t0 = wait.now()
+        local r = assert(g:reserve(1))      -- parks until a is cancelled
+        waited = wait.now() - t0
+        order[#order + 1] = "third admitted"
+        g:record(1, r)
+      end)
+      wait.sleep(0.3)
+      order[#order + 1] = "a cancelled"
+      g:cancel(a)
+      g:record(1, b)
+    end)
+    assert.same({ "a cancelled", "third admitted" }, order)
+    assert.is_true(waited >= 0.25 and waited < 1.5, "waited " .. tostring(waited))
+    assert.same({}, t.slept)                 -- no window sleep: the cancelled room was free
+    assert.equals("hold", events[1].event)
+    assert.is_true(events[1].in_flight)
+    assert.same({ messages = 0, recipients = 0 }, g.reserved)
+
+    -- the one in flight is sent instead: the waiting sender then waits for the window
+    order = {}
+    t.now = t.now + 3600
+    oauthmail.run(function()
+      local a = assert(g:reserve(1))
+      local b = assert(g:reserve(1))
+      oauthmail.spawn(function()
+        assert(g:reserve(1))
+        order[#order + 1] = "third admitted"
+      end)
+      wait.sleep(0.1)
+      order[#order + 1] = "a sent"
+      g:record(1, a)
+      wait.sleep(0.1)
+      g:cancel(b)
+    end)
+    assert.same({ "a sent", "third admitted" }, order)
+    assert.same({ 60 }, t.slept)
+    assert.same({ messages = 1, recipients = 1 }, g.reserved)
+  end)
+
+  it("where nothing can cancel meanwhile (the main thread), waits max_wait in slices, then fails", function()
+    local t = fake_time()
+    local g = policy.governor({ messages_per_minute = 1, max_wait = 3 }, t)
+    assert(g:reserve(1))
+    local none, err = g:reserve(1)
+    assert.is_nil(none)
+    assert.equals("messages_per_minute", err.limit)
+    assert.is_true(err.in_flight)
+    assert.equals(3, #t.slept)
+    for _, s in ipairs(t.slept) do assert.is_true(s > 0.9 and s <= 1, tostring(s)) end
+  end)
+end)

@@ -231,3 +231,156 @@ describe("mailer pool", function()
     sb.stop()
   end)
 end)
+
+-- Many coroutines on one mailer under its rate limits. Every message is in
+-- flight (admitted, not yet sent) at the same time: the server delays its
+-- reply to the data, so none is recorded before the others are admitted.
+-- Deliveries are counted at the server.
+describe("mailer limits with many sends in flight", function()
+  local policy = require "oauthmail.policy"
+  local TOKEN = "pool-limits-token-0123456789"
+
+  teardown(function() h.stop_all() end)
+
+  local function profile(peer, extra)
+    local p = {
+      name = "limits", provider = "generic", token_endpoint = "https://127.0.0.1:9/token", flow = "client_credentials",
+      client_id = "unused", client_secret = "unused", user = USER,
+      store = { load = function() return { access_token = TOKEN, token_type = "Bearer", expires_at = os.time() + 3600 } end,
+        save = function() return true end, lock = function() return function() return true end end },
+      smtp = { host = "127.0.0.1", port = peer.port, tls = "starttls", ca_file = peer.ca, servername = "localhost",
+        timeout = 20 },
+    }
+    for k, v in pairs(extra or {}) do p[k] = v end
+    return p
+  end
+
+  -- n coroutines, one message each (to = the envelope recipient): results[i]
+  local function at_once(mailer, n, tag, to)
+    local results = {}
+    oauthmail.run(function()
+      for i = 1, n do
+        oauthmail.spawn(function()
+          local r, err = mailer:send { raw = raw(i, tag), to = to or "ops@example.org" }
+          results[i] = r or err
+        end)
+      end
+    end)
+    return results
+  end
+
+  local function split(results, n)
+    local sent, refused = 0, {}
+    for i = 1, n do
+      if results[i].reply then sent = sent + 1 else refused[#refused + 1] = results[i] end
+    end
+    return sent, refused
+  end
+
+  it("6 coroutines, messages_per_minute = 3, on_limit = fail: 3 delivered, 3 refused by the limit", function()
+    local peer = smtp_peers.node_smtp { token = TOKEN, data_delay_ms = 400 }
+    local now = os.time()
+    local mailer = assert(oauthmail.new(profile(peer, {
+      limits = { connections = 6, messages_per_minute = 3, on_limit = "fail" },
+      policy = { clock = function() return now end, sleep = function() error("must not sleep") end },
+    })))
+    local results = at_once(mailer, 6, "f")
+    mailer:close()
+    local sent, refused = split(results, 6)
+    assert.equals(3, sent)
+    assert.equals(3, #refused)
+    for _, err in ipairs(refused) do
+      assert.equals("policy", err.kind)
+      assert.equals("messages_per_minute", err.limit)
+      assert.is_true(err.retry_after > 0)
+    end
+    assert.equals(3, #peer.messages())
+    assert.same({ messages = 0, recipients = 0 }, mailer.governor.reserved)
+    peer.stop()
+  end)
+
+  it("6 coroutines, messages_per_minute = 3, on_limit = wait: the others wait, no minute holds more than 3", function()
+    local peer = smtp_peers.node_smtp { token = TOKEN, data_delay_ms = 300 }
+    local now = os.time()
+    local slept, sent_at = {}, {}
+    local mailer = assert(oauthmail.new(profile(peer, {
+      limits = { connections = 6, messages_per_minute = 3, max_wait = 300 },
+      policy = { clock = function() return now end, sleep = function(s) slept[#slept + 1] = s now = now + s end },
+      trace = function(ev) if ev.event == "sent" then sent_at[#sent_at + 1] = now end end,
+    })))
+    local results = at_once(mailer, 6, "w")
+    mailer:close()
+    for i = 1, 6 do assert.is_truthy(results[i].reply, tostring(results[i].message)) end
+    assert.equals(6, #peer.messages())
+    assert.equals(6, #sent_at)
+    table.sort(sent_at)
+    -- any 4 sends in a row span at least the minute (the window is [t - 60, t))
+    for i = 1, 3 do
+      assert.is_true(sent_at[i + 3] - sent_at[i] >= 60, "sends at " .. table.concat(sent_at, ", "))
+    end
+    assert.is_true(#slept >= 1)
+    assert.same({ messages = 0, recipients = 0 }, mailer.governor.reserved)
+    peer.stop()
+  end)
+
+  it("a send the server refuses (5xx) gives its room back: the full limit is there again", function()
+    local peer = smtp_peers.node_smtp { token = TOKEN, data_delay_ms = 200, reject = { "nobody@example.org" } }
+    local now = os.time()
+    local gov = policy.governor({ connections = 6, messages_per_minute = 3, on_limit = "fail" },
+      { clock = function() return now end })
+    local mailer = assert(oauthmail.new(profile(peer, {
+      policy = { clock = function() return now end, governor = gov, sleep = function() error("must not sleep") end },
+    })))
+    local results = at_once(mailer, 3, "r", "nobody@example.org")
+    for i = 1, 3 do
+      assert.equals("smtp", results[i].kind, tostring(results[i].message))
+      assert.equals(550, results[i].code)
+    end
+    assert.same({ messages = 0, recipients = 0 }, gov.reserved)
+    -- the three refused ones took nothing: three more go, the 4th is refused
+    results = at_once(mailer, 4, "ok")
+    mailer:close()
+    local sent, refused = split(results, 4)
+    assert.equals(3, sent)
+    assert.equals("messages_per_minute", refused[1].limit)
+    assert.equals(3, #peer.messages())
+    assert.same({ messages = 0, recipients = 0 }, gov.reserved)
+    peer.stop()
+  end)
+
+  it("a raising before_send hook or message reader keeps no room", function()
+    local peer = smtp_peers.node_smtp { token = TOKEN }
+    local now = os.time()
+    local gov = policy.governor({ connections = 2, messages_per_minute = 2, on_limit = "fail" },
+      { clock = function() return now end })
+    local boom = true
+    local mailer = assert(oauthmail.new(profile(peer, {
+      policy = { clock = function() return now end, governor = gov, sleep = function() error("must not sleep") end },
+      before_send = function(msg) if boom and msg.subject == "hook" then error("boom in before_send") end end,
+    })))
+    local ok, e = pcall(mailer.send, mailer, { from = USER, to = "ops@example.org", subject = "hook", text = "x" })
+    assert.is_false(ok)
+    assert.truthy(tostring(e):find("boom in before_send", 1, true))
+    assert.same({ messages = 0, recipients = 0 }, gov.reserved)
+    -- a message object whose reader raises once the session reads it for the data
+    local reads = 0
+    local object = { envelope = { from = USER, to = { "ops@example.org" } }, message_id = "raise@pool.test",
+      reader = function() reads = reads + 1 error("boom in reader") end }
+    for _ = 1, 3 do
+      ok, e = pcall(mailer.send, mailer, object)
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find("boom in reader", 1, true))
+    end
+    assert.equals(3, reads)
+    assert.same({ messages = 0, recipients = 0 }, gov.reserved)
+    -- the whole limit is there: two go, the third is refused
+    boom = false
+    local results = at_once(mailer, 3, "after")
+    mailer:close()
+    local sent, refused = split(results, 3)
+    assert.equals(2, sent)
+    assert.equals("messages_per_minute", refused[1].limit)
+    assert.equals(2, #peer.messages())
+    peer.stop()
+  end)
+end)

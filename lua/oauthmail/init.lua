@@ -400,7 +400,7 @@ function Mailer:_delivered(m, receipt, attempt, e, lane, keep)
   e.sent = e.sent + 1
   self.sent = self.sent + 1
   if not keep then errors.pcall(lane.pool.release, lane.pool, e) end
-  errors.pcall(self.governor.record, self.governor, #m.to)
+  errors.pcall(self.governor.record, self.governor, #m.to, m.reservation)
   if self.trace then
     self:_trace { event = "sent", message_id = m.message_id, attempts = attempt, code = receipt.code, transport = lane.name }
   end
@@ -530,13 +530,13 @@ function Mailer:_deliver(m)
   return nil, last
 end
 
--- Run hooks and checks that come before any attempt: m (prepared) | nil, err.
+-- Run hooks and checks that come before any attempt: m (prepared, with
+-- the governor's reservation for it in m.reservation) | nil, err.
 function Mailer:_accept(msg, level)
   local m, err = self:_ready(msg, level + 1)
   if not m then return nil, err end
-  local ok
-  ok, err = self.governor:admit(#m.to)
-  if not ok then return nil, err end
+  m.reservation, err = self.governor:reserve(#m.to)
+  if not m.reservation then return nil, err end
   return m
 end
 
@@ -563,13 +563,19 @@ end
 -- receipt = {message_id, accepted, rejected, attempts, transport="smtp"|"graph", state="accepted",
 --   reply={code, enhanced, text, request_id}, failed_over={...} when an earlier transport refused it}
 -- Safe to call from many coroutines at once: each message takes a session
--- of the pool (docs/concurrency.md).
+-- of the pool, and its room under the limits from admission to delivery
+-- (docs/concurrency.md).
 function Mailer:send(msg)
   if self.closed then error("mailer:send: the mailer is closed", 2) end
   self.trace_error = nil
   local m, err = self:_accept(msg, 2)
   if not m then return nil, err end
-  return self:_deliver(m)
+  -- a delivery turned the reservation into a send (_delivered); any other
+  -- way out, a raise included, gives the room back
+  local ok, r, derr = errors.pcall(self._deliver, self, m)
+  self.governor:cancel(m.reservation)
+  if not ok then error(r, 0) end
+  return r, derr
 end
 
 -- The whole text of a prepared message, for a pipelined group |

@@ -210,6 +210,11 @@ function M.governor(limits, opts)
     sleep = opts.sleep or waiter.sleep,
     minute = window(),   -- sends within the last minute
     day = window(),      -- sends within the last 24 hours, with their recipients
+    -- messages admitted and still in flight (reserve), not yet in a window:
+    -- concurrent senders yield between admit and record, and each must see
+    -- the room the others took
+    reserved = { messages = 0, recipients = 0 },
+    changed = waiter.cond(),   -- signalled when a reservation ends
     open = 0,      -- connections held now
     trace = opts.trace,
   }, Governor)
@@ -235,81 +240,160 @@ function M.recipients_problem(L, n)
   end
 end
 
--- Seconds until a message with n recipients fits every window (0: now), or nil, err if it never can.
-function Governor:wait_for(n)
+-- Messages and recipients admitted and not yet in a window: the
+-- reservations, and the caller's own batch (`ahead`).
+function Governor:in_flight(ahead)
+  local m, r = self.reserved.messages, self.reserved.recipients
+  if ahead then m, r = m + ahead.messages, r + ahead.recipients end
+  return m, r
+end
+
+-- Seconds until one more message fits a window that holds `extra` in-flight
+-- messages beside its sends: 0 now, or nil when the in-flight ones alone
+-- fill it (they leave only by being released, or `span` after they are sent).
+local function room_in(win, limit, extra, span, now)
+  local over = win:count() + extra - limit + 1   -- sends that must leave first
+  if over <= 0 then return 0 end
+  if over > win:count() then return nil end
+  return win:at(over) + span - now
+end
+
+-- governor:wait_for(n [, ahead]) -> seconds, why, in_flight | nil, err:
+-- seconds until a message with n recipients fits every window beside the
+-- messages in flight (0: now). in_flight: the longest wait is for messages
+-- in flight, and `seconds` is how long they would take to leave the window
+-- once sent; one that is cancelled gives its room back at once.
+function Governor:wait_for(n, ahead)
   local L, now = self.limits, self.clock()
   self.minute:prune(now - 60)
   self.day:prune(now - 86400)
   local never = M.recipients_problem(L, n)
   if never then return nil, never end
-  local wait, why = 0, nil
-  local minute, day = self.minute, self.day
-  if L.messages_per_minute and minute:count() >= L.messages_per_minute then
-    local w = minute:at(minute:count() - L.messages_per_minute + 1) + 60 - now
-    if w > wait then wait, why = w, "messages_per_minute" end
+  local fm, fr = self:in_flight(ahead)
+  local wait, why, blocked = 0, nil, false
+  local function worse(w, what, span)
+    local flight = not w
+    if flight then w = span end
+    if w > wait then wait, why, blocked = w, what, flight end
   end
-  if L.messages_per_day and day:count() >= L.messages_per_day then
-    local w = day:at(day:count() - L.messages_per_day + 1) + 86400 - now
-    if w > wait then wait, why = w, "messages_per_day" end
+  if L.messages_per_minute then
+    worse(room_in(self.minute, L.messages_per_minute, fm, 60, now), "messages_per_minute", 60)
+  end
+  if L.messages_per_day then
+    worse(room_in(self.day, L.messages_per_day, fm, 86400, now), "messages_per_day", 86400)
   end
   if L.recipients_per_day then
     -- the oldest sends that must leave the window before n more fit
-    local total, k = day.sum, 1
+    local day = self.day
+    local total, k = day.sum + fr, 1
     while total + n > L.recipients_per_day and k <= day:count() do
       local t, m = day:at(k)
       total = total - m
-      local w = t + 86400 - now
-      if w > wait then wait, why = w, "recipients_per_day" end
+      worse(t + 86400 - now, "recipients_per_day")
       k = k + 1
     end
+    if total + n > L.recipients_per_day then worse(nil, "recipients_per_day", 86400) end
   end
-  return wait, why
+  return wait, why, blocked
 end
 
--- Does a message with n recipients fit every window now, beside `ahead`
--- ({messages=, recipients=}: admitted, not yet recorded)?
+-- Does a message with n recipients fit every window now, beside the
+-- messages in flight (the reservations, and `ahead`: {messages=, recipients=}
+-- a batch admitted and has not sent yet)?
 function Governor:fits(n, ahead)
-  local L = self.limits
-  local wait = self:wait_for(n)
-  if wait ~= 0 then return false end
-  local minute, day = self.minute, self.day
-  if L.messages_per_minute and minute:count() + ahead.messages >= L.messages_per_minute then return false end
-  if L.messages_per_day and day:count() + ahead.messages >= L.messages_per_day then return false end
-  if L.recipients_per_day and day.sum + ahead.recipients + n > L.recipients_per_day then return false end
-  return true
+  return self:wait_for(n, ahead) == 0
+end
+
+-- Wait (bounded by max_wait) or fail until a message with n recipients fits:
+-- true | nil, err. A wait that only messages in flight cause ends as soon as
+-- one of them is released or sent (re-checked every second); a wait for the
+-- window to slide sleeps until it has.
+function Governor:room(n)
+  local waited, told = 0, nil
+  while true do
+    local wait, why, in_flight = self:wait_for(n)
+    if not wait then return nil, why end
+    if wait <= 0 then return true end
+    if self.on_limit == "fail" or waited >= self.max_wait or (not in_flight and waited + wait > self.max_wait) then
+      return nil, limit_error(string.format("sending limit reached (%s = %d); the next message may go in %.0f s",
+        why, self.limits[why], wait), wait, { limit = why, in_flight = in_flight or nil })
+    end
+    if self.trace and told ~= why then
+      told = why
+      self.trace { type = "policy", event = "hold", limit = why, seconds = wait, in_flight = in_flight or nil }
+    end
+    if in_flight then
+      local slice = math.min(wait, self.max_wait - waited, 1)
+      local t0 = waiter.now()
+      if self.changed:wait(t0 + slice) then
+        waited = waited + (waiter.now() - t0)
+      else
+        -- the deadline passed, or this thread cannot park (the main
+        -- thread under the default waiter): the slice is slept
+        local left = t0 + slice - waiter.now()
+        if left > 0 then self.sleep(left) end
+        waited = waited + slice
+      end
+    else
+      self.sleep(wait)
+      waited = waited + wait
+    end
+  end
 end
 
 -- governor:admit(n [, ahead]) -> true | nil, err | false: wait (bounded by
--- max_wait) or fail until a message with n recipients may go. With `ahead`
--- (messages a batch admitted and has not sent yet: {messages=, recipients=})
--- a message that does not fit beside them now is not waited for: false, and
--- the batch goes first (send_many).
+-- max_wait) or fail until a message with n recipients may go, reserving
+-- nothing (reserve does). With `ahead` (messages a batch admitted and has
+-- not sent yet: {messages=, recipients=}, the batch's own reservation) a
+-- message that does not fit beside them and the reservations now is not
+-- waited for: false, and the batch goes first (send_many).
 function Governor:admit(n, ahead)
   if ahead and ahead.messages > 0 then return self:fits(n, ahead) end
-  local waited = 0
-  while true do
-    local wait, why = self:wait_for(n)
-    if not wait then return nil, why end
-    if wait <= 0 then return true end
-    if self.on_limit == "fail" or waited + wait > self.max_wait then
-      return nil, limit_error(string.format("sending limit reached (%s = %d); the next message may go in %.0f s",
-        why, self.limits[why], wait), wait, { limit = why })
-    end
-    if self.trace then self.trace { type = "policy", event = "hold", limit = why, seconds = wait } end
-    self.sleep(wait)
-    waited = waited + wait
-  end
+  return self:room(n)
 end
 
--- governor:record(n): a message with n recipients was sent. Counted in
--- the windows a limit reads (a limit set later counts from then on).
-function Governor:record(n)
+-- governor:reserve(n) -> reservation | nil, err: admit, and hold the
+-- message's room (one message, n recipients) until record(n, reservation)
+-- counts it as sent or cancel(reservation) gives it back. Every other
+-- sender sees the room as taken meanwhile, so senders in flight together
+-- never exceed a limit.
+function Governor:reserve(n)
+  local ok, err = self:room(n)
+  if not ok then return nil, err end
+  local r = self.reserved
+  r.messages, r.recipients = r.messages + 1, r.recipients + n
+  return { n = n }
+end
+
+-- Ends a reservation once: true when this call ended it.
+local function settle(self, res)
+  if not res or res.done then return false end
+  res.done = true
+  local r = self.reserved
+  r.messages, r.recipients = r.messages - 1, r.recipients - res.n
+  return true
+end
+
+-- governor:cancel(reservation): the message was not sent (refused, failed,
+-- an error raised); its room is free again. A second call does nothing.
+function Governor:cancel(res)
+  if settle(self, res) then self.changed:signal() end
+end
+
+-- governor:record(n [, reservation]): a message with n recipients was
+-- sent; its reservation, if any, ends. Counted in the windows a limit reads
+-- (a limit set later counts from then on).
+function Governor:record(n, res)
+  local ended = settle(self, res)
   local L = self.limits
   local minute, day = L.messages_per_minute, L.messages_per_day or L.recipients_per_day
-  if not (minute or day) then return end
-  local now = self.clock()
-  if minute then self.minute:push(now, 1) end
-  if day then self.day:push(now, n) end
+  if minute or day then
+    local now = self.clock()
+    if minute then self.minute:push(now, 1) end
+    if day then self.day:push(now, n) end
+  end
+  -- a sender waiting on messages in flight now waits for the window instead
+  if ended then self.changed:signal() end
 end
 
 -- governor:acquire() -> true | nil, err: take one of the mailbox's connections.

@@ -10,7 +10,8 @@
 --   min   sorted set: messages of the last minute
 --   day   sorted set: messages of the last day, members "id:recipients"
 -- admit reserves the message's place in the windows (two workers cannot both
--- take the last one); record has nothing left to do. See docs/redis.md.
+-- take the last one); record has nothing left to do, cancel takes the place
+-- back for a message that was not sent. See docs/redis.md.
 local crypto = require "oauthmail.crypto"
 local errors = require "oauthmail.errors"
 local redis = require "oauthmail.redis"
@@ -118,6 +119,11 @@ redis.call('ZADD', KEYS[2], now, ARGV[1] .. ':' .. n)
 redis.call('PEXPIRE', KEYS[1], mms + 1000)
 redis.call('PEXPIRE', KEYS[2], dms + 1000)
 return {1}]]
+
+-- A reserved place given back: the message was not sent.
+local CANCEL = [[
+redis.call('ZREM', KEYS[1], ARGV[1])
+return redis.call('ZREM', KEYS[2], ARGV[1] .. ':' .. ARGV[2])]]
 
 -- shared.new(limits, {mailbox=, trace=, sleep=}) -> governor
 -- limits: the profile's limits table, limits.shared the Redis options:
@@ -277,24 +283,35 @@ function Shared:lower()
   return new
 end
 
--- governor:admit(n) -> true | nil, err: the message's place in the shared
--- windows, reserved; waits within max_wait or fails, like the local governor.
-function Shared:admit(n)
+-- governor:reserve(n) -> reservation | nil, err: the message's place in the
+-- shared windows, reserved; waits within max_wait or fails, like the local
+-- governor. record(n, reservation) keeps the place, cancel(reservation)
+-- gives it back.
+function Shared:reserve(n)
   local L = self.limits
   local never = policy.recipients_problem(L, n)
   if never then return nil, never end
-  if not (L.messages_per_minute or L.messages_per_day or L.recipients_per_day) then return self:renew() end
+  if not (L.messages_per_minute or L.messages_per_day or L.recipients_per_day) then
+    local ok, err = self:renew()
+    if not ok then return nil, err end
+    return { n = n }
+  end
   local waited = 0
   while true do
-    local r, err = self.client:eval(ADMIT, { self.keys.min, self.keys.day }, { self:next_id(), n,
+    local id = self:next_id()
+    local r, err = self.client:eval(ADMIT, { self.keys.min, self.keys.day }, { id, n,
       L.messages_per_minute or 0, L.messages_per_day or 0, L.recipients_per_day or 0, self.minute_ms, self.day_ms })
     if not r then return unavailable(self, err) end
     if r[1] == 1 then
+      local res = { n = n, id = id }
       if #self.held > 0 then
         local ok, rerr = self:renew()
-        if not ok then return nil, rerr end
+        if not ok then
+          self:cancel(res)
+          return nil, rerr
+        end
       end
-      return true
+      return res
     end
     local secs, why = r[2] / 1000, r[3]
     if self.on_limit == "fail" or waited + secs > self.max_wait then
@@ -307,8 +324,33 @@ function Shared:admit(n)
   end
 end
 
--- governor:record(n): admit already counted the message.
-function Shared.record() end
+-- governor:admit(n) -> true | nil, err: reserve, for a message whose place
+-- stays counted whatever becomes of it (send_many's batches).
+function Shared:admit(n)
+  local res, err = self:reserve(n)
+  if not res then return nil, err end
+  return true
+end
+
+-- governor:record(n [, reservation]): reserve already counted the message.
+function Shared.record(_, _, res)
+  if res then res.done = true end
+end
+
+-- governor:cancel(reservation): the message was not sent; its place in the
+-- windows is given back (once). If Redis cannot be reached the place stays
+-- counted until it leaves the window: the error is on the safe side.
+function Shared:cancel(res)
+  if not res or res.done then return end
+  res.done = true
+  if not res.id then return end
+  local ok, r, err = errors.pcall(self.client.eval, self.client, CANCEL, { self.keys.min, self.keys.day },
+    { res.id, res.n })
+  if self.trace and not (ok and r) then
+    self.trace { type = "policy", event = "cancel_failed", shared = true,
+      error = tostring(ok and err and err.message or r) }
+  end
+end
 
 function Shared:close()
   self.lost = {}
