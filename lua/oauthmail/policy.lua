@@ -263,24 +263,34 @@ end
 -- messages in flight (0: now). in_flight: the longest wait is for messages
 -- in flight, and `seconds` is how long they would take to leave the window
 -- once sent; one that is cancelled gives its room back at once.
+-- the longest wait so far (wait, why, blocked) against one more limit's:
+-- w seconds, or nil when only messages in flight stand in the way (then
+-- `span`, and blocked = true)
+local function worse(wait, why, blocked, w, what, span)
+  local flight = not w
+  if flight then w = span end
+  if w > wait then return w, what, flight end
+  return wait, why, blocked
+end
+
 function Governor:wait_for(n, ahead)
-  local L, now = self.limits, self.clock()
-  self.minute:prune(now - 60)
-  self.day:prune(now - 86400)
+  local L = self.limits
   local never = M.recipients_problem(L, n)
   if never then return nil, never end
+  -- no window to wait for (the profile sets no rate)
+  if not (L.messages_per_minute or L.messages_per_day or L.recipients_per_day) then return 0, nil, false end
+  local now = self.clock()
+  self.minute:prune(now - 60)
+  self.day:prune(now - 86400)
   local fm, fr = self:in_flight(ahead)
   local wait, why, blocked = 0, nil, false
-  local function worse(w, what, span)
-    local flight = not w
-    if flight then w = span end
-    if w > wait then wait, why, blocked = w, what, flight end
-  end
   if L.messages_per_minute then
-    worse(room_in(self.minute, L.messages_per_minute, fm, 60, now), "messages_per_minute", 60)
+    wait, why, blocked = worse(wait, why, blocked, room_in(self.minute, L.messages_per_minute, fm, 60, now),
+      "messages_per_minute", 60)
   end
   if L.messages_per_day then
-    worse(room_in(self.day, L.messages_per_day, fm, 86400, now), "messages_per_day", 86400)
+    wait, why, blocked = worse(wait, why, blocked, room_in(self.day, L.messages_per_day, fm, 86400, now),
+      "messages_per_day", 86400)
   end
   if L.recipients_per_day then
     -- the oldest sends that must leave the window before n more fit
@@ -289,10 +299,12 @@ function Governor:wait_for(n, ahead)
     while total + n > L.recipients_per_day and k <= day:count() do
       local t, m = day:at(k)
       total = total - m
-      worse(t + 86400 - now, "recipients_per_day")
+      wait, why, blocked = worse(wait, why, blocked, t + 86400 - now, "recipients_per_day")
       k = k + 1
     end
-    if total + n > L.recipients_per_day then worse(nil, "recipients_per_day", 86400) end
+    if total + n > L.recipients_per_day then
+      wait, why, blocked = worse(wait, why, blocked, nil, "recipients_per_day", 86400)
+    end
   end
   return wait, why, blocked
 end
