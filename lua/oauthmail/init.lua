@@ -589,15 +589,15 @@ local function whole_text(m)
 end
 
 -- The next batch of send_many's list, taken in list order: up to `size`
--- messages read, admitted by the governor and in memory. The messages that
--- batches in flight have admitted but not yet sent count in `run.ahead`: a
--- message that would not fit the mailbox's limits beside them ends the
--- batch and goes back (run.back) until they are counted, then it waits or
--- fails as send's would. Returns the batch (empty, with `blocked`, when
--- only other tasks' batches stand in the way), or nil when the list is done.
+-- messages read, in memory, each holding a reservation of the governor
+-- (m.reservation), so that concurrent sends and other batches count them
+-- until they are sent or given back. The batch's first message waits for
+-- room as send's would (or fails with send's error); a later one that does
+-- not fit now goes back (run.back) to open the next batch, and this one
+-- goes first. Returns the batch, or nil when the list is done.
 function Mailer:_take(list, run, size, results)
-  local batch = { m = {}, i = {}, rcpt = 0 }
-  local ahead, back = run.ahead, run.back
+  local batch = { m = {}, i = {} }
+  local back, gov = run.back, self.governor
   while #batch.m < size do
     local i, m
     if #back > 0 then
@@ -610,38 +610,50 @@ function Mailer:_take(list, run, size, results)
     end
     local err
     if not m then m, err = self:_ready(list[i], 2, run.ids, true) end
-    local ok = m ~= nil
     if m then
-      ok, err = self.governor:admit(#m.to, ahead.messages > 0 and ahead or nil)
-      if ok == false then
-        back[#back + 1] = { i, m }
-        batch.blocked = #batch.m == 0
-        break
-      end
-    end
-    if ok then
-      local text
-      text, err = whole_text(m)
-      if text then
-        m.text = text
-        local k = #batch.m + 1
-        batch.m[k], batch.i[k] = m, i
-        batch.rcpt = batch.rcpt + #m.to
-        ahead.messages, ahead.recipients = ahead.messages + 1, ahead.recipients + #m.to
+      local res
+      if #batch.m == 0 or not gov.try_reserve then
+        res, err = gov:reserve(#m.to)
       else
-        ok = false
+        res, err = gov:try_reserve(#m.to)
+        if res == false then
+          back[#back + 1] = { i, m }
+          break
+        end
+      end
+      m.reservation = res
+      if res then
+        local text
+        text, err = whole_text(m)
+        if text then
+          m.text = text
+          local k = #batch.m + 1
+          batch.m[k], batch.i[k] = m, i
+        else
+          gov:cancel(res)
+          m = nil
+        end
+      else
+        m = nil
       end
     end
-    if not ok then results[i] = err end
+    if not m then results[i] = err end
   end
-  if #batch.m == 0 and not batch.blocked then return nil end
+  if #batch.m == 0 then return nil end
   return batch
+end
+
+-- Give back the reservations of a batch's messages not sent (a raise).
+local function cancel_all(gov, batch)
+  for k = 1, #batch.m do gov:cancel(batch.m[k].reservation) end
 end
 
 -- One batch on one session, pipelined; what the batch could not settle
 -- (the session broke, or a transient refusal) goes again through send's
--- policy loop, one by one.
+-- policy loop, one by one. A message delivered turns its reservation into
+-- a send (_delivered); any other gives it back.
 function Mailer:_batch(batch, results)
+  local gov = self.governor
   local e, oerr = self.pool:acquire()
   local out
   if e then
@@ -661,6 +673,7 @@ function Mailer:_batch(batch, results)
     elseif r and single and errors.is(r) and self:_classify(r, 1, "send") == "fail" then
       r.attempts = 1
       results[i] = r
+      gov:cancel(batch.m[k].reservation)
     else
       redo = redo or {}
       redo[#redo + 1] = k
@@ -668,8 +681,14 @@ function Mailer:_batch(batch, results)
   end
   if e then self.pool:release(e) end
   if not e then self:_trace { event = "batch_open_failed", kind = oerr.kind, code = oerr.code } end
-  for _, k in ipairs(redo or {}) do
-    local r, err = self:_deliver(batch.m[k])
+  for n, k in ipairs(redo or {}) do
+    local m = batch.m[k]
+    local ok, r, err = errors.pcall(self._deliver, self, m)
+    gov:cancel(m.reservation)
+    if not ok then
+      for j = n + 1, #redo do gov:cancel(batch.m[redo[j]].reservation) end
+      error(r, 0)
+    end
     results[batch.i[k]] = r or err
   end
 end
@@ -679,8 +698,8 @@ end
 -- the server offers PIPELINING and CHUNKING) and spreads the batches over
 -- the pool when the waiter can run tasks side by side (oauthmail.run,
 -- cqueues, luv); otherwise one batch after the other. Each batch is read
--- and admitted just before it goes, so a long list never sits in memory
--- whole and the governor sees what the batches before it sent.
+-- and reserved with the governor just before it goes, so a long list never
+-- sits in memory whole and the limits count every message in flight.
 function Mailer:send_many(list, o)
   if self.closed then error("mailer:send_many: the mailer is closed", 2) end
   if type(list) ~= "table" then error("mailer:send_many: expected a list of messages", 2) end
@@ -695,21 +714,16 @@ function Mailer:send_many(list, o)
   local results = {}
   -- the random part of the batch's new Message-IDs, drawn 64 at a time
   local ids = require("oauthmail.message").id_pool(64)
-  local run = { next = 1, back = {}, ahead = { messages = 0, recipients = 0 }, settled = wait.cond(), ids = ids }
-  local ahead = run.ahead
+  local run = { next = 1, back = {}, ids = ids }
+  local gov = self.governor
   local function work()
     while not run.failure do
       local b = self:_take(list, run, size, results)
       if not b then return end
-      if b.blocked then
-        -- another task's batch holds the room this message needs: once it
-        -- is sent (and counted), the message is admitted or waits as send's would
-        run.settled:wait(wait.now() + 86400)
-      else
-        local ok, err = errors.pcall(self._batch, self, b, results)
-        ahead.messages, ahead.recipients = ahead.messages - #b.m, ahead.recipients - b.rcpt
-        run.settled:signal()
-        if not ok then error(err, 0) end
+      local ok, err = errors.pcall(self._batch, self, b, results)
+      if not ok then
+        cancel_all(gov, b)
+        error(err, 0)
       end
     end
   end
@@ -723,7 +737,6 @@ function Mailer:send_many(list, o)
         local ok, err = errors.pcall(work)
         if not ok then run.failure = run.failure or err end
         running = running - 1
-        run.settled:signal()
         finished:signal()
       end)
     end
@@ -732,6 +745,8 @@ function Mailer:send_many(list, o)
   else
     work()
   end
+  -- a message read but never sent (another task raised) keeps no room
+  for _, b in ipairs(run.back) do gov:cancel(b[2].reservation) end
   return results
 end
 

@@ -374,7 +374,19 @@ function Governor:reserve(n)
   if not ok then return nil, err end
   local r = self.reserved
   r.messages, r.recipients = r.messages + 1, r.recipients + n
-  return { n = n }
+  return { n = n, done = false }
+end
+
+-- governor:try_reserve(n) -> reservation | false (no room now: nothing
+-- waited, nothing taken) | nil, err (it never fits). For a batch that
+-- fills up with what fits and sends that first (mailer:send_many).
+function Governor:try_reserve(n)
+  local wait, why = self:wait_for(n)
+  if not wait then return nil, why end
+  if wait > 0 then return false end
+  local r = self.reserved
+  r.messages, r.recipients = r.messages + 1, r.recipients + n
+  return { n = n, done = false }
 end
 
 -- Ends a reservation once: true when this call ended it.

@@ -287,33 +287,42 @@ end
 -- shared windows, reserved; waits within max_wait or fails, like the local
 -- governor. record(n, reservation) keeps the place, cancel(reservation)
 -- gives it back.
+-- One look at the shared windows: a reservation, or false and how long
+-- until there is room and which limit says so | nil, err.
+local function attempt(self, n)
+  local L = self.limits
+  local id = self:next_id()
+  local r, err = self.client:eval(ADMIT, { self.keys.min, self.keys.day }, { id, n,
+    L.messages_per_minute or 0, L.messages_per_day or 0, L.recipients_per_day or 0, self.minute_ms, self.day_ms })
+  if not r then return unavailable(self, err) end
+  if r[1] ~= 1 then return false, r[2] / 1000, r[3] end
+  local res = { n = n, id = id }
+  if #self.held > 0 then
+    local ok, rerr = self:renew()
+    if not ok then
+      self:cancel(res)
+      return nil, rerr
+    end
+  end
+  return res
+end
+
+-- reservations without windows: the leases are still kept alive
+local function unlimited(self, n)
+  local ok, err = self:renew()
+  if not ok then return nil, err end
+  return { n = n }
+end
+
 function Shared:reserve(n)
   local L = self.limits
   local never = policy.recipients_problem(L, n)
   if never then return nil, never end
-  if not (L.messages_per_minute or L.messages_per_day or L.recipients_per_day) then
-    local ok, err = self:renew()
-    if not ok then return nil, err end
-    return { n = n }
-  end
+  if not (L.messages_per_minute or L.messages_per_day or L.recipients_per_day) then return unlimited(self, n) end
   local waited = 0
   while true do
-    local id = self:next_id()
-    local r, err = self.client:eval(ADMIT, { self.keys.min, self.keys.day }, { id, n,
-      L.messages_per_minute or 0, L.messages_per_day or 0, L.recipients_per_day or 0, self.minute_ms, self.day_ms })
-    if not r then return unavailable(self, err) end
-    if r[1] == 1 then
-      local res = { n = n, id = id }
-      if #self.held > 0 then
-        local ok, rerr = self:renew()
-        if not ok then
-          self:cancel(res)
-          return nil, rerr
-        end
-      end
-      return res
-    end
-    local secs, why = r[2] / 1000, r[3]
+    local res, secs, why = attempt(self, n)
+    if res ~= false then return res, secs end
     if self.on_limit == "fail" or waited + secs > self.max_wait then
       return nil, limit_error(string.format("sending limit reached (%s = %d, shared); the next message may go in %.0f s",
         why, L[why], secs), secs, { limit = why })
@@ -324,8 +333,18 @@ function Shared:reserve(n)
   end
 end
 
--- governor:admit(n) -> true | nil, err: reserve, for a message whose place
--- stays counted whatever becomes of it (send_many's batches).
+-- shared:try_reserve(n) -> reservation | false (no room now) | nil, err:
+-- as the local governor's, for send_many's batches.
+function Shared:try_reserve(n)
+  local L = self.limits
+  local never = policy.recipients_problem(L, n)
+  if never then return nil, never end
+  if not (L.messages_per_minute or L.messages_per_day or L.recipients_per_day) then return unlimited(self, n) end
+  local res, err = attempt(self, n)
+  if res == false then return false end
+  return res, err
+end
+
 function Shared:admit(n)
   local res, err = self:reserve(n)
   if not res then return nil, err end
