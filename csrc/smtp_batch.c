@@ -43,7 +43,7 @@ static int has_8bit(const char *s, size_t n) {
 
 /* The shape of one message, as session:send checks it: a message whose
  * shape is wrong is the caller's bug, reported before anything is queued. */
-static const char *shape_problem(lua_State *L, int msg) {
+static const char *shape_problem(lua_State *L, int msg, const char *field) {
   int t;
   if (lua_type(L, msg) != LUA_TTABLE) return "session:send: expected a table";
   lua_getfield(L, msg, "from");
@@ -82,10 +82,19 @@ static const char *shape_problem(lua_State *L, int msg) {
   t = lua_type(L, -1);
   lua_pop(L, 1);
   if (t != LUA_TNIL && t != LUA_TBOOLEAN) return "session:send: 'eight_bit' must be a boolean";
-  lua_getfield(L, msg, "data");
+  lua_getfield(L, msg, field);
   t = lua_type(L, -1);
+  if (t == LUA_TTABLE) {
+    size_t i, n = om_rawlen(L, -1);
+    for (i = 1; i <= n && t == LUA_TTABLE; i++) {
+      lua_rawgeti(L, -1, (int)i);
+      if (lua_type(L, -1) != LUA_TSTRING) t = LUA_TNIL;
+      lua_pop(L, 1);
+    }
+  }
   lua_pop(L, 1);
-  if (t != LUA_TSTRING) return "session:send_many: a batched message's data must be a string";
+  if (t != LUA_TSTRING && t != LUA_TTABLE)
+    return "session:send_many: a batched message's data must be a string or a list of strings";
   return NULL;
 }
 
@@ -161,9 +170,10 @@ static void emit_envelope(lua_State *L, engine_t *e, const char *from, size_t fl
   }
 }
 
-/* eng:batch(list, idx, size_limit [, rset_first]) -> queued, problems | false, usage
+/* eng:batch(list, idx, size_limit [, rset_first [, field]]) -> queued, problems | false, usage
  * Queues list[idx[1]], list[idx[2]], ... (each {from=, to=, data=string,
- * size=, eight_bit=}), behind any batch still awaiting replies. size_limit:
+ * size=, eight_bit=}, the data under `field` if given), behind any batch
+ * still awaiting replies. size_limit:
  * -1 when the server offers no SIZE, 0 for SIZE without a limit, else the
  * limit. rset_first: an RSET goes before the first MAIL too (a message
  * before it may have failed and left a transaction open). A message refused before anything is
@@ -174,6 +184,11 @@ int eng_batch(lua_State *L) {
   size_t k, nidx, queued = 0;
   lua_Integer size_limit;
   int rset_first = lua_toboolean(L, 5);
+  size_t fl0;
+  const char *fieldarg = luaL_optlstring(L, 6, "data", &fl0);
+  char field[64];  /* a copy: the argument goes from the stack below */
+  luaL_argcheck(L, fl0 < sizeof field, 6, "field name too long");
+  memcpy(field, fieldarg, fl0 + 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   luaL_checktype(L, 3, LUA_TTABLE);
   size_limit = luaL_checkinteger(L, 4);
@@ -186,7 +201,7 @@ int eng_batch(lua_State *L) {
     const char *why;
     lua_rawgeti(L, 3, (int)k);
     lua_gettable(L, 2);
-    why = shape_problem(L, 6);
+    why = shape_problem(L, 6, field);
     if (why) {
       lua_pushboolean(L, 0);
       lua_pushstring(L, why);
@@ -206,7 +221,8 @@ int eng_batch(lua_State *L) {
     lua_Integer idx, size;
     size_t fl, dl, nrcpt, pl = 0;
     const char *from, *data;
-    int eight, utf8, to;
+    int eight, utf8, to, data_idx;
+    size_t nparts;
     char params[MAX_PARAMS_LEN];
     lua_settop(L, 5);
     lua_rawgeti(L, 3, (int)k);
@@ -217,11 +233,38 @@ int eng_batch(lua_State *L) {
     lua_getfield(L, 6, "to");
     to = lua_gettop(L);
     nrcpt = lua_type(L, to) == LUA_TSTRING ? 1 : om_rawlen(L, to);
-    lua_getfield(L, 6, "data");
-    data = lua_tolstring(L, -1, &dl);
-    size = (lua_Integer)dl;
+    lua_getfield(L, 6, field);
+    data_idx = lua_gettop(L);
+    if (lua_type(L, data_idx) == LUA_TSTRING) {
+      data = lua_tolstring(L, data_idx, &dl);
+      size = (lua_Integer)dl;
+      nparts = 0;
+    } else {
+      /* a list of strings, one message */
+      size_t i;
+      data = NULL;
+      nparts = om_rawlen(L, data_idx);
+      size = 0;
+      for (i = 1; i <= nparts; i++) {
+        lua_rawgeti(L, data_idx, (int)i);
+        size += (lua_Integer)om_rawlen(L, -1);
+        lua_pop(L, 1);
+      }
+    }
     lua_getfield(L, 6, "eight_bit");
-    eight = lua_isnil(L, -1) ? has_8bit(data, dl) : lua_toboolean(L, -1);
+    if (!lua_isnil(L, -1)) eight = lua_toboolean(L, -1);
+    else if (data) eight = has_8bit(data, dl);
+    else {
+      size_t i, l;
+      eight = 0;
+      for (i = 1; i <= nparts && !eight; i++) {
+        const char *p;
+        lua_rawgeti(L, data_idx, (int)i);
+        p = lua_tolstring(L, -1, &l);
+        eight = has_8bit(p, l);
+        lua_pop(L, 1);
+      }
+    }
     if (!envelope_problem(L, e, from, fl, to, nrcpt, &utf8) && size_limit > 0 && size > size_limit) {
       om_push_error(L, "smtp", "too_large", "message is %lld bytes; the server accepts at most %lld",
                     (long long)size, (long long)size_limit);
@@ -245,7 +288,8 @@ int eng_batch(lua_State *L) {
       queue_push(L, e, ST_RSET);
     }
     emit_envelope(L, e, from, fl, to, nrcpt, params, pl, utf8);
-    bdat_emit(L, e, data, dl, 1);
+    if (data) bdat_emit(L, e, data, dl, 1);
+    else bdat_emit_parts(L, e, data_idx, nparts);
     win_push(L, e, idx, nrcpt, queued > 0 || rset_first);
     e->wcmds += (queued > 0 || rset_first) + 2 + nrcpt;
     if (e->wpos == e->wlen - 1 && queued == 0) {

@@ -99,22 +99,10 @@ static int clean_lines(const engine_t *e, const char *s, size_t n) {
   return 1;
 }
 
-/* RFC 3030 framing of the normalised chunk: "BDAT n[ LAST]" and the data. */
-void bdat_emit(lua_State *L, engine_t *e, const char *s, size_t n, int last) {
+/* The chunk filtered into e->tmp goes out framed: "BDAT n[ LAST]" and it. */
+static void bdat_framed(lua_State *L, engine_t *e, int last) {
   char head[64];
   int hl;
-  if (last && clean_lines(e, s, n)) {
-    hl = snprintf(head, sizeof head, "BDAT %lu LAST", (unsigned long)n);
-    emit_line(L, e, head, (size_t)hl, NULL);
-    buf_add(L, &e->out, s, n);
-    trace_f(L, e, "send", "<%lu bytes of message data>", (unsigned long)(e->body_bytes + n));
-    e->body_bytes = 0;
-    queue_push(L, e, ST_BDAT);
-    return;
-  }
-  e->tmp.len = 0;
-  filter(L, e, &e->tmp, s, n, 0);
-  e->body_bytes += n;
   if (last) {
     size_t total = e->body_bytes;
     if (!e->bol) buf_adds(L, &e->tmp, "\r\n");
@@ -131,6 +119,74 @@ void bdat_emit(lua_State *L, engine_t *e, const char *s, size_t n, int last) {
   }
   queue_push(L, e, ST_BDAT);
   if (e->tmp.cap > (1u << 20)) buf_free(&e->tmp, 0);
+}
+
+/* A whole message already clean goes out as it is: one copy, no filter. */
+static void bdat_clean_head(lua_State *L, engine_t *e, size_t n) {
+  char head[64];
+  int hl = snprintf(head, sizeof head, "BDAT %lu LAST", (unsigned long)n);
+  emit_line(L, e, head, (size_t)hl, NULL);
+}
+
+static void bdat_clean_tail(lua_State *L, engine_t *e, size_t n) {
+  trace_f(L, e, "send", "<%lu bytes of message data>", (unsigned long)(e->body_bytes + n));
+  e->body_bytes = 0;
+  queue_push(L, e, ST_BDAT);
+}
+
+/* RFC 3030 framing of the normalised chunk: "BDAT n[ LAST]" and the data. */
+void bdat_emit(lua_State *L, engine_t *e, const char *s, size_t n, int last) {
+  if (last && clean_lines(e, s, n)) {
+    bdat_clean_head(L, e, n);
+    buf_add(L, &e->out, s, n);
+    bdat_clean_tail(L, e, n);
+    return;
+  }
+  e->tmp.len = 0;
+  filter(L, e, &e->tmp, s, n, 0);
+  e->body_bytes += n;
+  bdat_framed(L, e, last);
+}
+
+/* A whole message given as the list of strings at index t (n of them),
+ * which make it one after the other: BDAT LAST of all of them. */
+void bdat_emit_parts(lua_State *L, engine_t *e, int t, size_t n) {
+  size_t i, total = 0;
+  int clean = 1;
+  for (i = 1; i <= n; i++) {
+    size_t l;
+    const char *s;
+    lua_rawgeti(L, t, (int)i);
+    s = lua_tolstring(L, -1, &l);
+    /* each part clean on its own (and ending a line) keeps the whole clean */
+    if (l && !clean_lines(e, s, l)) clean = 0;
+    total += l;
+    lua_pop(L, 1);  /* the list holds the string */
+  }
+  if (clean && total) {
+    bdat_clean_head(L, e, total);
+    for (i = 1; i <= n; i++) {
+      size_t l;
+      const char *s;
+      lua_rawgeti(L, t, (int)i);
+      s = lua_tolstring(L, -1, &l);
+      buf_add(L, &e->out, s, l);
+      lua_pop(L, 1);
+    }
+    bdat_clean_tail(L, e, total);
+    return;
+  }
+  e->tmp.len = 0;
+  for (i = 1; i <= n; i++) {
+    size_t l;
+    const char *s;
+    lua_rawgeti(L, t, (int)i);
+    s = lua_tolstring(L, -1, &l);
+    filter(L, e, &e->tmp, s, l, 0);
+    e->body_bytes += l;
+    lua_pop(L, 1);
+  }
+  bdat_framed(L, e, 1);
 }
 
 /* eng:bdat(chunk, last) */

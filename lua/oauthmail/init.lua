@@ -107,7 +107,7 @@ function M.new(profile)
   local clock = pol.clock or policy_mod.default_clock()
   local self = setmetatable({
     settings = s, name = s.name, user = s.user, hooks = s.hooks,
-    sent = 0, closed = false,
+    sent = 0, closed = false, _raw_opts = {},
   }, Mailer)
   if type(s.trace) == "string" then self.trace = file_trace(s.trace) else self.trace = s.trace end
   self.clock = clock
@@ -221,7 +221,11 @@ function Mailer:_prepare(msg, ids, checked)
       end
     end
     if type(to) == "table" and #to == 0 then to = nil end
-    local m, err = message.from_raw(raw, { from = msg.from or self.settings.from, to = to, ids = ids })
+    -- one options table for every message (from_raw keeps nothing of it)
+    local o = self._raw_opts
+    o.from, o.to, o.ids = msg.from or self.settings.from, to, ids
+    local m, err = message.from_raw(raw, o)
+    o.from, o.to, o.ids = nil, nil, nil
     if not m then return nil, err end
     return prepared(m)
   end
@@ -391,12 +395,27 @@ local function receipt_for(m, receipt, attempt, lane)
   }
 end
 
+-- The same from a receipt of session:send_many (code, enhanced, text,
+-- accepted, rejected: tables the batch made for this message alone), with
+-- no new table but the receipt's own: the reply keeps code, enhanced and
+-- text, and an empty rejected map serves as the empty rejected list.
+local function batch_receipt_for(m, receipt, lane)
+  local accepted, rejected = receipt.accepted, receipt.rejected
+  receipt.accepted, receipt.rejected = nil, nil
+  return {
+    message_id = m.message_id, accepted = accepted,
+    rejected = next(rejected) == nil and rejected or rejected_list(rejected),
+    attempts = 1, transport = lane, state = "accepted", reply = receipt,
+  }
+end
+
 -- After a delivery nothing may raise (a caller that retries on exceptions
 -- would send the message twice): the receipt is made first, the pool's
 -- release and the trace are protected.
 function Mailer:_delivered(m, receipt, attempt, e, lane, keep)
   lane = lane or self.lanes[1]
-  local out = receipt_for(m, receipt, attempt, lane.name)
+  local out
+  if keep then out = batch_receipt_for(m, receipt, lane.name) else out = receipt_for(m, receipt, attempt, lane.name) end
   e.sent = e.sent + 1
   self.sent = self.sent + 1
   if not keep then errors.pcall(lane.pool.release, lane.pool, e) end
@@ -578,14 +597,19 @@ function Mailer:send(msg)
   return r, derr
 end
 
--- The whole text of a prepared message, for a pipelined group |
--- nil, err (a file that cannot be read, or changed since the message was
--- made): Message:tostring, which returns a one-string message as it is and
--- reads any other object with a reader() to the end.
-local message_tostring
+-- The whole text of a prepared message, for a pipelined group: an
+-- oauthmail.message held in memory gives its strings as they are (a list:
+-- nothing is copied), any other is read to the end (Message:tostring) |
+-- nil, err (a file that cannot be read, or changed since the message was made).
+local reader_mod
 local function whole_text(m)
-  message_tostring = message_tostring or require("oauthmail.message").Message.tostring
-  return message_tostring(m.message)
+  reader_mod = reader_mod or require "oauthmail.message.reader"
+  local msg = m.message
+  if getmetatable(msg) == reader_mod.Message then
+    local parts = reader_mod.parts_of(msg)
+    if parts then return parts end
+  end
+  return reader_mod.Message.tostring(msg)
 end
 
 -- The next batch of send_many's list, taken in list order: up to `size`
@@ -725,10 +749,12 @@ function Mailer:send_many(list, o)
         cancel_all(gov, b)
         error(err, 0)
       end
+      if run.tasks > 1 then wait.sleep(0) end
     end
   end
   local spawn = wait.current().spawn
-  local workers = math.min(math.ceil(#list / size), self.pool:limit())
+  local workers = math.min(math.ceil(#list / size), self.pool:limit() + 1)
+  run.tasks = spawn and workers or 1
   if spawn and workers > 1 then
     local running = workers
     local finished = wait.cond()

@@ -700,10 +700,10 @@ end
 
 -- Write one window: the number of messages queued (those refused before
 -- sending get their error in results at once) | nil, err.
-function Session:_batch_write(list, idx, results, rset_first)
+function Session:_batch_write(list, idx, results, rset_first, field)
   local caps = self.capabilities
   local size_limit = type(caps.SIZE) == "number" and caps.SIZE or -1
-  local queued, problems = self.eng:batch(list, idx, size_limit, rset_first)
+  local queued, problems = self.eng:batch(list, idx, size_limit, rset_first, field)
   if queued == false then error(problems, 5) end
   if problems then
     for i, err in pairs(problems) do results[i] = err end
@@ -765,14 +765,23 @@ function Session:_batch_read(list, results, st, n)
   return true
 end
 
--- session:send_many(list [, {window=64}]) -> list of receipts or errors, aligned with list.
+-- session:send_many(list [, {window=64, field="data"}]) -> list of
+-- receipts or errors, aligned with list. A message's data may also be a
+-- list of strings, sent one after the other as one message. field: where
+-- each message keeps its data, for callers whose messages hold something
+-- else in `data`.
 function Session:send_many(list, o)
   local ok, err = check_usable(self)
   if not ok then return nil, err end
   if type(list) ~= "table" then error("session:send_many: expected a list of messages", 2) end
   local window = (o and o.window) or 64
+  local field = (o and o.field) or "data"
+  if type(window) ~= "number" or window < 1 or window % 1 ~= 0 then
+    error("session:send_many: window must be a positive whole number", 2)
+  end
+  if type(field) ~= "string" then error("session:send_many: field must be a string", 2) end
   local results = {}
-  local done, derr = self:_send_many(list, window, results)
+  local done, derr = self:_send_many(list, window, results, field)
   if not done then
     -- the session broke: what was not confirmed did not go
     for i = 1, #list do
@@ -782,7 +791,7 @@ function Session:send_many(list, o)
   return results
 end
 
-function Session:_send_many(list, window, results)
+function Session:_send_many(list, window, results, field)
   local caps = self.capabilities
   local batch = caps.PIPELINING ~= nil and caps.CHUNKING ~= nil
   local st = {}
@@ -806,7 +815,7 @@ function Session:_send_many(list, window, results)
     return true
   end
   local function write(idx)
-    local q, err = self:_batch_write(list, idx, results, written)
+    local q, err = self:_batch_write(list, idx, results, written, field)
     if not q then return nil, err end
     if q == 0 then return true end
     written = true
@@ -821,7 +830,8 @@ function Session:_send_many(list, window, results)
   local i, n = 1, #list
   while i <= n do
     local msg = list[i]
-    if batch and type(msg) == "table" and type(msg.data) == "string" then
+    local data = type(msg) == "table" and msg[field]
+    if batch and (type(data) == "string" or type(data) == "table") then
       pending[#pending + 1] = i
       if #pending >= window then
         local ok, err = write(pending)
@@ -836,6 +846,10 @@ function Session:_send_many(list, window, results)
       end
       local ok, err = settle_all()
       if not ok then return nil, err end
+      if type(data) == "table" or (field ~= "data" and type(msg) == "table") then
+        if type(data) == "table" then data = table.concat(data) end
+        msg = { from = msg.from, to = msg.to, data = data, size = msg.size, eight_bit = msg.eight_bit }
+      end
       local r, serr = self:send(msg)
       results[i] = r or serr
       if self.broken then return nil, serr end

@@ -9,7 +9,8 @@ local bad, usage = common.bad, common.usage
 local CHUNK, strip_path = common.CHUNK, common.strip_path
 local rfc5322_date, id_source = common.rfc5322_date, common.id_source
 local MAX_RAW_HEADER = common.MAX_RAW_HEADER
-local new_message, new_text, raw_body_stream = reader.new, reader.text, reader.raw_body_stream
+local new_message, new_text, new_parts = reader.new, reader.text, reader.parts
+local raw_body_stream = reader.raw_body_stream
 
 
 -- The header section of a file: read in chunks until the blank line, never
@@ -300,9 +301,12 @@ local function from_raw(src, opts)
   local m
   if raw_seg then
     m = new_message { r.kept, date_line, mid_line, "\r\n", raw_seg }
+  elseif date_line == "" and mid_line == "" then
+    m = new_text(r.kept .. "\r\n" .. body)
   else
-    -- one string, made in one concatenation
-    m = new_text(r.kept .. date_line .. mid_line .. "\r\n" .. body)
+    -- the text's own parts, shared by every message made from it, and the
+    -- new lines between them
+    m = new_parts { r.kept, date_line .. mid_line .. "\r\n", body }
   end
   local utf8 = r.head_utf8 or env_from:find("[\128-\255]") ~= nil
   for _, a in ipairs(to) do utf8 = utf8 or a:find("[\128-\255]") ~= nil end

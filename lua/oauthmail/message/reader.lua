@@ -16,9 +16,26 @@ Message.__index = Message
 
 -- A message that is one string.
 local function new_text(text)
-  return setmetatable({ _segs = { text }, _size = #text, needs_smtputf8 = false, has_8bit = false }, Message)
+  return setmetatable({ _text = text, _size = #text, needs_smtputf8 = false, has_8bit = false }, Message)
 end
 
+-- A message that is a few strings in a row, kept apart: a batch of messages
+-- made from one text shares its header section and body, and only the
+-- lines that differ (Date, Message-ID) are new for each.
+local function new_parts(parts)
+  local size = 0
+  for i = 1, #parts do size = size + #parts[i] end
+  return setmetatable({ _parts = parts, _size = size, needs_smtputf8 = false, has_8bit = false }, Message)
+end
+
+-- The strings a message is made of, in order, when it is all in memory
+-- (no file, nothing to encode), else nil: what a pipelined batch writes.
+local function parts_of(msg)
+  if msg._parts then return msg._parts end
+  if msg._text then return { msg._text } end
+end
+
+-- (a message that is one string keeps it as _text, not a list of one)
 -- Segments: strings; {b64 = true, data = s | path = p, size = n, field = f};
 -- {raw = true, path = p, offset = o, size = n}. Adjacent strings are merged.
 local function new_message(segs)
@@ -94,7 +111,7 @@ end
 -- (then every later call returns the same nil, err). Files are opened on
 -- first use and closed at their end or on failure.
 function Message:reader()
-  local segs = self._segs
+  local segs = self._segs or self._parts or { self._text }
   local i, pos, f, got, stream = 1, 1, nil, 0, nil
   local failed
   local function fail(err)
@@ -169,6 +186,8 @@ end
 -- m:tostring() -> the whole message | nil, err. Also reads any object
 -- shaped like a message (a reader() method) to the end.
 function Message:tostring()
+  if self._text then return self._text end
+  if self._parts then return table.concat(self._parts) end
   local segs = self._segs
   -- held in memory as one string (raw text, a message without files)
   if segs and #segs == 1 and type(segs[1]) == "string" then return segs[1] end
@@ -184,5 +203,6 @@ function Message:tostring()
 end
 
 M.Message, M.new, M.text, M.raw_body_stream = Message, new_message, new_text, raw_body_stream
+M.parts, M.parts_of = new_parts, parts_of
 
 return M

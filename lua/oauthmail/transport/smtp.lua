@@ -41,16 +41,25 @@ function T.submit(_, s, m)
 end
 
 -- Pipelined MAIL/RCPT/BDAT LAST when the server offers PIPELINING and
--- CHUNKING (session:send_many falls back to one by one otherwise). A
--- message whose whole text is at hand (m.text, as send_many has it) goes
--- as that string, in one window with the rest of the list.
+-- CHUNKING (session:send_many falls back to one by one otherwise). The
+-- messages of send_many have their whole text at hand (m.text: a string,
+-- or the list of strings it is made of): the session reads it from there,
+-- in one window with the rest of the list.
+-- The receipts are the session's: new tables, the mailer's to keep.
 function T.submit_many(_, s, list)
-  local out = {}
   for i = 1, #list do
-    local m = list[i]
-    out[i] = { from = m.from, to = m.to, data = m.text or m.data(), size = m.size, eight_bit = m.eight_bit }
+    local text = list[i].text
+    if type(text) ~= "string" and type(text) ~= "table" then
+      -- (a caller other than send_many: each message's own source)
+      local out = {}
+      for k = 1, #list do
+        local m = list[k]
+        out[k] = { from = m.from, to = m.to, data = m.text or m.data(), size = m.size, eight_bit = m.eight_bit }
+      end
+      return s:send_many(out, { window = #list })
+    end
   end
-  return s:send_many(out, { window = #list })
+  return s:send_many(list, { window = #list, field = "text" })
 end
 
 function T.usable(_, s)
