@@ -15,6 +15,7 @@
 #include <string.h>
 #include <openssl/crypto.h>
 #include "smtp_engine.h"
+#include "conn.h"
 
 #define X_NAME(n) #n,
 const char *const state_names[] = { SMTP_STATES(X_NAME) NULL };
@@ -256,14 +257,40 @@ static int eng_feed(lua_State *L) {
   return 0;
 }
 
-static int eng_output(lua_State *L) {
-  engine_t *e = check_engine(L);
-  lua_pushlstring(L, e->out.p ? e->out.p : "", e->out.len);
+/* The output was handed over whole: wipe what held a credential, and let
+ * a huge body chunk not pin its memory for the whole session. */
+static void out_done(engine_t *e) {
   if (e->out_secret && e->out.p) OPENSSL_cleanse(e->out.p, e->out.len);
   e->out_secret = 0;
-  e->out.len = 0;
-  /* a huge body chunk should not pin its memory for the whole session */
+  e->out.len = e->out_off = 0;
   if (e->out.cap > (1u << 20)) buf_free(&e->out, 0);
+}
+
+static int eng_output(lua_State *L) {
+  engine_t *e = check_engine(L);
+  size_t off = e->out_off < e->out.len ? e->out_off : e->out.len;
+  lua_pushlstring(L, e->out.p ? e->out.p + off : "", e->out.len - off);
+  out_done(e);
+  return 1;
+}
+
+/* eng:write_to(conn, deadline) -> true | "r"|"w", fd, deadline | nil, err
+ * The output written straight to a connection of oauthmail.conn (core.conn),
+ * as much as it takes now: no Lua string of it is made. A step like the
+ * connection's own write; call again when the descriptor is ready. */
+static int eng_write_to(lua_State *L) {
+  engine_t *e = check_engine(L);
+  conn_t *c = om_conn_check_open(L, 2);
+  lua_Number d = luaL_checknumber(L, 3);
+  int rc;
+  luaL_argcheck(L, d == d, 3, "deadline must be a number");
+  if (e->out_off < e->out.len) {
+    rc = om_io_write(L, c, e->out.p, e->out.len, &e->out_off, (double)d);
+    if (rc == STEP_FAILED) return 2;
+    if (rc != STEP_DONE) return om_push_want(L, rc, c->fd, (double)d);
+  }
+  out_done(e);
+  lua_pushboolean(L, 1);
   return 1;
 }
 
@@ -485,6 +512,7 @@ static const luaL_Reg methods[] = {
   { "feed", eng_feed },
   { "reply", eng_reply },
   { "output", eng_output },
+  { "write_to", eng_write_to },
   { "pending", eng_pending },
   { "state", eng_state },
   { "reset", eng_reset },

@@ -45,6 +45,7 @@ typedef struct {
   buf_t in;              /* received bytes; in.p[rpos..len) not yet parsed */
   size_t rpos;
   buf_t out;             /* bytes for Lua to write */
+  size_t out_off;        /* of which eng:write_to has written this many */
   int out_secret;        /* out holds a credential: wipe it once handed over */
   buf_t tmp;             /* BDAT staging */
   buf_t red;             /* a redacted reply line */

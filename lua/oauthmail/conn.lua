@@ -47,6 +47,12 @@ end
 -- conn.wrap(core_conn): the Lua face of a connection made by core.conn
 M.wrap = wrap
 
+-- conn.core_of(x) -> the core.conn under x when x is a connection of this
+-- module, else nil: what the SMTP engine writes to without a Lua string.
+function M.core_of(x)
+  if getmetatable(x) == ConnMT then return x.c end
+end
+
 local function deadline_of(self, deadline)
   return deadline or (now() + self.c:gettimeout())
 end

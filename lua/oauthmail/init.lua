@@ -190,16 +190,21 @@ end
 
 -- A message composed by oauthmail.message (or shaped like one), prepared:
 -- a new reader for every attempt.
+-- m.data(m): a fresh reader of the message (one function for every message)
+local function message_reader(m)
+  return m.message:reader()
+end
+
 local function prepared(msg)
   local env = msg.envelope
   -- its exact size goes into SIZE= (an oversized message is refused before
   -- any data is sent), and BODY=8BITMIME only when it really has 8-bit bytes
   return { from = env.from, to = list_of(env.to), message_id = msg.message_id,
     size = msg.size and msg:size() or nil, eight_bit = msg.has_8bit and true or false,
-    data = function() return msg:reader() end, message = msg }
+    data = message_reader, message = msg }
 end
 
--- Bring any accepted message shape to {from, to, data() -> fresh source,
+-- Bring any accepted message shape to {from, to, data(m) -> fresh source,
 -- message_id, message (the oauthmail.message object)}. `ids`: the random
 -- part of new ids (message.id_pool, for a batch), else drawn for each.
 function Mailer:_prepare(msg, ids, checked)

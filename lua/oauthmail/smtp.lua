@@ -6,6 +6,7 @@ local core = require "oauthmail.core"
 local errors = require "oauthmail.errors"
 local options = require "oauthmail.options"
 local redact = require "oauthmail.redact"
+local wait = require "oauthmail.wait"
 local crypto = core.crypto
 
 local M = {}
@@ -83,8 +84,20 @@ function Session:_broken(err)
 end
 
 function Session:_flush()
-  local out = self.eng:output()
   self:_trace()
+  local c = self.core_conn
+  if c then
+    -- a connection of oauthmail.conn: the engine writes to it itself
+    local eng, d = self.eng, nil
+    while true do
+      local r, fd, rd = eng:write_to(c, d or (core.monotime() + c:gettimeout()))
+      if r == true then return true end
+      if r == nil then return self:_broken(fd) end
+      d = rd
+      wait.fd(fd, r, d)
+    end
+  end
+  local out = self.eng:output()
   if #out > 0 then
     local ok, err = self.conn:send(out)
     if not ok then return self:_broken(err) end
@@ -236,6 +249,9 @@ function M.open(opts)
     if not conn then return nil, as_error(err) end
   end
   self.conn = conn
+  if not opts.transport and not opts.connect then
+    self.core_conn = require("oauthmail.conn").core_of(conn)
+  end
   self:_info(string.format("connected to %s:%d (%s)", self.host, self.port, tls))
   local ok, caps
   ok, err = self:_start()

@@ -279,7 +279,7 @@ local function from_raw(src, opts)
   end
   if #to == 0 then bad("to", "no recipients: give opts.to or To/Cc/Bcc headers", "missing") end
 
-  local mid, date_line, mid_line = nil, "", ""
+  local mid, date_line, new_mid = nil, "", false
   if first["message-id"] then
     mid = first["message-id"].value:match("<([^<>]*)>") or first["message-id"].value:gsub("^%s+", ""):gsub("%s+$", "")
   end
@@ -295,18 +295,21 @@ local function from_raw(src, opts)
     end
     host = host or sender_host(env_from)
     mid = id_source(opts.boundary_seed, opts.ids)(16) .. "@" .. host
-    mid_line = "Message-ID: <" .. mid .. ">\r\n"
+    new_mid = true
   end
 
   local m
   if raw_seg then
-    m = new_message { r.kept, date_line, mid_line, "\r\n", raw_seg }
-  elseif date_line == "" and mid_line == "" then
+    m = new_message { r.kept, date_line, new_mid and ("Message-ID: <" .. mid .. ">\r\n") or "", "\r\n", raw_seg }
+  elseif date_line == "" and not new_mid then
     m = new_text(r.kept .. "\r\n" .. body)
   else
     -- the text's own parts, shared by every message made from it, and the
-    -- new lines between them
-    m = new_parts { r.kept, date_line .. mid_line .. "\r\n", body }
+    -- lines added between them (made in one concatenation)
+    local lines
+    if new_mid then lines = date_line .. "Message-ID: <" .. mid .. ">\r\n\r\n"
+    else lines = date_line .. "\r\n" end
+    m = new_parts { r.kept, lines, body }
   end
   local utf8 = r.head_utf8 or env_from:find("[\128-\255]") ~= nil
   for _, a in ipairs(to) do utf8 = utf8 or a:find("[\128-\255]") ~= nil end

@@ -89,7 +89,7 @@ end
 -- receive a copy over Graph but not over SMTP: refused, so both transports
 -- deliver to the same people.
 function M.mime_for(m)
-  local data = whole(m.data())
+  local data = whole(m.data(m))
   local head = data:match("^(.-\r?\n)\r?\n") or data
   local named = header_recipients(head)
   local extra, env = {}, {}

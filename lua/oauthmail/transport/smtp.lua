@@ -3,7 +3,7 @@
 -- (policy.deliver), and nothing else. A transport is a table with
 --   connect()               -> session | nil, err   (no credentials yet)
 --   authenticate(s, token)  -> true | nil, err
---   submit(s, m)            -> receipt | nil, err   one message {from, to, data(), size, eight_bit}
+--   submit(s, m)            -> receipt | nil, err   one message {from, to, data(m) -> a fresh source, size, eight_bit}
 --   submit_many(s, list)    -> list of receipts or errors (optional: pipelined batches)
 --   usable(s)               -> may s take another message?
 --   close(s)                -> end politely (QUIT), bounded by the session's timeout
@@ -37,7 +37,7 @@ function T:authenticate(s, token)
 end
 
 function T.submit(_, s, m)
-  return s:send { from = m.from, to = m.to, data = m.data(), size = m.size, eight_bit = m.eight_bit }
+  return s:send { from = m.from, to = m.to, data = m.data(m), size = m.size, eight_bit = m.eight_bit }
 end
 
 -- Pipelined MAIL/RCPT/BDAT LAST when the server offers PIPELINING and
@@ -54,7 +54,7 @@ function T.submit_many(_, s, list)
       local out = {}
       for k = 1, #list do
         local m = list[k]
-        out[k] = { from = m.from, to = m.to, data = m.text or m.data(), size = m.size, eight_bit = m.eight_bit }
+        out[k] = { from = m.from, to = m.to, data = m.text or m.data(m), size = m.size, eight_bit = m.eight_bit }
       end
       return s:send_many(out, { window = #list })
     end
