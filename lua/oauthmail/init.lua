@@ -199,9 +199,10 @@ local function prepared(msg)
   local env = msg.envelope
   -- its exact size goes into SIZE= (an oversized message is refused before
   -- any data is sent), and BODY=8BITMIME only when it really has 8-bit bytes
+  -- (text and reservation are send_many's, made here so the table does not grow)
   return { from = env.from, to = list_of(env.to), message_id = msg.message_id,
     size = msg.size and msg:size() or nil, eight_bit = msg.has_8bit and true or false,
-    data = message_reader, message = msg }
+    data = message_reader, message = msg, text = false, reservation = false }
 end
 
 -- Bring any accepted message shape to {from, to, data(m) -> fresh source,

@@ -9,7 +9,7 @@ local bad, usage = common.bad, common.usage
 local CHUNK, strip_path = common.CHUNK, common.strip_path
 local rfc5322_date, id_source = common.rfc5322_date, common.id_source
 local MAX_RAW_HEADER = common.MAX_RAW_HEADER
-local new_message, new_text, new_parts = reader.new, reader.text, reader.parts
+local new_message, new_parts = reader.new, reader.parts
 local raw_body_stream = reader.raw_body_stream
 
 
@@ -298,30 +298,26 @@ local function from_raw(src, opts)
     new_mid = true
   end
 
-  local m
-  if raw_seg then
-    m = new_message { r.kept, date_line, new_mid and ("Message-ID: <" .. mid .. ">\r\n") or "", "\r\n", raw_seg }
-  elseif date_line == "" and not new_mid then
-    m = new_text(r.kept .. "\r\n" .. body)
-  else
-    -- the text's own parts, shared by every message made from it, and the
-    -- lines added between them (made in one concatenation)
-    local lines
-    if new_mid then lines = date_line .. "Message-ID: <" .. mid .. ">\r\n\r\n"
-    else lines = date_line .. "\r\n" end
-    m = new_parts { r.kept, lines, body }
-  end
   local utf8 = r.head_utf8 or env_from:find("[\128-\255]") ~= nil
   for _, a in ipairs(to) do utf8 = utf8 or a:find("[\128-\255]") ~= nil end
-  m.envelope = { from = env_from, to = to }
-  m.message_id = mid
-  m.needs_smtputf8 = utf8
-  if r.eight ~= nil then
-    m.has_8bit = r.eight
-  else
-    m.has_8bit = (raw_seg ~= nil and raw_seg.eight) or r.head_utf8
+  local eight = r.eight
+  if eight == nil then eight = (raw_seg ~= nil and raw_seg.eight) or r.head_utf8 end
+  local envelope = { from = env_from, to = to }
+  if raw_seg then
+    local m = new_message { r.kept, date_line, new_mid and ("Message-ID: <" .. mid .. ">\r\n") or "", "\r\n", raw_seg }
+    m.envelope, m.message_id, m.needs_smtputf8, m.has_8bit = envelope, mid, utf8, eight
+    return m
   end
-  return m
+  -- the text's own parts, shared by every message made from it, and the
+  -- lines added between them (made in one concatenation); the object is
+  -- made whole at once (a table that grows is made twice)
+  local parts
+  if new_mid then
+    parts = { r.kept, date_line .. "Message-ID: <" .. mid .. ">\r\n\r\n", body }
+  else
+    parts = { r.kept, date_line .. "\r\n", body }
+  end
+  return new_parts(parts, envelope, mid, utf8, eight)
 end
 
 

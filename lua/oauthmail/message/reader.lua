@@ -22,10 +22,11 @@ end
 -- A message that is a few strings in a row, kept apart: a batch of messages
 -- made from one text shares its header section and body, and only the
 -- lines that differ (Date, Message-ID) are new for each.
-local function new_parts(parts)
+local function new_parts(parts, envelope, message_id, smtputf8, eight)
   local size = 0
   for i = 1, #parts do size = size + #parts[i] end
-  return setmetatable({ _parts = parts, _size = size, needs_smtputf8 = false, has_8bit = false }, Message)
+  return setmetatable({ _parts = parts, _size = size, needs_smtputf8 = smtputf8 or false,
+    has_8bit = eight or false, envelope = envelope, message_id = message_id }, Message)
 end
 
 -- The strings a message is made of, in order, when it is all in memory
