@@ -731,6 +731,57 @@ describe("smtp session (fake transport)", function()
       assert.truthy(took >= 0.55 and took < 2, "took " .. took)
     end)
 
+    it("writes through a connection that is full by waiting for it, and the host's loop ticks meanwhile", function()
+      -- a real socket whose server stops reading for 0.5 s: the 8 MB body
+      -- cannot all go at once, so the engine's write returns "w" and the
+      -- session waits through oauthmail.wait (a task of the built-in loop)
+      local oauthmail = require "oauthmail"
+      local conn = require "oauthmail.conn"
+      local l = assert(conn.listen { host = "127.0.0.1", port = 0 })
+      local body = string.rep(string.rep("z", 998) .. "\r\n", 8 * 1024)
+      local got, ticks, receipt, serr = 0, 0, nil, nil
+      local done = false
+      oauthmail.run(function()
+        oauthmail.spawn(function()
+          local c = assert(l:accept(10))
+          c:settimeout(10)
+          c:send("220 slow ESMTP\r\n")
+          while true do
+            local line = assert(c:receive_line())
+            if line:match("^EHLO") then c:send("250-slow\r\n250 PIPELINING\r\n")
+            elseif line:match("^MAIL") or line:match("^RCPT") then c:send("250 ok\r\n")
+            elseif line == "DATA" then
+              c:send("354 go\r\n")
+              require("oauthmail.wait").sleep(0.5)   -- the client's writes fill the socket meanwhile
+              local tail = ""
+              while not tail:find("\r\n%.\r\n$") do
+                local d = assert(c:receive_some(65536))
+                got = got + #d
+                tail = (tail .. d):sub(-5)
+              end
+              c:send("250 2.0.0 took it\r\n")
+            elseif line == "QUIT" then c:send("221 bye\r\n") break end
+          end
+          c:close()
+        end)
+        oauthmail.spawn(function()
+          while not done do
+            ticks = ticks + 1
+            require("oauthmail.wait").sleep(0.02)
+          end
+        end)
+        local s = assert(smtp.open { host = "127.0.0.1", port = l:port(), tls = "none", timeout = 10 })
+        receipt, serr = s:send { from = "a@example.org", to = "b@example.org", data = body }
+        s:close()
+        done = true
+      end)
+      l:close()
+      assert.is_nil(serr)
+      assert.equal(250, receipt.code)
+      assert.equal(#body + 3, got)           -- the body and ".\r\n"
+      assert.truthy(ticks >= 10, "the loop ticked " .. ticks .. " times")
+    end)
+
     it("states the session's timeout when a dribbling server runs it out (not what was left of it)", function()
       -- a real socket: the greeting's first line comes at once, then one byte
       -- every 0.3 s and never the end of the reply
