@@ -205,6 +205,14 @@ local function prepared(msg)
     data = message_reader, message = msg, text = false, reservation = false }
 end
 
+-- oauthmail.message, loaded on first use (a mailer that only sends composed
+-- message objects never needs it)
+local message_mod
+local function load_message()
+  message_mod = require "oauthmail.message"
+  return message_mod
+end
+
 -- Bring any accepted message shape to {from, to, data(m) -> fresh source,
 -- message_id, message (the oauthmail.message object)}. `ids`: the random
 -- part of new ids (message.id_pool, for a batch), else drawn for each.
@@ -212,7 +220,7 @@ function Mailer:_prepare(msg, ids, checked)
   local why = not checked and shape_error(msg)
   if why and not why:find("^no sender") then error("mailer:send: " .. why, 3) end
   if type(msg.reader) == "function" and type(msg.envelope) == "table" then return prepared(msg) end
-  local message = require "oauthmail.message"
+  local message = message_mod or load_message()
   local raw = msg.raw or msg.data
   if raw ~= nil then
     -- raw text is read the one way message.from_raw reads it: Bcc removed,

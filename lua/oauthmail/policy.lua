@@ -215,6 +215,7 @@ function M.governor(limits, opts)
     -- the room the others took
     reserved = { messages = 0, recipients = 0 },
     changed = waiter.cond(),   -- signalled when a reservation ends
+    waiting = 0,               -- senders waiting on it
     open = 0,      -- connections held now
     trace = opts.trace,
   }, Governor)
@@ -337,7 +338,10 @@ function Governor:room(n)
     if in_flight then
       local slice = math.min(wait, self.max_wait - waited, 1)
       local t0 = waiter.now()
-      if self.changed:wait(t0 + slice) then
+      self.waiting = self.waiting + 1
+      local woken = self.changed:wait(t0 + slice)
+      self.waiting = self.waiting - 1
+      if woken then
         waited = waited + (waiter.now() - t0)
       else
         -- the deadline passed, or this thread cannot park (the main
@@ -401,7 +405,7 @@ end
 -- governor:cancel(reservation): the message was not sent (refused, failed,
 -- an error raised); its room is free again. A second call does nothing.
 function Governor:cancel(res)
-  if settle(self, res) then self.changed:signal() end
+  if settle(self, res) and self.waiting > 0 then self.changed:signal() end
 end
 
 -- governor:record(n [, reservation]): a message with n recipients was
@@ -417,7 +421,7 @@ function Governor:record(n, res)
     if day then self.day:push(now, n) end
   end
   -- a sender waiting on messages in flight now waits for the window instead
-  if ended then self.changed:signal() end
+  if ended and self.waiting > 0 then self.changed:signal() end
 end
 
 -- governor:acquire() -> true | nil, err: take one of the mailbox's connections.
