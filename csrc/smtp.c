@@ -243,10 +243,7 @@ int caps_keyword(const char *k, size_t n, const char *name) {
 
 /* ---- Lua methods: bytes in and out ------------------------------------ */
 
-static int eng_feed(lua_State *L) {
-  engine_t *e = check_engine(L);
-  size_t n;
-  const char *s = luaL_checklstring(L, 2, &n);
+static void feed_bytes(lua_State *L, engine_t *e, const char *s, size_t n) {
   /* keep the unparsed tail only, so the buffer never grows without bound */
   if (e->rpos > 0 && e->rpos > e->in.len / 2) {
     memmove(e->in.p, e->in.p + e->rpos, e->in.len - e->rpos);
@@ -254,7 +251,35 @@ static int eng_feed(lua_State *L) {
     e->rpos = 0;
   }
   buf_add(L, &e->in, s, n);
+}
+
+static int eng_feed(lua_State *L) {
+  engine_t *e = check_engine(L);
+  size_t n;
+  const char *s = luaL_checklstring(L, 2, &n);
+  feed_bytes(L, e, s, n);
   return 0;
+}
+
+/* eng:read_from(conn, deadline) -> true | "r"|"w", fd, deadline | nil, err
+ * What a connection of oauthmail.conn has received, or what one read of it
+ * brings, moved straight into the engine as eng:feed would take it, with
+ * no Lua string made. A step: call again when the descriptor is ready. */
+static int eng_read_from(lua_State *L) {
+  engine_t *e = check_engine(L);
+  conn_t *c = om_conn_check_open(L, 2);
+  lua_Number d = luaL_checknumber(L, 3);
+  luaL_argcheck(L, d == d, 3, "deadline must be a number");
+  if (c->rlen == c->rpos) {
+    int rc = om_io_fill(L, c, 0, (double)d);
+    if (rc == STEP_FAILED) return 2;
+    if (rc != STEP_DONE) return om_push_want(L, rc, c->fd, (double)d);
+  }
+  feed_bytes(L, e, c->rbuf + c->rpos, c->rlen - c->rpos);
+  c->rpos = c->rlen;
+  c->scanned = 0;
+  lua_pushboolean(L, 1);
+  return 1;
 }
 
 /* The output was handed over whole: wipe what held a credential, and let
@@ -513,6 +538,7 @@ static const luaL_Reg methods[] = {
   { "reply", eng_reply },
   { "output", eng_output },
   { "write_to", eng_write_to },
+  { "read_from", eng_read_from },
   { "pending", eng_pending },
   { "state", eng_state },
   { "reset", eng_reset },

@@ -143,20 +143,42 @@ function Session:_reply(timeout, final)
       return self:_broken(errors.new("network", string.format("no complete reply from the server within %g s",
         timeout), { reason = "timeout", retryable = true }))
     end
-    local data, rerr = self.conn:receive_some(RECV_MAX, deadline)
-    if not data and final and type(rerr) == "table" and rerr.reason == "timeout" then
-      return self:_broken(final_timeout(timeout))
-    end
-    if not data then
-      -- a server that said 421 to a pipelined command closes at once: its
-      -- reply, not the closed connection, is what the caller needs to see
-      if self.closing and rerr and rerr.reason == "closed" then
-        return self:_broken(reply_error("smtp", "server closed the session", self.closing))
-      end
-      return self:_broken(rerr)
-    end
-    self.eng:feed(data)
+    local got, rerr = self:_receive(deadline)
+    if not got then return self:_receive_failed(rerr, final and timeout) end
   end
+end
+
+-- Read what the server sends next into the engine: true | nil, err. Over
+-- an oauthmail.conn connection the engine takes the bytes itself.
+function Session:_receive(deadline)
+  local c = self.core_conn
+  if c then
+    local eng = self.eng
+    while true do
+      local r, fd, rd = eng:read_from(c, deadline)
+      if r == true then return true end
+      if r == nil then return nil, fd end
+      wait.fd(fd, r, rd)
+    end
+  end
+  local data, err = self.conn:receive_some(RECV_MAX, deadline)
+  if not data then return nil, err end
+  self.eng:feed(data)
+  return true
+end
+
+-- A read that failed ends the session. final_timeout: the data_timeout
+-- when the reply awaited ends a message's data (its timeout says so).
+function Session:_receive_failed(rerr, final_after)
+  if final_after and type(rerr) == "table" and rerr.reason == "timeout" then
+    return self:_broken(final_timeout(final_after))
+  end
+  -- a server that said 421 to a pipelined command closes at once: its
+  -- reply, not the closed connection, is what the caller needs to see
+  if self.closing and rerr and rerr.reason == "closed" then
+    return self:_broken(reply_error("smtp", "server closed the session", self.closing))
+  end
+  return self:_broken(rerr)
 end
 
 -- The reply to the end of a message's data: RFC 5321 4.5.3.2.6 gives the
@@ -751,17 +773,8 @@ function Session:_batch_read(list, results, st, n)
       return self:_broken(errors.new("network", string.format("no complete reply from the server within %g s",
         timeout), { reason = "timeout", retryable = true }))
     end
-    local data, rerr = self.conn:receive_some(RECV_MAX, deadline)
-    if not data then
-      if final_next and type(rerr) == "table" and rerr.reason == "timeout" then
-        return self:_broken(final_timeout(timeout))
-      end
-      if self.closing and rerr and rerr.reason == "closed" then
-        return self:_broken(reply_error("smtp", "server closed the session", self.closing))
-      end
-      return self:_broken(rerr)
-    end
-    self.eng:feed(data)
+    local got, rerr = self:_receive(deadline)
+    if not got then return self:_receive_failed(rerr, final_next and timeout) end
   end
   local failed = st.failed
   if failed and #failed > 0 then
