@@ -155,7 +155,7 @@ engine_t *check_engine(lua_State *L) {
   return e;
 }
 
-static int has_8bit(const char *s, size_t n) {
+int has_8bit(const char *s, size_t n) {
   size_t i;
   for (i = 0; i < n; i++) if ((unsigned char)s[i] >= 0x80) return 1;
   return 0;

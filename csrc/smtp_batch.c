@@ -33,10 +33,15 @@ void batch_free(engine_t *e) {
   e->wlen = e->wcap = e->wpos = e->wacc_cap = 0;
 }
 
-static int has_8bit(const char *s, size_t n) {
-  size_t i;
-  for (i = 0; i < n; i++) if ((unsigned char)s[i] >= 0x80) return 1;
-  return 0;
+/* The i-th recipient of a message whose `to` (at that stack index) is one
+ * address or a list of them; the string stays alive in the message. */
+static const char *recipient_at(lua_State *L, int to, size_t i, size_t *len) {
+  const char *a;
+  if (lua_type(L, to) == LUA_TSTRING) return lua_tolstring(L, to, len);
+  lua_rawgeti(L, to, (int)i);
+  a = lua_tolstring(L, -1, len);
+  lua_pop(L, 1);
+  return a;
 }
 
 /* ---- writing the batch ------------------------------------------------ */
@@ -110,13 +115,7 @@ static int envelope_problem(lua_State *L, engine_t *e, const char *from, size_t 
   why = address_problem(&from, &fl, 1, ok8);
   for (i = 1; !why && i <= nrcpt; i++) {
     size_t al;
-    const char *a;
-    if (lua_type(L, to) == LUA_TSTRING) a = lua_tolstring(L, to, &al);
-    else {
-      lua_rawgeti(L, to, (int)i);
-      a = lua_tolstring(L, -1, &al);
-      lua_pop(L, 1);  /* the list holds the string */
-    }
+    const char *a = recipient_at(L, to, i, &al);
     *utf8 = *utf8 || has_8bit(a, al);
     why = address_problem(&a, &al, 0, ok8);
   }
@@ -156,13 +155,7 @@ static void emit_envelope(lua_State *L, engine_t *e, const char *from, size_t fl
   body_reset(e);
   for (i = 1; i <= nrcpt; i++) {
     size_t al;
-    const char *a;
-    if (lua_type(L, to) == LUA_TSTRING) a = lua_tolstring(L, to, &al);
-    else {
-      lua_rawgeti(L, to, (int)i);
-      a = lua_tolstring(L, -1, &al);
-      lua_pop(L, 1);
-    }
+    const char *a = recipient_at(L, to, i, &al);
     if (al >= 2 && a[0] == '<' && a[al - 1] == '>') { a++; al -= 2; }
     n = (size_t)snprintf(line, sizeof line, "RCPT TO:<%.*s>", (int)al, a);
     emit_line(L, e, line, n, NULL);

@@ -126,6 +126,7 @@ OM_HIDDEN int eng_bdat(lua_State *L);
 OM_HIDDEN void bdat_emit(lua_State *L, engine_t *e, const char *s, size_t n, int last);
 OM_HIDDEN void bdat_emit_parts(lua_State *L, engine_t *e, int t, size_t n);
 OM_HIDDEN const char *address_problem(const char **s, size_t *n, int allow_empty, int utf8);
+OM_HIDDEN int has_8bit(const char *s, size_t n);
 
 static inline int in_auth(const engine_t *e) {
   return e->state >= ST_AUTH && e->state <= ST_AUTH_CANCEL;
