@@ -86,7 +86,8 @@ return function(data)
       { from = USER, to = { "a@example.org", "b@example.org" }, data = "Subject: x\r\n\r\nhello\r\n" },
       { from = "", to = "c@example.org", data = bit(f2, 5) and ".x\rbare\n\128\255" or "short" },
       { from = USER, to = "bad address@example.org", data = "x\r\n" },
-      { from = USER, to = "d@example.org", data = "", eight_bit = true },
+      { from = USER, to = "d@example.org", data = bit(f2, 5) and { "Subject: y\r\n", "\r\nbare\n", "" }
+        or { "Subject: y\r\n", "\r\nbody\r\n" }, eight_bit = true },
     }
     local queued, problems = e:batch(list, { 1, 2, 3, 4 }, type(caps.SIZE) == "number" and caps.SIZE or -1,
       bit(f2, 4))
