@@ -763,9 +763,13 @@ function Mailer:send_many(list, o)
         cancel_all(gov, b)
         error(err, 0)
       end
+      -- the session just given back goes to the task whose batch is
+      -- ready, not to this task's next batch (it would sit idle meanwhile)
       if run.tasks > 1 then wait.sleep(0) end
     end
   end
+  -- one task more than the pool has sessions: while every session waits
+  -- for its batch's replies, the spare task reads and reserves the next
   local spawn = wait.current().spawn
   local workers = math.min(math.ceil(#list / size), self.pool:limit() + 1)
   run.tasks = spawn and workers or 1
