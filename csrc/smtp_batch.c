@@ -300,6 +300,14 @@ int eng_batch(lua_State *L) {
 
 /* ---- reading the replies ---------------------------------------------- */
 
+/* Were all of the message's recipients accepted (its RCPT replies are in)? */
+static int accepted_all(const engine_t *e, const struct batch_msg *m) {
+  size_t i;
+  if (e->wrcpt < m->nrcpt) return 0;
+  for (i = 0; i < m->nrcpt; i++) if (!e->wacc[i]) return 0;
+  return 1;
+}
+
 /* The recipients of the message at `to` that were accepted (e->wacc), as a
  * new list. */
 static void push_recipients(lua_State *L, engine_t *e, int to, size_t nrcpt) {
@@ -319,10 +327,17 @@ static void push_recipients(lua_State *L, engine_t *e, int to, size_t nrcpt) {
  * idx goes on st.failed. The final reply's table is on the stack top, the
  * rejected map (or nil) below it. */
 static int finish(lua_State *L, engine_t *e, const struct batch_msg *m, int list, int results, int st,
-                  int code) {
+                  int code, int compact) {
   size_t i, any = 0;
   int fr = lua_gettop(L), rejected = fr - 1, to;
   for (i = 0; i < m->nrcpt; i++) any += e->wacc[i];
+  if (compact && e->wmail < 300 && any == m->nrcpt && code < 300) {
+    /* every recipient took it: the reply alone says so */
+    lua_pushvalue(L, fr);
+    lua_rawseti(L, results, (int)m->idx);
+    lua_settop(L, rejected - 1);
+    return 1;
+  }
   lua_pushinteger(L, m->idx);
   lua_gettable(L, list);
   lua_getfield(L, -1, "to");
@@ -362,8 +377,10 @@ static int finish(lua_State *L, engine_t *e, const struct batch_msg *m, int list
   return 0;
 }
 
-/* eng:batch_replies(list, results, st [, n]) -> done, progressed, final_next | nil, err
+/* eng:batch_replies(list, results, st [, n [, compact]]) -> done, progressed, final_next | nil, err
  * Reads the replies at hand and settles each message whose last reply came.
+ * compact: a message every recipient of which was accepted gets the final
+ * reply alone ({code, enhanced, text}: accepted is its `to`, rejected none).
  * done: the next n messages awaiting replies (all of them without n) are
  * settled; the replies of any behind them are left unread. progressed: replies read now.
  * final_next: the reply awaited next ends a message's data (it may take the
@@ -373,12 +390,13 @@ static int finish(lua_State *L, engine_t *e, const struct batch_msg *m, int list
  * last_ok (whether the last settled message was accepted). */
 int eng_batch_replies(lua_State *L) {
   engine_t *e = check_engine(L);
-  int progressed = 0;
+  int progressed = 0, compact;
   size_t upto;
   luaL_checktype(L, 2, LUA_TTABLE);
   luaL_checktype(L, 3, LUA_TTABLE);
   luaL_checktype(L, 4, LUA_TTABLE);
   upto = (size_t)luaL_optinteger(L, 5, 0);
+  compact = lua_toboolean(L, 6);
   if (upto == 0 || upto > e->wlen - e->wpos) upto = e->wlen - e->wpos;
   upto += e->wpos;   /* settle the messages up to this record */
   lua_settop(L, 4);
@@ -401,6 +419,7 @@ int eng_batch_replies(lua_State *L) {
     /* a reply that says "fine" before the end of a message makes nothing */
     table = code >= 300 || stage == STAGE_BDAT;
     full = code >= 300;
+    if (table && !full && compact && e->wmail < 300 && accepted_all(e, m)) table = 2;
     reply_take(L, e, code, nlines, table, full, NULL, NULL);
     reply_consumed(e, end);
     queue_pop(L, e);
@@ -464,7 +483,7 @@ int eng_batch_replies(lua_State *L) {
       int ok;
       lua_getfield(L, 4, "rejected");
       lua_insert(L, -2);
-      ok = finish(L, e, m, 2, 3, 4, code);
+      ok = finish(L, e, m, 2, 3, 4, code, compact);
       lua_pushboolean(L, ok);
       lua_setfield(L, 4, "last_ok");
       lua_pushnil(L);

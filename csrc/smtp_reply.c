@@ -240,7 +240,8 @@ int reply_scan(lua_State *L, engine_t *e, int *codep, size_t *nlinesp, size_t *e
 
 /* The scanned reply at rpos, traced line by line. With `table`, pushes
  * {code=, enhanced=, text=, lines=, command=} (lines and command only with
- * `full`); raw/rawlen get the first line's text as received, unredacted. */
+ * `full`; table = 2: sized for those three fields alone); raw/rawlen get the
+ * first line's text as received, unredacted. */
 void reply_take(lua_State *L, engine_t *e, int code, size_t nlines, int table, int full,
                 const char **rawp, size_t *rawlenp) {
   char cls = (char)('0' + code / 100);
@@ -249,7 +250,8 @@ void reply_take(lua_State *L, engine_t *e, int code, size_t nlines, int table, i
   char enh[16];
   size_t enh_len = 0, p = e->rpos, i;
   if (table) {
-    lua_createtable(L, 0, 6);
+    /* a receipt gets accepted and rejected besides; a compact one nothing */
+    lua_createtable(L, 0, full ? 6 : table > 1 ? 3 : 5);
     reply_idx = lua_gettop(L);
     if (full) {
       lua_createtable(L, (int)nlines, 0);

@@ -405,6 +405,9 @@ describe("mailer against the oidc-provider and the sandbox", function()
     for i, a in ipairs(rcpts) do
       assert.is_truthy(results[i].reply, tostring(results[i].message))
       assert.same({ a }, results[i].accepted)
+      assert.same({}, results[i].rejected)
+      assert.equals(250, results[i].reply.code)
+      assert.is_nil(results[i].reply.accepted)   -- the reply is the reply: code, enhanced, text
       assert.is_nil(ids[results[i].message_id])
       ids[results[i].message_id] = true
       assert.equals(1, count(results[i].message_id))

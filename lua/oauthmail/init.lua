@@ -195,12 +195,20 @@ local function message_reader(m)
   return m.message:reader()
 end
 
-local function prepared(msg)
+local function prepared(msg, theirs)
   local env = msg.envelope
+  local to = list_of(env.to)
+  if theirs then
+    -- the caller's own object: its recipients list is theirs, and a
+    -- receipt may hand m.to out as `accepted`
+    local copy = {}
+    for i = 1, #to do copy[i] = to[i] end
+    to = copy
+  end
   -- its exact size goes into SIZE= (an oversized message is refused before
   -- any data is sent), and BODY=8BITMIME only when it really has 8-bit bytes
   -- (text and reservation are send_many's, made here so the table does not grow)
-  return { from = env.from, to = list_of(env.to), message_id = msg.message_id,
+  return { from = env.from, to = to, message_id = msg.message_id,
     size = msg.size and msg:size() or nil, eight_bit = msg.has_8bit and true or false,
     data = message_reader, message = msg, text = false, reservation = false }
 end
@@ -219,7 +227,7 @@ end
 function Mailer:_prepare(msg, ids, checked)
   local why = not checked and shape_error(msg)
   if why and not why:find("^no sender") then error("mailer:send: " .. why, 3) end
-  if type(msg.reader) == "function" and type(msg.envelope) == "table" then return prepared(msg) end
+  if type(msg.reader) == "function" and type(msg.envelope) == "table" then return prepared(msg, true) end
   local message = message_mod or load_message()
   local raw = msg.raw or msg.data
   if raw ~= nil then
@@ -409,12 +417,17 @@ local function receipt_for(m, receipt, attempt, lane)
   }
 end
 
--- The same from a receipt of session:send_many (code, enhanced, text,
--- accepted, rejected: tables the batch made for this message alone), with
--- no new table but the receipt's own: the reply keeps code, enhanced and
--- text, and an empty rejected map serves as the empty rejected list.
+-- The same from a receipt of session:send_many (code, enhanced, text, and
+-- accepted and rejected unless compact: tables the batch made for this
+-- message alone), with no new table but the receipt's own: the reply keeps
+-- code, enhanced and text, and an empty rejected map serves as the empty
+-- rejected list.
 local function batch_receipt_for(m, receipt, lane)
   local accepted, rejected = receipt.accepted, receipt.rejected
+  if accepted == nil then
+    -- a compact receipt: every recipient took it (m.to is the mailer's own)
+    accepted, rejected = m.to, {}
+  end
   receipt.accepted, receipt.rejected = nil, nil
   return {
     message_id = m.message_id, accepted = accepted,

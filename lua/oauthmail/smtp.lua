@@ -759,7 +759,7 @@ end
 function Session:_batch_read(list, results, st, n)
   local deadline
   while true do
-    local done, progressed, final_next = self.eng:batch_replies(list, results, st, n)
+    local done, progressed, final_next = self.eng:batch_replies(list, results, st, n, st.compact)
     self:_trace()
     if st.closing then self.closing = st.closing end
     if done == nil then return self:_broken(progressed) end
@@ -794,23 +794,26 @@ function Session:_batch_read(list, results, st, n)
   return true
 end
 
--- session:send_many(list [, {window=64, field="data"}]) -> list of
--- receipts or errors, aligned with list. A message's data may also be a
--- list of strings, sent one after the other as one message. field: where
--- each message keeps its data, for callers whose messages hold something
--- else in `data`.
+-- session:send_many(list [, {window=64, field="data", compact=false}]) ->
+-- list of receipts or errors, aligned with list. A message's data may also
+-- be a list of strings, sent one after the other as one message. field:
+-- where each message keeps its data, for callers whose messages hold
+-- something else in `data`. compact: a batched message that every
+-- recipient took gets the final reply alone ({code, enhanced, text}; its
+-- accepted list is its `to`), for callers that keep many receipts.
 function Session:send_many(list, o)
   local ok, err = check_usable(self)
   if not ok then return nil, err end
   if type(list) ~= "table" then error("session:send_many: expected a list of messages", 2) end
   local window = (o and o.window) or 64
   local field = (o and o.field) or "data"
+  local compact = (o and o.compact) == true
   if type(window) ~= "number" or window < 1 or window % 1 ~= 0 then
     error("session:send_many: window must be a positive whole number", 2)
   end
   if type(field) ~= "string" then error("session:send_many: field must be a string", 2) end
   local results = {}
-  local done, derr = self:_send_many(list, window, results, field)
+  local done, derr = self:_send_many(list, window, results, field, compact)
   if not done then
     -- the session broke: what was not confirmed did not go
     for i = 1, #list do
@@ -820,10 +823,10 @@ function Session:send_many(list, o)
   return results
 end
 
-function Session:_send_many(list, window, results, field)
+function Session:_send_many(list, window, results, field, compact)
   local caps = self.capabilities
   local batch = caps.PIPELINING ~= nil and caps.CHUNKING ~= nil
-  local st = {}
+  local st = { compact = compact }
   local written = false     -- a window went out in this call: the next starts with RSET
   local inflight = 0        -- messages of the window before the last one written
   local last = 0            -- messages of the last window written

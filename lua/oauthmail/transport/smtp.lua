@@ -45,7 +45,8 @@ end
 -- messages of send_many have their whole text at hand (m.text: a string,
 -- or the list of strings it is made of): the session reads it from there,
 -- in one window with the rest of the list.
--- The receipts are the session's: new tables, the mailer's to keep.
+-- The receipts are the session's: new tables, the mailer's to keep; a
+-- message every recipient took gets the final reply alone (compact).
 function T.submit_many(_, s, list)
   for i = 1, #list do
     local text = list[i].text
@@ -59,7 +60,7 @@ function T.submit_many(_, s, list)
       return s:send_many(out, { window = #list })
     end
   end
-  return s:send_many(list, { window = #list, field = "text" })
+  return s:send_many(list, { window = #list, field = "text", compact = true })
 end
 
 function T.usable(_, s)
