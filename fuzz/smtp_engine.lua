@@ -110,8 +110,8 @@ return function(data)
     for _, i in ipairs { 1, 2, 4 } do
       local r = b.results[i]
       assert(type(r) == "table", "a batched message was not settled")
-      if r.reason == "too_large" then
-        r = { code = 250, accepted = { "" }, rejected = {} }  -- refused before sending
+      if r.reason == "too_large" or (r.accepted == nil and r.code and r.code < 300 and not failed[i]) then
+        r = { code = r.code or 250, accepted = { "" }, rejected = {} }  -- refused before sending, or compact
       elseif failed[i] then
         assert(type(r.mr) == "table" and type(r.fr) == "table" and type(r.accepted) == "table"
           and type(r.rejected) == "table", "a failed batch message without its replies")
@@ -248,7 +248,8 @@ return function(data)
     e:feed(piece)
     while not done do
       if batch then
-        local settled, progressed, final_next = e:batch_replies(batch.list, batch.results, batch.st)
+        local settled, progressed, final_next = e:batch_replies(batch.list, batch.results, batch.st, nil,
+          bit(f1, 4) and bit(f2, 6))
         sweep("batch replies")
         if settled == nil then
           assert(type(progressed) == "table" and type(progressed.message) == "string",
