@@ -203,7 +203,7 @@ function Message:tostring()
   end
 end
 
-M.Message, M.new, M.text, M.raw_body_stream = Message, new_message, new_text, raw_body_stream
+M.Message, M.new, M.raw_body_stream = Message, new_message, raw_body_stream
 M.parts, M.parts_of = new_parts, parts_of
 
 return M

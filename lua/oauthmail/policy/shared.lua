@@ -307,18 +307,23 @@ local function attempt(self, n)
   return res
 end
 
--- reservations without windows: the leases are still kept alive
-local function unlimited(self, n)
+-- What settles a reservation before any window is asked: a message no
+-- wait lets through (nil, err), or a profile without windows (a
+-- reservation; the leases are still kept alive). Nothing: ask the windows.
+local function settled_at_once(self, n)
+  local L = self.limits
+  local never = policy.recipients_problem(L, n)
+  if never then return true, nil, never end
+  if L.messages_per_minute or L.messages_per_day or L.recipients_per_day then return false end
   local ok, err = self:renew()
-  if not ok then return nil, err end
-  return { n = n }
+  if not ok then return true, nil, err end
+  return true, { n = n }
 end
 
 function Shared:reserve(n)
+  local done, now, err = settled_at_once(self, n)
+  if done then return now, err end
   local L = self.limits
-  local never = policy.recipients_problem(L, n)
-  if never then return nil, never end
-  if not (L.messages_per_minute or L.messages_per_day or L.recipients_per_day) then return unlimited(self, n) end
   local waited = 0
   while true do
     local res, secs, why = attempt(self, n)
@@ -336,11 +341,9 @@ end
 -- shared:try_reserve(n) -> reservation | false (no room now) | nil, err:
 -- as the local governor's, for send_many's batches.
 function Shared:try_reserve(n)
-  local L = self.limits
-  local never = policy.recipients_problem(L, n)
-  if never then return nil, never end
-  if not (L.messages_per_minute or L.messages_per_day or L.recipients_per_day) then return unlimited(self, n) end
-  local res, err = attempt(self, n)
+  local done, res, err = settled_at_once(self, n)
+  if done then return res, err end
+  res, err = attempt(self, n)
   if res == false then return false end
   return res, err
 end
