@@ -54,9 +54,9 @@ endif
 
 SRCS := $(wildcard csrc/*.c)
 OBJS := $(SRCS:csrc/%.c=$(OUT)/obj/%.o)
-SYS_OBJS := $(OUT)/obj/sys.o $(OUT)/obj/fs.o $(OUT)/obj/poll.o $(OUT)/obj/om.o
+SYS_OBJS := $(OUT)/obj/sys.o $(OUT)/obj/fs.o $(OUT)/obj/poll.o $(OUT)/obj/proc.o $(OUT)/obj/om.o
 CURL_OBJS := $(OUT)/obj/http.o $(OUT)/obj/om.o
-CORE_OBJS := $(filter-out $(OUT)/obj/http.o $(OUT)/obj/sys.o $(OUT)/obj/fs.o $(OUT)/obj/poll.o,$(OBJS))
+CORE_OBJS := $(filter-out $(OUT)/obj/http.o $(OUT)/obj/sys.o $(OUT)/obj/fs.o $(OUT)/obj/poll.o $(OUT)/obj/proc.o,$(OBJS))
 HDRS := $(wildcard csrc/*.h)
 CORE := $(OUT)/oauthmail/core.so
 SYS := $(OUT)/oauthmail/sys.so

@@ -39,6 +39,7 @@ OM_HIDDEN void om_spool_open(lua_State *L);
 OM_HIDDEN void om_http_open(lua_State *L);
 OM_HIDDEN void om_crypto_open(lua_State *L);
 OM_HIDDEN void om_fs_open(lua_State *L);
+OM_HIDDEN void om_proc_open(lua_State *L);
 /* Adds poll/poll_many to the core table itself (the default waiter). */
 OM_HIDDEN void om_poll_open(lua_State *L);
 

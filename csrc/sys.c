@@ -1,6 +1,7 @@
 /* sys.c — luaopen_oauthmail_sys: the primitives that need no TLS or crypto
  * library: the shared error value, the monotonic and wall clocks, sleep,
- * poll (the default waiter), the file family, isatty. A module of its own so
+ * poll (the default waiter), the file family, child processes (proc),
+ * isatty. A module of its own so
  * that what only reads a file (a cached `oauthmail token`) does not load
  * OpenSSL: mapping libssl and libcrypto costs a short-lived process more than
  * the rest of its work. oauthmail.core requires it and carries its fields. */
@@ -65,5 +66,7 @@ int luaopen_oauthmail_sys(lua_State *L) {
   lua_newtable(L);
   om_fs_open(L);
   lua_setfield(L, -2, "fs");
+  om_proc_open(L);
+  lua_setfield(L, -2, "proc");
   return 1;
 }

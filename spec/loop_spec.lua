@@ -57,4 +57,8 @@ describe("the built-in loop", function()
   it("keeps a ticker running while a token refresh waits on a slow oidc-provider, then sends", function()
     concurrency.slow_refresh(host)
   end)
+
+  it("keeps a ticker running while a command store's commands (a secret manager) take their time", function()
+    concurrency.slow_command_store(host)
+  end)
 end)

@@ -104,6 +104,15 @@ describe("store.new", function()
     raises({ kind = "command", get = "true", put = "true", lockdir = "/run" },
       "store.command: unknown option 'lockdir' (did you mean 'lock_dir'?)")
     raises({ kind = "command", get = "true", put = "true", lock_timeout = "5" }, "'lock_timeout' must be a number")
+    raises({ kind = "command", get = "true", put = "true", timeout = "5" }, "'timeout' must be a number")
+    for _, bad in ipairs { 0, -1, 0 / 0, 1 / 0, 86401 } do
+      raises({ kind = "command", get = "true", put = "true", timeout = bad },
+        "store.command: 'timeout' must be a number of seconds greater than 0 and at most 86400")
+      raises({ kind = "file", path = "/tmp/x/t.json", encryption = { key_command = "true", command_timeout = bad } },
+        "store encryption: 'command_timeout' must be a number of seconds greater than 0 and at most 86400")
+    end
+    raises({ kind = "file", path = "/tmp/x/t.json", encryption = { key_env = "K", command_timeout = 5 } },
+      "store encryption: 'command_timeout' applies to key_command and passphrase_command only")
     raises({ kind = "memory", path = "/tmp/x" }, "store.memory: unknown option 'path'")
     assert.has_error(function() store.file { path = "/tmp/x/t.json", encrypton = {} } end)
   end)
@@ -185,6 +194,22 @@ describe("store.file", function()
 
     it("takes the key from a command's output", function()
       roundtrip(function() return { key_command = "echo " .. HEXKEY } end, "none")
+    end)
+
+    it("stops a key or passphrase command that overruns command_timeout", function()
+      for _, source in ipairs { "key_command", "passphrase_command" } do
+        local path = h.tmpdir() .. "/tokens.json"
+        local st = store.file { path = path, encryption = { [source] = "echo " .. HEXKEY .. "; sleep 30",
+          command_timeout = 0.2, scrypt = FAST } }
+        local ok, err = st:save(KEY, record("k"))
+        assert.is_nil(ok)
+        assert.equals("key", err.reason)
+        assert.equals((source == "key_command" and "key" or "passphrase") .. " command failed: it did not finish "
+          .. "within 0.2 s and was stopped (the encryption option 'command_timeout') (for token file " .. path .. ")",
+          err.message)
+        h.assert_no_secrets(tostring(err), { HEXKEY })
+        assert.is_nil(h.read_file(path))
+      end
     end)
 
     it("takes the key from an environment variable", function()
@@ -537,6 +562,77 @@ describe("store.command", function()
     lock_in_child("env XDG_RUNTIME_DIR=" .. h.quote(run) .. " HOME=" .. h.quote(home))
     assert.equals(tonumber("700", 8), fs.stat(run .. "/oauthmail").mode)
     assert.equals("file", fs.stat(run .. "/oauthmail/oauthmail-" .. id .. ".lock").type)
+  end)
+
+  -- Commands run as children waited on through oauthmail.wait (the ticker
+  -- scenarios are in spec/loop_spec.lua and the adapters' specs); each has
+  -- a deadline, after which it is stopped with everything it started.
+  it("stops a command that overruns its timeout, with what it started, and says which option", function()
+    local r = record("t")
+    local dir = h.tmpdir()
+    local pidfile = dir .. "/sleeper.pid"
+    -- the command prints a secret, starts a pipeline, then hangs
+    local hung = store.command { get = "echo " .. r.access_token .. "; (sleep 30 | cat) & echo $! > "
+      .. h.quote(pidfile) .. "; wait", put = "sleep 30", timeout = 0.3, lock_dir = dir }
+    local t0 = h.now()
+    local got, err = hung:load(KEY)
+    assert.is_nil(got)
+    assert.equals("timeout", err.reason)
+    assert.equals("command store: get command: it did not finish within 0.3 s and was stopped "
+      .. "(the store's 'timeout' option)", err.message)
+    local ok, perr = hung:save(KEY, r)
+    assert.is_nil(ok)
+    assert.equals("command store: put command: it did not finish within 0.3 s and was stopped "
+      .. "(the store's 'timeout' option)", perr.message)
+    assert.truthy(h.now() - t0 < 10)
+    h.assert_no_secrets(tostring(err) .. tostring(perr), secrets_of(r))
+    -- with no controlling terminal (a service, CI) the command leads a process
+    -- group of its own, and the whole group is stopped
+    local tty = io.open("/dev/tty")
+    if tty then
+      tty:close()
+    else
+      local pid = assert(tonumber(h.read_file(pidfile):match("%d+")))
+      local gone = false
+      for _ = 1, 100 do
+        if not h.exec("kill -0 " .. pid) then gone = true break end
+        h.sleep(0.01)
+      end
+      assert.is_true(gone, "the command's background pipeline is still running")
+    end
+  end)
+
+  it("reports the exit of a command killed by a signal as the shell does", function()
+    local s = store.command { get = "kill -9 $$", put = "kill -15 $$", lock_dir = h.tmpdir() }
+    local _, err = s:load(KEY)
+    assert.equals("command store: get command exited with status 137", err.message)
+    local _, perr = s:save(KEY, record("s"))
+    assert.equals("command store: put command exited with status 143", perr.message)
+  end)
+
+  -- A command that exits without reading its input closed the pipe: writing
+  -- on through io.popen raised SIGPIPE, which ended a host that had not
+  -- ignored it (a plain lua process, here a child so the suite survives).
+  it("survives a put command that exits without reading a large record", function()
+    local code = [[
+      local shell = require "oauthmail.store.shell"
+      print("RC", shell.feed("exit 5", string.rep("x", 4 * 1024 * 1024)))]]
+    local ok, out, rc = h.exec(h.lua_bin .. " -e " .. h.quote(code))
+    assert.is_true(ok, "the Lua process ended with status " .. tostring(rc) .. ": " .. out)
+    assert.matches("RC\t5", out)
+  end)
+
+  it("passes the account in the environment and reads long output whole", function()
+    local s = store.command {
+      get = [[printf '{"access_token":"%s","scope":"%s"}' "$OAUTHMAIL_STORE_KEY_ID" "$(printf '%0300000d' 0 | tr 0 a)"]],
+      put = "true", lock_dir = h.tmpdir(),
+    }
+    local got = assert(s:load(KEY))
+    assert.equals(s.key_id(KEY), got.access_token)
+    assert.equals(string.rep("a", 300000), got.scope)
+    local big = store.command { get = "head -c 2000000 /dev/zero", put = "true", lock_dir = h.tmpdir() }
+    local _, err = big:load(KEY)
+    assert.equals("command store: get command: the command printed more than 1048576 bytes", err.message)
   end)
 
   it("reports failing commands and bad output without showing the output", function()

@@ -32,4 +32,8 @@ describe("oauthmail.wait.luv", function()
   it_luv("keeps a ticker running while a token refresh waits on a slow oidc-provider, then sends", function()
     concurrency.slow_refresh(host)
   end)
+
+  it_luv("keeps a ticker running while a command store's commands (a secret manager) take their time", function()
+    concurrency.slow_command_store(host)
+  end)
 end)

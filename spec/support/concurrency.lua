@@ -89,5 +89,32 @@ function M.slow_refresh(host)
   h.stop_all()
 end
 
+-- Four tasks load and save tokens through a command store (a secret
+-- manager) whose commands take 0.5 s each. Run through io.popen, each
+-- command stopped the whole Lua state: the ticker counted nothing while
+-- they ran, one after the other (4 s). Now the four run side by side, their
+-- pipes waited on through the waiter; counted, not timed. `secret` shows
+-- that what the commands print is read back whole.
+function M.slow_command_store(host)
+  local dir = h.tmpdir()
+  local q = h.quote(dir)
+  local store = require("oauthmail.store").command {
+    get = "sleep 0.5; cat " .. q .. "/$OAUTHMAIL_STORE_KEY_ID 2>/dev/null || true",
+    put = "sleep 0.5; cat > " .. q .. "/$OAUTHMAIL_STORE_KEY_ID",
+    lock_dir = dir, timeout = 30,
+  }
+  local function rec(i)
+    return { access_token = "cmd-store-secret-" .. i .. string.rep("x", 5000), token_type = "Bearer", expires_at = 1900000000 + i }
+  end
+  local during, results = with_ticker(host, 4, function(i)
+    local key = "account-" .. i
+    local ok, err = store:save(key, rec(i))
+    if not ok then return nil, err end
+    return store:load(key)
+  end)
+  for i = 1, 4 do assert.same(rec(i), results[i][1], tostring(results[i][2])) end
+  assert.truthy(during >= 25, "ticker ran " .. during .. " times")
+end
+
 M.USER = USER
 return M

@@ -17,7 +17,9 @@ local function fail(message, reason)
   return errors.fail("store", message, { reason = reason })
 end
 
-local FIELDS = { kind = "string", get = "string", put = "string", lock_dir = "string", lock_timeout = "number" }
+local FIELDS = {
+  kind = "string", get = "string", put = "string", lock_dir = "string", lock_timeout = "number", timeout = "number",
+}
 
 function M.new(opts)
   if type(opts) ~= "table" then error("store.command: options must be a table", 2) end
@@ -27,8 +29,12 @@ function M.new(opts)
       error("store.command: '" .. k .. "' must be a shell command (string)", 2)
     end
   end
+  if opts.timeout ~= nil and not shell.good_timeout(opts.timeout) then
+    error("store.command: 'timeout' must be a number of seconds greater than 0 and at most 86400", 2)
+  end
   return setmetatable({
     kind = "command",
+    timeout = opts.timeout or shell.DEFAULT_TIMEOUT,
     get_cmd = opts.get,
     put_cmd = opts.put,
     lock_dir = opts.lock_dir,   -- nil: a private per-user folder, chosen at lock time
@@ -47,9 +53,13 @@ local function env_for(key)
   return { OAUTHMAIL_STORE_KEY = key, OAUTHMAIL_STORE_KEY_ID = M.key_id(key) }
 end
 
+local function hint(reason)
+  return reason == "timeout" and " (the store's 'timeout' option)" or ""
+end
+
 function M:load(key)
-  local out, rc = shell.capture(self.get_cmd, env_for(key))
-  if not out then return fail("command store: get command: " .. rc, "command") end
+  local out, rc, reason = shell.capture(self.get_cmd, env_for(key), self.timeout)
+  if not out then return fail("command store: get command: " .. rc .. hint(reason), reason or "command") end
   if rc ~= 0 then return fail("command store: get command exited with status " .. rc, "command") end
   if out:match("^%s*$") then return nil end
   local record = cjson.decode(out)
@@ -60,8 +70,8 @@ function M:load(key)
 end
 
 function M:save(key, record)
-  local rc, why = shell.feed(self.put_cmd, record and cjson.encode(record) or "", env_for(key))
-  if not rc then return fail("command store: put command: " .. why, "command") end
+  local rc, why, reason = shell.feed(self.put_cmd, record and cjson.encode(record) or "", env_for(key), self.timeout)
+  if not rc then return fail("command store: put command: " .. why .. hint(reason), reason or "command") end
   if rc ~= 0 then return fail("command store: put command exited with status " .. rc, "command") end
   return true
 end

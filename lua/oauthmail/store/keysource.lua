@@ -17,6 +17,10 @@ local function fail(message, reason)
   return errors.fail("store", message, { reason = reason or "key" })
 end
 
+local function hint(reason)
+  return reason == "timeout" and " (the encryption option 'command_timeout')" or ""
+end
+
 local function unhex(s)
   return (s:gsub("%x%x", function(x) return string.char(tonumber(x, 16)) end))
 end
@@ -63,6 +67,7 @@ end
 local ENCRYPTION_FIELDS = {
   key_env = "string", key_file = "string", key_command = "string",
   passphrase = "string", passphrase_env = "string", passphrase_command = "string", scrypt = "table",
+  command_timeout = "number",
 }
 
 -- check(spec) raises on a malformed configuration, so mistakes show at setup.
@@ -80,6 +85,14 @@ function M.check(spec)
   if n ~= 1 then
     error("store encryption: give exactly one of key_env, key_file, key_command, passphrase, "
       .. "passphrase_env, passphrase_command", 3)
+  end
+  if spec.command_timeout ~= nil then
+    if not (spec.key_command or spec.passphrase_command) then
+      error("store encryption: 'command_timeout' applies to key_command and passphrase_command only", 3)
+    end
+    if not shell.good_timeout(spec.command_timeout) then
+      error("store encryption: 'command_timeout' must be a number of seconds greater than 0 and at most 86400", 3)
+    end
   end
   if spec.scrypt then
     check_options("store encryption: scrypt", spec.scrypt, { N = "number", r = "number", p = "number" }, 3)
@@ -112,8 +125,8 @@ function M.material(spec)
     end
     return parse_key(data, "key file " .. spec.key_file, true)
   elseif spec.key_command then
-    local out, rc = shell.capture(spec.key_command)
-    if not out then return fail("key command failed: " .. rc) end
+    local out, rc, reason = shell.capture(spec.key_command, nil, spec.command_timeout)
+    if not out then return fail("key command failed: " .. rc .. hint(reason)) end
     if rc ~= 0 then return fail("key command exited with status " .. rc) end
     return parse_key(out, "the output of the key command", false)
   elseif spec.passphrase then
@@ -123,8 +136,8 @@ function M.material(spec)
     if not v or v == "" then return fail("environment variable " .. spec.passphrase_env .. " (the token file passphrase) is not set") end
     return v
   else
-    local out, rc = shell.capture(spec.passphrase_command)
-    if not out then return fail("passphrase command failed: " .. rc) end
+    local out, rc, reason = shell.capture(spec.passphrase_command, nil, spec.command_timeout)
+    if not out then return fail("passphrase command failed: " .. rc .. hint(reason)) end
     if rc ~= 0 then return fail("passphrase command exited with status " .. rc) end
     local line = first_line(out)
     if line == "" then return fail("passphrase command printed an empty first line") end
