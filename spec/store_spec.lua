@@ -602,6 +602,31 @@ describe("store.command", function()
     end
   end)
 
+  it("kills and reaps a command whose process object is collected while it runs", function()
+    local sys = require "oauthmail.sys"
+    local pidfile = h.tmpdir() .. "/sh.pid"
+    local p = assert(sys.proc.spawn("echo $$ > " .. h.quote(pidfile) .. "; sleep 30", {}, "r"))
+    local pid
+    for _ = 1, 500 do
+      pid = tonumber((h.read_file(pidfile) or ""):match("%d+"))
+      if pid then break end
+      h.sleep(0.01)
+    end
+    assert.truthy(pid, "the command did not start")
+    assert.is_false(p:exit())
+    p = nil   -- luacheck: ignore
+    collectgarbage()
+    collectgarbage()
+    -- kill -0 succeeds on a zombie too: failing means killed and reaped
+    assert.is_false((h.exec("kill -0 " .. pid)))
+    assert.has_error(function() sys.proc.spawn("true", {}, "x") end)
+    assert.has_error(function() sys.proc.spawn("true", { "NOEQUALS" }, "r") end)
+    assert.has_error(function() sys.proc.spawn("true", { "=x" }, "r") end)
+    local w = assert(sys.proc.spawn("cat >/dev/null", {}, "w"))
+    assert.has_error(function() w:read() end)
+    w:close_pipe()
+  end)
+
   it("reports the exit of a command killed by a signal as the shell does", function()
     local s = store.command { get = "kill -9 $$", put = "kill -15 $$", lock_dir = h.tmpdir() }
     local _, err = s:load(KEY)
