@@ -18,12 +18,19 @@
  * and a kill ends the whole pipeline the command started, not only the
  * shell: a secret manager that hangs leaves nothing behind.
  *
+ * The exit status travels on a second pipe: the shell runs the command in a
+ * subshell and then prints `$?` on descriptor 3, which the command itself
+ * does not see. A host may reap children it did not start (nginx's SIGCHLD
+ * handler calls waitpid(-1) in every worker): waitpid then fails with
+ * ECHILD, yet the status still arrives. waitpid serves only to reap, and
+ * for a shell that died before it printed (killed).
+ *
  * Every method is a step: read and write return the descriptor to wait on
- * when the pipe is not ready, exit returns false while the child
- * runs, and pidfd gives a descriptor that becomes readable when it ends
- * (Linux 5.3 or later; nil elsewhere, where the caller sleeps in between).
- * Lua waits through oauthmail.wait. A proc that is collected before its
- * child was reaped kills the child and reaps it, so no zombie is left. */
+ * when the pipe is not ready, and exit returns false and the descriptor
+ * that tells when to ask again (the status pipe, a pidfd on Linux 5.3 or
+ * later, or none: the caller sleeps in between). Lua waits through
+ * oauthmail.wait. A proc that is collected before its child was reaped
+ * kills the child and reaps it, so no zombie is left. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -46,8 +53,11 @@ extern char **environ;
 typedef struct {
   pid_t pid;     /* 0 once reaped */
   int fd;        /* our end of the pipe, -1 when closed */
+  int sfd;       /* the status pipe, -1 when closed */
   int pidfd;     /* -1 when none */
-  int status;    /* the exit code once reaped: exit status, or 128 + signal */
+  int status;    /* the exit code once known: exit status, or 128 + signal; -1 before */
+  int slen;      /* bytes in sbuf */
+  char sbuf[12]; /* what the shell printed on the status pipe */
   char mode;     /* 'r' or 'w' */
   char group;    /* the child leads its own process group */
 } om_proc;
@@ -65,8 +75,9 @@ static int code_of(int st) {
   return 255;
 }
 
-/* Reap without waiting: 1 when the child has ended (p->status set), 0 while
- * it runs, -1 on an error (errno). */
+/* Reap without waiting: 1 when the child has ended (or somebody else
+ * reaped it), 0 while it runs, -1 on an error (errno). The code waitpid
+ * gives counts only when the status pipe said nothing. */
 static int reap(om_proc *p) {
   int st;
   pid_t r;
@@ -74,11 +85,10 @@ static int reap(om_proc *p) {
   do r = waitpid(p->pid, &st, WNOHANG); while (r < 0 && errno == EINTR);
   if (r == 0) return 0;
   if (r < 0) {
-    /* ECHILD: somebody else reaped it (a host's SIGCHLD handler); its code is lost */
     if (errno != ECHILD) return -1;
-    st = 255 << 8;
+    st = 255 << 8;   /* reaped by the host: its code is lost (the status pipe has it) */
   }
-  p->status = code_of(st);
+  if (p->status < 0 && p->sfd < 0) p->status = code_of(st);
   p->pid = 0;
   close_fd(&p->pidfd);
   return 1;
@@ -90,10 +100,13 @@ static void kill_child(om_proc *p) {
 
 static void proc_release(om_proc *p) {
   close_fd(&p->fd);
+  close_fd(&p->sfd);
   if (p->pid > 0 && reap(p) == 0) {
     int st;
-    kill_child(p);
-    while (waitpid(p->pid, &st, 0) < 0 && errno == EINTR) {}   /* a killed child ends at once */
+    /* a shell that printed its status is ending by itself: leave what the
+     * command left running alone; any other is stopped */
+    if (p->status < 0) kill_child(p);
+    while (waitpid(p->pid, &st, 0) < 0 && errno == EINTR) {}
     p->pid = 0;
   }
   close_fd(&p->pidfd);
@@ -111,6 +124,26 @@ static int above_stdio(int fd) {
   moved = fcntl(fd, F_DUPFD_CLOEXEC, 3);
   close(fd);
   return moved;
+}
+
+/* A close-on-exec pipe whose ends are above 0, 1 and 2; on failure both
+ * ends are -1 (or closed) and errno says why. */
+static int make_pipe(int fds[2]) {
+  if (pipe2(fds, O_CLOEXEC) != 0) {
+    fds[0] = fds[1] = -1;
+    return -1;
+  }
+  fds[0] = above_stdio(fds[0]);
+  fds[1] = above_stdio(fds[1]);
+  if (fds[0] < 0 || fds[1] < 0) {
+    int err = errno;
+    if (fds[0] >= 0) close(fds[0]);
+    if (fds[1] >= 0) close(fds[1]);
+    fds[0] = fds[1] = -1;
+    errno = err;
+    return -1;
+  }
+  return 0;
 }
 
 /* envp: ours, without the names `extra` sets, then `extra` ("NAME=value"). */
@@ -141,7 +174,12 @@ static int has_terminal(void) {
   return 1;
 }
 
-static int spawn_child(om_proc *p, const char *cmd, char **envp, int child_end) {
+/* The shell's script: the command in a subshell without descriptor 3 (new
+ * lines, so a trailing comment in it ends there), then its status on 3. */
+static const char WRAP_HEAD[] = "(\n";
+static const char WRAP_TAIL[] = "\n) 3>&-\nprintf %d \"$?\" >&3\n";
+
+static int spawn_child(om_proc *p, const char *script, char **envp, int child_end, int status_end) {
   posix_spawn_file_actions_t fa;
   posix_spawnattr_t at;
   sigset_t none, dfl;
@@ -149,7 +187,7 @@ static int spawn_child(om_proc *p, const char *cmd, char **envp, int child_end) 
   int rc;
   argv[0] = (char *)"sh";
   argv[1] = (char *)"-c";
-  argv[2] = (char *)cmd;
+  argv[2] = (char *)script;
   argv[3] = NULL;
   sigemptyset(&none);
   sigemptyset(&dfl);
@@ -171,6 +209,7 @@ static int spawn_child(om_proc *p, const char *cmd, char **envp, int child_end) 
     rc = posix_spawn_file_actions_adddup2(&fa, child_end, 0);
     if (!rc) rc = posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
   }
+  if (!rc) rc = posix_spawn_file_actions_adddup2(&fa, status_end, 3);
   if (!rc) rc = posix_spawnattr_setsigmask(&at, &none);
   if (!rc) rc = posix_spawnattr_setsigdefault(&at, &dfl);
   if (!rc && p->group) rc = posix_spawnattr_setpgroup(&at, 0);
@@ -185,61 +224,58 @@ static int spawn_child(om_proc *p, const char *cmd, char **envp, int child_end) 
 /* proc.spawn(cmd, env, mode) -> proc | nil, err
  * env: a list of "NAME=value" strings added to ours; mode "r" or "w". */
 static int proc_spawn(lua_State *L) {
-  const char *cmd = luaL_checkstring(L, 1);
+  size_t cmd_len;
+  const char *cmd = luaL_checklstring(L, 1, &cmd_len);
   const char *mode_s = luaL_checkstring(L, 3);
   const char *extra[PROC_ENV_MAX];
-  int n = 0, fds[2], rc, i;
+  const char *script;
+  int n = 0, fds[2] = { -1, -1 }, sfds[2] = { -1, -1 }, rc, i;
   char **envp;
   om_proc *p;
+  luaL_argcheck(L, strlen(cmd) == cmd_len, 1, "the command contains a NUL byte");
   luaL_checktype(L, 2, LUA_TTABLE);
   luaL_argcheck(L, (mode_s[0] == 'r' || mode_s[0] == 'w') && !mode_s[1], 3, "mode must be \"r\" or \"w\"");
   n = (int)om_rawlen(L, 2);
   luaL_argcheck(L, n <= PROC_ENV_MAX, 2, "too many environment variables");
   for (i = 0; i < n; i++) {
     lua_rawgeti(L, 2, i + 1);
-    extra[i] = lua_tostring(L, -1);
+    extra[i] = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
     luaL_argcheck(L, extra[i] && strchr(extra[i], '=') && extra[i][0] != '=', 2,
                   "environment entries must be \"NAME=value\" strings");
-    lua_pop(L, 1);   /* the table keeps the string alive */
+    lua_pop(L, 1);   /* a string: the table keeps it alive */
   }
   p = (om_proc *)lua_newuserdata(L, sizeof *p);
   p->pid = 0;
-  p->fd = p->pidfd = -1;
+  p->fd = p->sfd = p->pidfd = -1;
   p->status = -1;
+  p->slen = 0;
   p->mode = mode_s[0];
   p->group = !has_terminal();
   luaL_getmetatable(L, PROC_TYPE);
   lua_setmetatable(L, -2);
-  if (pipe2(fds, O_CLOEXEC) != 0) return om_fail(L, "system", "io", "cannot make a pipe: %s", strerror(errno));
-  fds[0] = above_stdio(fds[0]);
-  fds[1] = above_stdio(fds[1]);
-  if (fds[0] < 0 || fds[1] < 0) {
+  if (make_pipe(fds) != 0 || make_pipe(sfds) != 0) {
     int err = errno;
     if (fds[0] >= 0) close(fds[0]);
     if (fds[1] >= 0) close(fds[1]);
     return om_fail(L, "system", "io", "cannot make a pipe: %s", strerror(err));
   }
   envp = build_env(extra, n);
-  if (!envp) {
-    close(fds[0]);
-    close(fds[1]);
-    return om_fail(L, "system", "io", "cannot start the command: out of memory");
-  }
-  rc = spawn_child(p, cmd, envp, p->mode == 'r' ? fds[1] : fds[0]);
+  script = lua_pushfstring(L, "%s%s%s", WRAP_HEAD, cmd, WRAP_TAIL);
+  rc = envp ? spawn_child(p, script, envp, p->mode == 'r' ? fds[1] : fds[0], sfds[1]) : ENOMEM;
+  lua_pop(L, 1);
   free(envp);
-  if (p->mode == 'r') {
-    close(fds[1]);
-    p->fd = fds[0];
-  } else {
-    close(fds[0]);
-    p->fd = fds[1];
-  }
+  close(p->mode == 'r' ? fds[1] : fds[0]);
+  close(sfds[1]);
+  p->fd = p->mode == 'r' ? fds[0] : fds[1];
+  p->sfd = sfds[0];
   if (rc != 0) {
     p->pid = 0;
     close_fd(&p->fd);
+    close_fd(&p->sfd);
     return om_fail(L, "system", "io", "cannot start the command: %s", strerror(rc));
   }
   fcntl(p->fd, F_SETFL, fcntl(p->fd, F_GETFL) | O_NONBLOCK);
+  fcntl(p->sfd, F_SETFL, fcntl(p->sfd, F_GETFL) | O_NONBLOCK);
 #ifdef SYS_pidfd_open
   p->pidfd = (int)syscall(SYS_pidfd_open, p->pid, 0);
   if (p->pidfd >= 0) fcntl(p->pidfd, F_SETFD, FD_CLOEXEC);
@@ -348,22 +384,49 @@ static int proc_close_pipe(lua_State *L) {
   return 0;
 }
 
-/* p:exit() -> code (exit status, or 128 + signal) | false (still running) | nil, err */
-static int proc_exit(lua_State *L) {
-  om_proc *p = check_proc(L);
-  int r = reap(p);
-  if (r < 0) return om_fail(L, "system", "io", "waiting for the command: %s", strerror(errno));
-  if (r == 0) lua_pushboolean(L, 0);
-  else lua_pushinteger(L, p->status);
+/* The status pipe: 1 when it ended (p->status set if the shell printed a
+ * number), 0 when nothing more is there yet, -1 on an error (errno). */
+static int read_status(om_proc *p) {
+  while (p->sfd >= 0) {
+    ssize_t n;
+    char c;
+    do n = read(p->sfd, &c, 1); while (n < 0 && errno == EINTR);
+    if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
+    if (n == 1) {
+      if (c >= '0' && c <= '9' && p->slen < (int)sizeof p->sbuf - 1) p->sbuf[p->slen++] = c;
+      continue;
+    }
+    close_fd(&p->sfd);
+    if (p->slen > 0) {
+      p->sbuf[p->slen] = 0;
+      p->status = atoi(p->sbuf);
+    }
+  }
   return 1;
 }
 
-/* p:pidfd() -> fd (readable once the child ended) | nil */
-static int proc_pidfd(lua_State *L) {
+/* p:exit() -> code (exit status, or 128 + signal) | false, fd (still
+ * running: ask again when fd is readable; no fd: after a pause) | nil, err */
+static int proc_exit(lua_State *L) {
   om_proc *p = check_proc(L);
-  if (p->pidfd < 0) return 0;
+  int r = read_status(p);
+  if (r == 0) {
+    lua_pushboolean(L, 0);
+    lua_pushinteger(L, p->sfd);
+    return 2;
+  }
+  if (r < 0) return om_fail(L, "system", "io", "waiting for the command: %s", strerror(errno));
+  r = reap(p);   /* the shell is ending: reap it now if it has */
+  if (r < 0) return om_fail(L, "system", "io", "waiting for the command: %s", strerror(errno));
+  if (p->status >= 0) {
+    lua_pushinteger(L, p->status);
+    return 1;
+  }
+  /* the shell ended without printing (killed): its code is waitpid's */
+  lua_pushboolean(L, 0);
+  if (p->pidfd < 0) return 1;
   lua_pushinteger(L, p->pidfd);
-  return 1;
+  return 2;
 }
 
 /* p:kill(): SIGKILL to the child if it still runs (to its whole group when
@@ -383,7 +446,6 @@ static const luaL_Reg proc_methods[] = {
   { "write", proc_write },
   { "close_pipe", proc_close_pipe },
   { "exit", proc_exit },
-  { "pidfd", proc_pidfd },
   { "kill", proc_kill },
   { NULL, NULL }
 };

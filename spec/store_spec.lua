@@ -635,6 +635,23 @@ describe("store.command", function()
     assert.equals("command store: put command exited with status 143", perr.message)
   end)
 
+  -- nginx's workers reap every child in their SIGCHLD handler (waitpid(-1)),
+  -- so waitpid on ours fails; a process that ignores SIGCHLD has its
+  -- children reaped for it the same way. The exit status must still be
+  -- the command's (here the ignoring is inherited from perl through exec).
+  it("knows a command's exit status when the host reaps children itself", function()
+    local code = [[
+      local shell = require "oauthmail.store.shell"
+      print("CAPTURE", shell.capture("echo out; exit 3"))
+      print("FEED", shell.feed("cat >/dev/null; exit 4", "input"))
+      print("OK", shell.capture("true"))]]
+    local ok, out = h.exec("perl -e '$SIG{CHLD} = \"IGNORE\"; exec @ARGV' " .. h.lua_bin .. " -e " .. h.quote(code))
+    assert.is_true(ok, out)
+    assert.matches("CAPTURE\tout\n\t3", out)
+    assert.matches("FEED\t4", out)
+    assert.matches("OK\t\t0", out)
+  end)
+
   -- A command that exits without reading its input closed the pipe: writing
   -- on through io.popen raised SIGPIPE, which ended a host that had not
   -- ignored it (a plain lua process, here a child so the suite survives).

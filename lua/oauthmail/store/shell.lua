@@ -1,9 +1,10 @@
 -- oauthmail.store.shell — runs the external commands that key sources and the
 -- command store rely on: `/bin/sh -c cmd` as a child process (sys.proc) whose
--- pipe is waited on through oauthmail.wait, so a slow secret manager makes
+-- pipes are waited on through oauthmail.wait, so a slow secret manager makes
 -- its caller wait, not the host's loop. Output is bounded, every command has
 -- a deadline (the child is killed when it passes), and the exit status comes
--- from the child itself on every Lua version. Nothing a command prints is
+-- from the shell itself, on every Lua version and in hosts that reap
+-- children they did not start (nginx). Nothing a command prints is
 -- ever put into an error message: it may be a secret.
 local sys = require "oauthmail.sys"
 local wait = require "oauthmail.wait"
@@ -57,13 +58,12 @@ end
 local function finish(p, deadline, timeout)
   local pause = 0.001
   while true do
-    local code, err = p:exit()
-    if code == nil then return stop(p, err.message) end
+    local code, fd = p:exit()
+    if code == nil then return stop(p, fd.message) end
     if code then return code end
     if wait.now() >= deadline then return overdue(p, timeout) end
-    local pidfd = p:pidfd()
-    if pidfd then
-      wait.fd(pidfd, "r", deadline)
+    if fd then
+      wait.fd(fd, "r", deadline)
     else
       wait.sleep(math.min(pause, deadline - wait.now()))
       pause = math.min(pause * 2, 0.05)
