@@ -44,8 +44,7 @@ local function start_nginx(ca, handlers)
     "  fastcgi_temp_path " .. dir .. "/fcgi; uwsgi_temp_path " .. dir .. "/uwsgi; scgi_temp_path " .. dir .. "/scgi;",
     "  lua_package_path '" .. h.root .. "/lua/?.lua;" .. h.root .. "/lua/?/init.lua;" .. h.root .. "/?.lua;;';",
     "  lua_package_cpath '" .. jit_build() .. "/?.so;;';",
-    "  lua_ssl_trusted_certificate " .. ca .. ";",
-    "  lua_ssl_verify_depth 3;",
+    ca and "  lua_ssl_trusted_certificate " .. ca .. "; lua_ssl_verify_depth 3;" or "",
     "  server {",
     "    listen 127.0.0.1:" .. port .. ";",
   }
@@ -150,6 +149,35 @@ describe("oauthmail under OpenResty (nginx + lua-nginx-module)", function()
     assert.equals(1, #sb.messages())
     local log = h.read_file(nginx.dir .. "/error.log") or ""
     h.assert_no_secrets(log, { srv.secrets.post })
+    nginx.stop()
+  end)
+
+  -- nginx reaps every child in its SIGCHLD handler (waitpid(-1)), so the
+  -- store learns a command's exit status from the shell, not from waitpid.
+  it_ngx("runs a command store's slow commands without holding the worker, with their exit status", function()
+    local dir = h.tmpdir()
+    local handler = string.format([[
+      require("oauthmail.wait").use(require "oauthmail.wait.ngx")
+      local store = require("oauthmail.store").command {
+        get = "sleep 0.8; cat %s/$OAUTHMAIL_STORE_KEY_ID", put = "sleep 0.8; cat > %s/$OAUTHMAIL_STORE_KEY_ID",
+        lock_dir = %q }
+      local record = { access_token = "nginx-cmd-secret-0123456789", token_type = "Bearer", expires_at = 1900000000 }
+      local saved, serr = store:save("acct", record)
+      local got, gerr = store:load("acct")
+      local failing = require("oauthmail.store").command { get = "sleep 0.2; exit 3", put = "true", lock_dir = %q }
+      local _, ferr = failing:load("acct")
+      ngx.update_time()
+      ngx.say(require("cjson").encode { at = ngx.now(), saved = saved, serr = serr and tostring(serr),
+        same = got and got.access_token == record.access_token, gerr = gerr and tostring(gerr),
+        ferr = ferr and ferr.message })
+    ]], h.quote(dir), h.quote(dir), dir, dir)
+    local nginx = start_nginx(nil, { ["/store"] = handler, ["/ping"] = PING })
+    local slow, fast = two_requests(nginx.port, "/store", "/ping")
+    assert.is_true(slow.saved, tostring(slow.serr))
+    assert.is_true(slow.same, tostring(slow.gerr))
+    assert.equals("command store: get command exited with status 3", slow.ferr)
+    assert.truthy(fast.at < slow.at, "ping answered at " .. fast.at .. ", the store calls ended at " .. slow.at)
+    h.assert_no_secrets(h.read_file(nginx.dir .. "/error.log") or "", { "nginx-cmd-secret-0123456789" })
     nginx.stop()
   end)
 end)
