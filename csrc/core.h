@@ -31,6 +31,9 @@ OM_HIDDEN void om_error_metatable(lua_State *L);
 /* Monotonic clock in seconds. */
 OM_HIDDEN double om_now(void);
 
+/* Write all n bytes to a blocking descriptor (a file), through EINTR: 0, or -1 with errno. */
+OM_HIDDEN int om_write_all(int fd, const char *p, size_t n);
+
 /* The primitive families; each adds its functions to the table on top. */
 OM_HIDDEN void om_conn_open(lua_State *L);
 OM_HIDDEN void om_smtp_open(lua_State *L);

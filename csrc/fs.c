@@ -107,19 +107,6 @@ static int fs_lock_try(lua_State *L) {
 
 /* ---- atomic replace ------------------------------------------------------ */
 
-static int write_all(int fd, const char *p, size_t n) {
-  while (n > 0) {
-    ssize_t w = write(fd, p, n);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return -1;
-    }
-    p += w;
-    n -= (size_t)w;
-  }
-  return 0;
-}
-
 static int fsync_dir_of(const char *path) {
   /* the rename is only durable once the directory entry is on disk */
   char dir[4096];
@@ -229,11 +216,11 @@ static int fs_atomic_write(lua_State *L) {
   if (fchmod(fd, mode) != 0) goto fail;
 #ifdef OAUTHMAIL_TESTING
   if (fault && strcmp(fault, "during_save") == 0) {
-    if (write_all(fd, data, len / 2) == 0) fsync(fd);
+    if (om_write_all(fd, data, len / 2) == 0) fsync(fd);
     _exit(86);
   }
 #endif
-  if (write_all(fd, data, len) != 0) goto fail;
+  if (om_write_all(fd, data, len) != 0) goto fail;
   if (fsync(fd) != 0) goto fail;
   if (close(fd) != 0) { fd = -1; goto fail; }
   fd = -1;

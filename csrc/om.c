@@ -5,6 +5,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <time.h>
+#include <unistd.h>
 #include "core.h"
 
 /* "kind error: message [code enhanced] (provider_code)\n  hint: hint": the
@@ -127,4 +128,19 @@ void om_error_metatable(lua_State *L) {
     lua_pushcfunction(L, error_tostring);
     lua_setfield(L, -2, "__tostring");
   }
+}
+
+/* Write all n bytes to a blocking descriptor (a file), through EINTR:
+ * 0, or -1 with errno. */
+int om_write_all(int fd, const char *p, size_t n) {
+  while (n > 0) {
+    ssize_t w = write(fd, p, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return -1;
+    }
+    p += w;
+    n -= (size_t)w;
+  }
+  return 0;
 }

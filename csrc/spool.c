@@ -36,19 +36,6 @@ static const char *check_name(lua_State *L, int i) {
   return s;
 }
 
-static int write_all(int fd, const char *p, size_t n) {
-  while (n > 0) {
-    ssize_t w = write(fd, p, n);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return -1;
-    }
-    p += w;
-    n -= (size_t)w;
-  }
-  return 0;
-}
-
 /* spool.put(dir, name, data [, test_fault]) -> true | nil, err
  * TEST HOOK: test_fault == "during_put" ends the process after half the
  * data reached tmp/ (a crash mid-enqueue). */
@@ -67,10 +54,10 @@ static int spool_put(lua_State *L) {
   fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0) return fail(L, errno, "cannot create", tmp);
   if (fault && strcmp(fault, "during_put") == 0) {
-    if (write_all(fd, data, len / 2) == 0) fsync(fd);
+    if (om_write_all(fd, data, len / 2) == 0) fsync(fd);
     _exit(86);
   }
-  if (write_all(fd, data, len) != 0 || fsync(fd) != 0) {
+  if (om_write_all(fd, data, len) != 0 || fsync(fd) != 0) {
     err = errno;
     close(fd);
     unlink(tmp);
