@@ -169,10 +169,7 @@ local function check_timeout(t)
   return t
 end
 
-local function seconds_text(s)
-  if s == math.floor(s) then return string.format("%d s", s) end
-  return string.format("%.3g s", s)
-end
+local seconds_text = require("oauthmail.options").seconds_text
 
 -- l:accept([timeout]) -> conn (TLS handshake done when configured) | nil, err
 function Listener:accept(timeout)

@@ -18,6 +18,12 @@ function M.finite(v)
   return type(v) == "number" and v == v and v > -math.huge and v < math.huge
 end
 
+-- options.seconds_text(s) -> "30 s", "0.25 s": a duration for a message.
+function M.seconds_text(s)
+  if s == math.floor(s) then return string.format("%d s", s) end
+  return string.format("%.3g s", s)
+end
+
 -- options.whole(v): a finite number without a fraction.
 function M.whole(v)
   return M.finite(v) and v == math.floor(v)

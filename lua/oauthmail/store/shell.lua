@@ -33,10 +33,7 @@ local function env_list(env)
   return list
 end
 
-local function seconds_text(s)
-  if s == math.floor(s) then return string.format("%d s", s) end
-  return string.format("%.3g s", s)
-end
+local seconds_text = require("oauthmail.options").seconds_text
 
 -- Kill a child that overran or failed us and reap it (a killed child ends
 -- at once; the collector reaps it should it not have yet).
