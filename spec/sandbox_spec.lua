@@ -155,6 +155,52 @@ describe("oauthmail sandbox", function()
     local _, stats = sb.control("GET", "/stats")
     assert.same({ "connect:421", "connect:421" }, stats.faults_used)
   end)
+
+  it("a client that never speaks and one stalled in its STARTTLS handshake hold up nobody", function()
+    local conn = require "oauthmail.conn"
+    local silent = assert(conn.connect { host = "127.0.0.1", port = sb.smtp_port, timeout = 10 })
+    local stalled = assert(conn.connect { host = "127.0.0.1", port = sb.smtp_port, timeout = 10 })
+    assert.matches("^220 ", stalled:receive_line())
+    assert(stalled:send("EHLO stalled.test\r\n"))
+    repeat local l = assert(stalled:receive_line()) until l:match("^250 ")
+    assert(stalled:send("STARTTLS\r\n"))
+    assert.matches("^220 ", stalled:receive_line())
+    -- the start of a ClientHello record, then nothing: the server's handshake waits for the rest (10 s)
+    assert(stalled:send("\22\3\1\2\0\1\0\1\252\3\3"))
+    local before = #sb.messages()
+    -- a client that waits 3 s for anything and tries once: it gets through only if the
+    -- stalled handshake blocks no one (the old polling loop sat in it for 10 s)
+    local p = dofile(sb.profile)
+    p.smtp.timeout = 3
+    local path = sb.variant("impatient", { smtp = p.smtp, oauth = { timeout = 3, retry = { attempts = 1 } },
+      policy = { attempts = 1 }, store = { kind = "file", path = sb.dir .. "/impatient.json" } })
+    local r = send(home, path, { "--subject", "past the stalled ones" })
+    silent:close()
+    stalled:close()
+    assert.equals(0, r.rc, r.err)
+    local m = sb.messages()
+    assert.equals(before + 1, #m)
+    assert.matches("Subject: past the stalled ones\r\n", m[#m].data)
+  end)
+
+  it("a line over the bound is refused (500 5.5.2) and the connection closed, not buffered on", function()
+    local conn = require "oauthmail.conn"
+    local c = assert(conn.connect { host = "127.0.0.1", port = sb.smtp_port, timeout = 10 })
+    assert.matches("^220 ", c:receive_line())
+    -- 64 kB with no line feed: far over a command's 4096 bytes
+    assert(c:send("NOOP " .. string.rep("x", 65536)))
+    assert.equals("500 5.5.2 Line too long", c:receive_line())
+    local none, err = c:receive_line()
+    assert.is_nil(none)
+    assert.equals("closed", err.reason)
+    c:close()
+    -- a long line that does end is refused the same way
+    c = assert(conn.connect { host = "127.0.0.1", port = sb.smtp_port, timeout = 10 })
+    assert.matches("^220 ", c:receive_line())
+    assert(c:send("NOOP " .. string.rep("y", 5000) .. "\r\nNOOP\r\n"))
+    assert.equals("500 5.5.2 Line too long", c:receive_line())
+    c:close()
+  end)
 end)
 
 describe("oauthmail sandbox with switches", function()
