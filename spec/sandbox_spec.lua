@@ -354,3 +354,97 @@ describe("oauthmail sandbox with switches", function()
     assert.matches("signed in %(authorization_code%)", r.err)
   end)
 end)
+
+describe("oauthmail.sandbox in this process", function()
+  local oauthmail = require "oauthmail"
+  local sandbox = require "oauthmail.sandbox"
+  local conn = require "oauthmail.conn"
+  local wait = require "oauthmail.wait"
+
+  local function delivered(dir)
+    local out = {}
+    for line in (h.read_file(dir .. "/maildir/index.jsonl") or ""):gmatch("[^\n]+") do
+      local m = cjson.decode(line)
+      m.data = h.read_file(m.file)
+      out[#out + 1] = m
+    end
+    return out
+  end
+
+  it("serves inside the caller's oauthmail.run while a mailer of the same loop sends to it", function()
+    local dir = h.tmpdir()
+    local sb = assert(sandbox.new { dir = dir })
+    local lines, receipts, errs = {}, {}, {}
+    oauthmail.run(function()
+      sb:serve()
+      -- a client that connects and never speaks, open for the whole run
+      local silent = assert(conn.connect { host = "127.0.0.1", port = sb.smtp_l:port(), timeout = 10 })
+      local p = sb:profile()
+      p.trace = function(ev) lines[#lines + 1] = oauthmail.format_event(ev) end
+      local mailer = assert(oauthmail.new(p))
+      local finished, all = 0, wait.cond()
+      for i = 1, 3 do
+        oauthmail.spawn(function()
+          receipts[i], errs[i] = mailer:send { to = "ops" .. i .. "@example.org", subject = "same loop " .. i,
+            text = "hello " .. i }
+          finished = finished + 1
+          all:signal()
+        end)
+      end
+      local deadline = wait.now() + 60
+      while finished < 3 and all:wait(deadline) do end
+      mailer:close()
+      silent:close()
+      sb:stop()
+    end)
+    sb:close()
+    for i = 1, 3 do
+      assert.is_table(receipts[i], tostring(errs[i]))
+      assert.equals(250, receipts[i].reply.code)
+    end
+    local m = delivered(dir)
+    assert.equals(3, #m)
+    local subjects = {}
+    for _, msg in ipairs(m) do subjects[#subjects + 1] = msg.data:match("Subject: ([^\r\n]+)") end
+    table.sort(subjects)
+    assert.same({ "same loop 1", "same loop 2", "same loop 3" }, subjects)
+    -- the trace names the steps and never a secret
+    local text = table.concat(lines, "\n")
+    assert.matches("235", text)
+    local secrets = { sb.client_secret }
+    for token in pairs(sb.idp.access) do secrets[#secrets + 1] = token end
+    assert.is_true(#secrets > 1)
+    h.assert_no_secrets(text, secrets)
+  end)
+
+  it("sb:run() serves a client process until POST /stop", function()
+    local home = cli.home()
+    local dir = h.tmpdir()
+    local sb = assert(sandbox.new { dir = dir })
+    local profile = sb:write_profiles()
+    local proc = h.spawn("sh -c " .. h.quote(h.quote(home.oauthmail) .. " send --profile " .. h.quote(profile)
+      .. " --to ops@example.org --subject stopped --text x; echo SENT=$?; curl -s -X POST http://127.0.0.1:"
+      .. sb.control_l:port() .. "/stop"), { env = home.env })
+    local deadline = h.now() + 60
+    sb:run(function() return h.now() > deadline end)   -- (a bound only: POST /stop ends it)
+    sb:close()
+    proc.stop()
+    assert.is_true(h.now() < deadline, "the sandbox did not stop on POST /stop")
+    assert.matches("SENT=0", proc.output())
+    local m = delivered(dir)
+    assert.equals(1, #m)
+    assert.matches("Subject: stopped\r\n", m[1].data)
+  end)
+
+  it("sb:run(until_fn) returns once until_fn says so; run inside a loop is refused", function()
+    local dir = h.tmpdir()
+    local sb = assert(sandbox.new { dir = dir })
+    local asked = 0
+    sb:run(function() asked = asked + 1 return asked == 3 end)
+    assert.equals(3, asked)
+    local ok, err = pcall(oauthmail.run, function() sb:run() end)
+    assert.is_false(ok)
+    assert.matches("use sb:serve%(%) there", err)
+    sb:close()
+  end)
+end)
