@@ -448,3 +448,50 @@ describe("oauthmail.sandbox in this process", function()
     sb:close()
   end)
 end)
+
+describe("oauthmail.sandbox.serve's line reader", function()
+  local serve = require "oauthmail.sandbox.serve"
+
+  -- a connection that hands out the given chunks, then says closed
+  local function fake(chunks)
+    local c = { reads = 0 }
+    function c.receive_some()
+      c.reads = c.reads + 1
+      if c.reads > #chunks then return nil, { reason = "closed" } end
+      return chunks[c.reads]
+    end
+    return c
+  end
+
+  it("joins lines and counted bytes across chunks, CR LF split or not", function()
+    local r = serve.reader(fake { "EHLO a", "b\r", "\nMAIL FROM:<x>\r\nDA", "TA\r\n\r\n", "0123", "456789tail\n" }, 1)
+    assert.equals("EHLO ab", r.line(100))
+    assert.equals("MAIL FROM:<x>", r.line(100))
+    assert.equals("DATA", r.line(100))
+    assert.equals("", r.line(100))
+    assert.equals("012345", r.bytes(6))
+    assert.equals("", r.bytes(0))
+    assert.equals("6789", r.bytes(4))
+    assert.equals("tail", r.line(100))
+    local none, err = r.line(100)
+    assert.is_nil(none)
+    assert.equals("closed", err.reason)
+  end)
+
+  it("takes a line of exactly max bytes and refuses max + 1, in one chunk or many", function()
+    assert.equals(string.rep("a", 10), serve.reader(fake { string.rep("a", 10) .. "\r\n" }, 1).line(10))
+    assert.same({ nil, "line too long" }, { serve.reader(fake { string.rep("a", 11) .. "\r\n" }, 1).line(10) })
+    local pieces = {}
+    for i = 1, 11 do pieces[i] = "b" end
+    pieces[12] = "\n"
+    assert.same({ nil, "line too long" }, { serve.reader(fake(pieces), 1).line(10) })
+  end)
+
+  it("stops reading once more than max bytes came without a line feed", function()
+    local chunks = {}
+    for i = 1, 1000 do chunks[i] = string.rep("z", 1000) end
+    local c = fake(chunks)
+    assert.same({ nil, "line too long" }, { serve.reader(c, 1).line(4096) })
+    assert.equals(5, c.reads)
+  end)
+end)
