@@ -6,6 +6,9 @@ local cjson = require "cjson"
 local h = require "spec.support.helpers"
 local cli = require "spec.support.cli"
 
+-- the messages in a sandbox folder's maildir, each with its text
+local function delivered(dir) return h.maildir_messages(dir .. "/maildir") end
+
 local function start(home, args)
   local dir = h.tmpdir()
   local argv = { "sandbox", "--dir", dir, "--device-delay", "1" }
@@ -15,15 +18,7 @@ local function start(home, args)
     control_port = tonumber(proc.match[3]), profile = dir .. "/sandbox.lua", device = dir .. "/sandbox-device.lua" }
   function sb.stop() proc.stop() end
   function sb.control(method, path, body) return h.http_json({ port = sb.control_port }, method, path, body) end
-  function sb.messages()
-    local out = {}
-    for line in (h.read_file(dir .. "/maildir/index.jsonl") or ""):gmatch("[^\n]+") do
-      local m = cjson.decode(line)
-      m.data = h.read_file(m.file)
-      out[#out + 1] = m
-    end
-    return out
-  end
+  function sb.messages() return delivered(dir) end
   -- a copy of the written profile with some fields changed
   function sb.variant(name, changes)
     local p = dofile(sb.profile)
@@ -360,16 +355,6 @@ describe("oauthmail.sandbox in this process", function()
   local sandbox = require "oauthmail.sandbox"
   local conn = require "oauthmail.conn"
   local wait = require "oauthmail.wait"
-
-  local function delivered(dir)
-    local out = {}
-    for line in (h.read_file(dir .. "/maildir/index.jsonl") or ""):gmatch("[^\n]+") do
-      local m = cjson.decode(line)
-      m.data = h.read_file(m.file)
-      out[#out + 1] = m
-    end
-    return out
-  end
 
   it("serves inside the caller's oauthmail.run while a mailer of the same loop sends to it", function()
     local dir = h.tmpdir()
