@@ -253,8 +253,11 @@ function M.run(self, until_fn)
     while st.live > 0 and wait.now() < deadline do st.idle:wait(deadline) end
     if st.live > 0 then error(STOPPED, 0) end   -- ends the loop and the tasks left in it
   end)
-  for c in pairs(self.state.open) do c:close() end
-  self.state.open = {}
+  local st = self.state
+  if st then
+    for c in pairs(st.open) do c:close() end
+    st.open = {}
+  end
   if not ok and err ~= STOPPED then error(err, 0) end
 end
 
