@@ -6,6 +6,9 @@ local cjson = require "cjson"
 local h = require "spec.support.helpers"
 local cli = require "spec.support.cli"
 
+-- the messages in a sandbox folder's maildir, each with its text
+local function delivered(dir) return h.maildir_messages(dir .. "/maildir") end
+
 local function start(home, args)
   local dir = h.tmpdir()
   local argv = { "sandbox", "--dir", dir, "--device-delay", "1" }
@@ -15,15 +18,7 @@ local function start(home, args)
     control_port = tonumber(proc.match[3]), profile = dir .. "/sandbox.lua", device = dir .. "/sandbox-device.lua" }
   function sb.stop() proc.stop() end
   function sb.control(method, path, body) return h.http_json({ port = sb.control_port }, method, path, body) end
-  function sb.messages()
-    local out = {}
-    for line in (h.read_file(dir .. "/maildir/index.jsonl") or ""):gmatch("[^\n]+") do
-      local m = cjson.decode(line)
-      m.data = h.read_file(m.file)
-      out[#out + 1] = m
-    end
-    return out
-  end
+  function sb.messages() return delivered(dir) end
   -- a copy of the written profile with some fields changed
   function sb.variant(name, changes)
     local p = dofile(sb.profile)
@@ -154,6 +149,52 @@ describe("oauthmail sandbox", function()
     assert.matches("TLS 1%.2", r.out)
     local _, stats = sb.control("GET", "/stats")
     assert.same({ "connect:421", "connect:421" }, stats.faults_used)
+  end)
+
+  it("a client that never speaks and one stalled in its STARTTLS handshake hold up nobody", function()
+    local conn = require "oauthmail.conn"
+    local silent = assert(conn.connect { host = "127.0.0.1", port = sb.smtp_port, timeout = 10 })
+    local stalled = assert(conn.connect { host = "127.0.0.1", port = sb.smtp_port, timeout = 10 })
+    assert.matches("^220 ", stalled:receive_line())
+    assert(stalled:send("EHLO stalled.test\r\n"))
+    repeat local l = assert(stalled:receive_line()) until l:match("^250 ")
+    assert(stalled:send("STARTTLS\r\n"))
+    assert.matches("^220 ", stalled:receive_line())
+    -- the start of a ClientHello record, then nothing: the server's handshake waits for the rest (10 s)
+    assert(stalled:send("\22\3\1\2\0\1\0\1\252\3\3"))
+    local before = #sb.messages()
+    -- a client that waits 3 s for anything and tries once: it gets through only if the
+    -- stalled handshake blocks no one (the old polling loop sat in it for 10 s)
+    local p = dofile(sb.profile)
+    p.smtp.timeout = 3
+    local path = sb.variant("impatient", { smtp = p.smtp, oauth = { timeout = 3, retry = { attempts = 1 } },
+      policy = { attempts = 1 }, store = { kind = "file", path = sb.dir .. "/impatient.json" } })
+    local r = send(home, path, { "--subject", "past the stalled ones" })
+    silent:close()
+    stalled:close()
+    assert.equals(0, r.rc, r.err)
+    local m = sb.messages()
+    assert.equals(before + 1, #m)
+    assert.matches("Subject: past the stalled ones\r\n", m[#m].data)
+  end)
+
+  it("a line over the bound is refused (500 5.5.2) and the connection closed, not buffered on", function()
+    local conn = require "oauthmail.conn"
+    local c = assert(conn.connect { host = "127.0.0.1", port = sb.smtp_port, timeout = 10 })
+    assert.matches("^220 ", c:receive_line())
+    -- 64 kB with no line feed: far over a command's 4096 bytes
+    assert(c:send("NOOP " .. string.rep("x", 65536)))
+    assert.equals("500 5.5.2 Line too long", c:receive_line())
+    local none, err = c:receive_line()
+    assert.is_nil(none)
+    assert.equals("closed", err.reason)
+    c:close()
+    -- a long line that does end is refused the same way
+    c = assert(conn.connect { host = "127.0.0.1", port = sb.smtp_port, timeout = 10 })
+    assert.matches("^220 ", c:receive_line())
+    assert(c:send("NOOP " .. string.rep("y", 5000) .. "\r\nNOOP\r\n"))
+    assert.equals("500 5.5.2 Line too long", c:receive_line())
+    c:close()
   end)
 end)
 
@@ -306,5 +347,136 @@ describe("oauthmail sandbox with switches", function()
     sb.stop()
     assert.equals(0, r.rc, r.err)
     assert.matches("signed in %(authorization_code%)", r.err)
+  end)
+end)
+
+describe("oauthmail.sandbox in this process", function()
+  local oauthmail = require "oauthmail"
+  local sandbox = require "oauthmail.sandbox"
+  local conn = require "oauthmail.conn"
+  local wait = require "oauthmail.wait"
+
+  it("serves inside the caller's oauthmail.run while a mailer of the same loop sends to it", function()
+    local dir = h.tmpdir()
+    local sb = assert(sandbox.new { dir = dir })
+    local lines, receipts, errs = {}, {}, {}
+    oauthmail.run(function()
+      sb:serve()
+      -- a client that connects and never speaks, open for the whole run
+      local silent = assert(conn.connect { host = "127.0.0.1", port = sb.smtp_l:port(), timeout = 10 })
+      local p = sb:profile()
+      p.trace = function(ev) lines[#lines + 1] = oauthmail.format_event(ev) end
+      local mailer = assert(oauthmail.new(p))
+      local finished, all = 0, wait.cond()
+      for i = 1, 3 do
+        oauthmail.spawn(function()
+          receipts[i], errs[i] = mailer:send { to = "ops" .. i .. "@example.org", subject = "same loop " .. i,
+            text = "hello " .. i }
+          finished = finished + 1
+          all:signal()
+        end)
+      end
+      local deadline = wait.now() + 60
+      while finished < 3 and all:wait(deadline) do end
+      mailer:close()
+      silent:close()
+      sb:stop()
+    end)
+    sb:close()
+    for i = 1, 3 do
+      assert.is_table(receipts[i], tostring(errs[i]))
+      assert.equals(250, receipts[i].reply.code)
+    end
+    local m = delivered(dir)
+    assert.equals(3, #m)
+    local subjects = {}
+    for _, msg in ipairs(m) do subjects[#subjects + 1] = msg.data:match("Subject: ([^\r\n]+)") end
+    table.sort(subjects)
+    assert.same({ "same loop 1", "same loop 2", "same loop 3" }, subjects)
+    -- the trace names the steps and never a secret
+    local text = table.concat(lines, "\n")
+    assert.matches("235", text)
+    local secrets = { sb.client_secret }
+    for token in pairs(sb.idp.access) do secrets[#secrets + 1] = token end
+    assert.is_true(#secrets > 1)
+    h.assert_no_secrets(text, secrets)
+  end)
+
+  it("sb:run() serves a client process until POST /stop", function()
+    local home = cli.home()
+    local dir = h.tmpdir()
+    local sb = assert(sandbox.new { dir = dir })
+    local profile = sb:write_profiles()
+    local proc = h.spawn("sh -c " .. h.quote(h.quote(home.oauthmail) .. " send --profile " .. h.quote(profile)
+      .. " --to ops@example.org --subject stopped --text x; echo SENT=$?; curl -s -X POST http://127.0.0.1:"
+      .. sb.control_l:port() .. "/stop"), { env = home.env })
+    local deadline = h.now() + 60
+    sb:run(function() return h.now() > deadline end)   -- (a bound only: POST /stop ends it)
+    sb:close()
+    proc.stop()
+    assert.is_true(h.now() < deadline, "the sandbox did not stop on POST /stop")
+    assert.matches("SENT=0", proc.output())
+    local m = delivered(dir)
+    assert.equals(1, #m)
+    assert.matches("Subject: stopped\r\n", m[1].data)
+  end)
+
+  it("sb:run(until_fn) returns once until_fn says so; run inside a loop is refused", function()
+    local dir = h.tmpdir()
+    local sb = assert(sandbox.new { dir = dir })
+    local asked = 0
+    sb:run(function() asked = asked + 1 return asked == 3 end)
+    assert.equals(3, asked)
+    local ok, err = pcall(oauthmail.run, function() sb:run() end)
+    assert.is_false(ok)
+    assert.matches("use sb:serve%(%) there", err)
+    sb:close()
+  end)
+end)
+
+describe("oauthmail.sandbox.serve's line reader", function()
+  local serve = require "oauthmail.sandbox.serve"
+
+  -- a connection that hands out the given chunks, then says closed
+  local function fake(chunks)
+    local c = { reads = 0 }
+    function c.receive_some()
+      c.reads = c.reads + 1
+      if c.reads > #chunks then return nil, { reason = "closed" } end
+      return chunks[c.reads]
+    end
+    return c
+  end
+
+  it("joins lines and counted bytes across chunks, CR LF split or not", function()
+    local r = serve.reader(fake { "EHLO a", "b\r", "\nMAIL FROM:<x>\r\nDA", "TA\r\n\r\n", "0123", "456789tail\n" }, 1)
+    assert.equals("EHLO ab", r.line(100))
+    assert.equals("MAIL FROM:<x>", r.line(100))
+    assert.equals("DATA", r.line(100))
+    assert.equals("", r.line(100))
+    assert.equals("012345", r.bytes(6))
+    assert.equals("", r.bytes(0))
+    assert.equals("6789", r.bytes(4))
+    assert.equals("tail", r.line(100))
+    local none, err = r.line(100)
+    assert.is_nil(none)
+    assert.equals("closed", err.reason)
+  end)
+
+  it("takes a line of exactly max bytes and refuses max + 1, in one chunk or many", function()
+    assert.equals(string.rep("a", 10), serve.reader(fake { string.rep("a", 10) .. "\r\n" }, 1).line(10))
+    assert.same({ nil, "line too long" }, { serve.reader(fake { string.rep("a", 11) .. "\r\n" }, 1).line(10) })
+    local pieces = {}
+    for i = 1, 11 do pieces[i] = "b" end
+    pieces[12] = "\n"
+    assert.same({ nil, "line too long" }, { serve.reader(fake(pieces), 1).line(10) })
+  end)
+
+  it("stops reading once more than max bytes came without a line feed", function()
+    local chunks = {}
+    for i = 1, 1000 do chunks[i] = string.rep("z", 1000) end
+    local c = fake(chunks)
+    assert.same({ nil, "line too long" }, { serve.reader(c, 1).line(4096) })
+    assert.equals(5, c.reads)
   end)
 end)

@@ -44,6 +44,19 @@ function M.read_file(path)
   return s
 end
 
+-- The messages of a maildir both sandboxes write (index.jsonl and the
+-- files it names), each with its text as data.
+function M.maildir_messages(maildir)
+  local cjson = require "cjson"
+  local out = {}
+  for line in (M.read_file(maildir .. "/index.jsonl") or ""):gmatch("[^\n]+") do
+    local m = cjson.decode(line)
+    m.data = M.read_file(m.file)
+    out[#out + 1] = m
+  end
+  return out
+end
+
 function M.write_file(path, data, mode)
   local f = assert(io.open(path, "wb"))
   f:write(data)

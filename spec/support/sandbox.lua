@@ -46,15 +46,7 @@ function M.start(opts)
     return doc
   end
   -- delivered messages: {n, file, from, to, size, message_id, user, token, data}
-  function sb.messages()
-    local out = {}
-    for line in (h.read_file(sb.maildir .. "/index.jsonl") or ""):gmatch("[^\n]+") do
-      local m = cjson.decode(line)
-      m.data = h.read_file(m.file)
-      out[#out + 1] = m
-    end
-    return out
-  end
+  function sb.messages() return h.maildir_messages(sb.maildir) end
   -- SMTP settings for a profile pointing at this sandbox
   function sb.smtp(extra)
     local t = { host = "127.0.0.1", port = sb.port, tls = cfg.tls, ca_file = c.ca,

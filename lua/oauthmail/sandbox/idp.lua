@@ -8,7 +8,7 @@
 local cjson = require("cjson.safe").new()
 local crypto = require "oauthmail.crypto"
 local url = require "oauthmail.url"
-local loop = require "oauthmail.sandbox.loop"
+local serve = require "oauthmail.sandbox.serve"
 
 local M = {}
 
@@ -278,16 +278,19 @@ function M.respond(c, res)
     "Content-Type: " .. (res.type or "text/plain"), "Content-Length: " .. #res.body, "Connection: close",
     "Cache-Control: no-store" }
   for k, v in pairs(res.headers or {}) do head[#head + 1] = k .. ": " .. v end
-  loop.send(c, table.concat(head, "\r\n") .. "\r\n\r\n" .. res.body)
+  serve.send(c, table.concat(head, "\r\n") .. "\r\n\r\n" .. res.body)
 end
 
--- handler for loop:listen: one request, one answer, close.
+-- A connection handler (sandbox.serve): one request, one answer, close;
+-- then the answer's after(), if it has one (POST /stop stops once answered).
 function M.http_handler(route)
   return function(c)
-    local r = loop.reader(c, 30)
+    local r = serve.reader(c, 30)
     local req = M.read_request(r)
-    if req then M.respond(c, route(req)) end
+    local res = req and route(req)
+    if res then M.respond(c, res) end
     c:close()
+    if res and res.after then res.after() end
   end
 end
 

@@ -2,10 +2,15 @@
 -- SMTP submission server in one Lua process on the project's own listener,
 -- for demos and fault tests without Node or a tenant. Faults are switched on
 -- from the command line and over a small control API; delivered messages go
--- to a maildir; it writes a ready profile for itself. See docs/cli.md.
+-- to a maildir; it writes a ready profile for itself. Its listeners and
+-- connections are tasks of oauthmail's built-in loop (sandbox/serve.lua):
+-- sb:run() runs that loop, sb:serve() adds the tasks to a loop the caller
+-- runs. See docs/cli.md.
 local cjson = require("cjson.safe").new()
 local conn = require "oauthmail.conn"
-local loop_mod = require "oauthmail.sandbox.loop"
+local loop = require "oauthmail.loop"
+local serve = require "oauthmail.sandbox.serve"
+local wait = require "oauthmail.wait"
 local idp_mod = require "oauthmail.sandbox.idp"
 local smtp_mod = require "oauthmail.sandbox.smtp"
 local crypto = require "oauthmail.crypto"
@@ -81,7 +86,7 @@ function M.new(o)
   o = o or {}
   local dir = assert(o.dir, "sandbox.new: dir is required")
   os.execute("mkdir -p " .. sh(dir))
-  local self = { dir = dir, faults = M.faults(), stats = {}, loop = loop_mod.new() }
+  local self = { dir = dir, faults = M.faults(), stats = {} }
   for _, f in ipairs(o.faults or {}) do self.faults:add(f) end
   local tls
   if o.tls ~= false then
@@ -118,9 +123,6 @@ function M.new(o)
     token_lifetime = o.token_lifetime, device_delay = o.device_delay, stats = self.stats, faults = self.faults }
   self.smtp = smtp_mod.new { idp = self.idp, mailboxes = self.mailboxes, tls = tls, maildir = dir .. "/maildir",
     faults = self.faults, stats = self.stats }
-  self.loop:listen(self.idp_l, idp_mod.http_handler(function(req) return self.idp:route(req) end))
-  self.loop:listen(self.smtp_l, function(c) return self.smtp:session(c) end)
-  self.loop:listen(self.control_l, idp_mod.http_handler(function(req) return M.control(self, req) end))
   return setmetatable(self, { __index = M })
 end
 
@@ -148,8 +150,9 @@ function M.control(self, req)
       quota = doc.quota }
     return json(200, {})
   elseif req.path == "/stop" and req.method == "POST" then
-    self.loop:stop()
-    return json(200, {})
+    local res = json(200, {})
+    res.after = function() M.stop(self) end   -- once the answer is out
+    return res
   end
   return json(404, { error = "unknown control route" })
 end
@@ -200,9 +203,67 @@ function M.write_profiles(self)
   return paths[1], paths[2], paths[3]
 end
 
-function M.run(self, until_fn) return self.loop:run(until_fn) end
+-- ------------------------------------------------------------ serving
 
+-- How often run(until_fn) asks until_fn, and how long stop() gives the
+-- conversations in progress before run() ends them.
+local UNTIL_TICK = 0.05
+local GRACE = 1
+local STOPPED = setmetatable({}, { __tostring = function() return "oauthmail.sandbox: stopped" end })
+
+-- sb:serve(): the sandbox's tasks - one accepting on each listener, then one
+-- per connection - join the running oauthmail.run (or the next one), so a
+-- process can host the sandbox and a mailer sending to it in one loop. Serve
+-- until sb:stop() (or POST /stop on the control port): the listeners stop
+-- accepting at once; conversations in progress end with their clients (QUIT,
+-- a close) or after their idle timeout (SMTP 120 s, HTTP 30 s).
+function M.serve(self)
+  if self.state and not self.state.stopping then error("sandbox:serve: already serving", 2) end
+  local st = serve.state()
+  self.state = st
+  serve.listen(st, self.idp_l, idp_mod.http_handler(function(req) return self.idp:route(req) end))
+  serve.listen(st, self.smtp_l, function(c) return self.smtp:session(c) end)
+  serve.listen(st, self.control_l, idp_mod.http_handler(function(req) return M.control(self, req) end))
+end
+
+-- sb:stop(): stop accepting; wakes whoever waits in run().
+function M.stop(self)
+  local st = self.state
+  if not st or st.stopping then return end
+  st.stopping = true
+  st.idle:signal()
+  for _, l in ipairs { self.idp_l, self.smtp_l, self.control_l } do serve.wake(l) end
+end
+
+-- sb:run([until_fn]): run oauthmail's loop with the sandbox's tasks until
+-- sb:stop() (POST /stop) or until until_fn() returns true; until_fn is asked
+-- at the start and then every UNTIL_TICK seconds (a timer: no socket is
+-- polled). Conversations still open GRACE seconds after the stop are closed.
+-- Not inside oauthmail.run: there, use sb:serve().
+function M.run(self, until_fn)
+  if loop.running() then error("sandbox:run: already inside oauthmail.run (use sb:serve() there)", 2) end
+  local ok, err = pcall(loop.run, function()
+    M.serve(self)
+    local st = self.state
+    while not st.stopping do
+      if until_fn and until_fn() then M.stop(self) break end
+      st.idle:wait(wait.now() + (until_fn and UNTIL_TICK or 3600))
+    end
+    local deadline = wait.now() + GRACE
+    while st.live > 0 and wait.now() < deadline do st.idle:wait(deadline) end
+    if st.live > 0 then error(STOPPED, 0) end   -- ends the loop and the tasks left in it
+  end)
+  local st = self.state
+  if st then
+    for c in pairs(st.open) do c:close() end
+    st.open = {}
+  end
+  if not ok and err ~= STOPPED then error(err, 0) end
+end
+
+-- sb:close(): stop, and close the listeners.
 function M.close(self)
+  M.stop(self)
   for _, l in ipairs { self.idp_l, self.smtp_l, self.control_l } do pcall(l.close, l) end
 end
 

@@ -8,7 +8,7 @@
 -- Google-shaped mailbox. Accepted messages go to a maildir.
 local cjson = require("cjson.safe").new()
 local crypto = require "oauthmail.crypto"
-local loop = require "oauthmail.sandbox.loop"
+local serve = require "oauthmail.sandbox.serve"
 
 local M = {}
 
@@ -28,7 +28,7 @@ function M.new(o)
   return self
 end
 
-local function reply(c, s) return loop.send(c, s .. "\r\n") end
+local function reply(c, s) return serve.send(c, s .. "\r\n") end
 
 -- Decode an XOAUTH2 or OAUTHBEARER initial response: user, token.
 local function sasl(mech, b64)
@@ -97,10 +97,10 @@ end
 local EHLO_PLAIN = { "250-" .. HOST .. " Hello [127.0.0.1]", "250-SIZE 37748736", "250-PIPELINING",
   "250-ENHANCEDSTATUSCODES", "250-8BITMIME", "250-SMTPUTF8" }
 
--- One SMTP conversation (a loop task).
+-- One SMTP conversation (a task of sandbox.serve; every wait is a yield).
 function Server:session(c)
   self.stats.connections = self.stats.connections + 1
-  local r = loop.reader(c, 120)
+  local r = serve.reader(c, 120)
   local f = self.faults:take("connect")
   if f then
     reply(c, string.format("%d %s %s", f.code or 421, f.enhanced or "4.7.66",
@@ -110,7 +110,9 @@ function Server:session(c)
   reply(c, "220 " .. HOST .. " Microsoft ESMTP MAIL Service ready (oauthmail sandbox)")
   local secure, user, counted = false, nil, false
   local from, rcpt = nil, {}
-  local function finish()
+  -- the end of the conversation; a line over its bound is refused, not kept
+  local function finish(why)
+    if why == "line too long" then reply(c, "500 5.5.2 Line too long") end
     if counted then self:count(user, -1) end
     c:close()
   end
@@ -153,8 +155,8 @@ function Server:session(c)
     return true
   end
   while true do
-    local line = r.line(4096)
-    if not line then return finish() end
+    local line, lerr = r.line(4096)
+    if not line then return finish(lerr) end
     local verb, arg = line:match("^(%a+)%s*(.-)%s*$")
     verb = (verb or ""):upper()
     if verb == "EHLO" or verb == "HELO" then
@@ -221,8 +223,8 @@ function Server:session(c)
         reply(c, "354 Start mail input; end with <CRLF>.<CRLF>")
         local parts = {}
         while true do
-          local l = r.line(1024 * 1024)
-          if not l then return finish() end
+          local l, derr = r.line(1024 * 1024)
+          if not l then return finish(derr) end
           if l == "." then break end
           if l:sub(1, 1) == "." then l = l:sub(2) end
           parts[#parts + 1] = l
