@@ -9,6 +9,7 @@ local cjson = require("cjson.safe").new()
 local crypto = require "oauthmail.crypto"
 local url = require "oauthmail.url"
 local serve = require "oauthmail.sandbox.serve"
+local shell = require "oauthmail.store.shell"
 
 local M = {}
 
@@ -82,7 +83,7 @@ end
 
 local ASSERTION = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
-local function sh(v) return "'" .. tostring(v):gsub("'", "'\\''") .. "'" end
+local sh = shell.quote
 
 -- Check a private_key_jwt client assertion (RFC 7523) against the client's
 -- registered certificate: claims here, the RS256/PS256 signature with the
@@ -106,11 +107,12 @@ function Idp:check_assertion(jws)
   local f1, f2 = io.open(base .. ".data", "wb"), io.open(base .. ".sig", "wb")
   f1:write(h64 .. "." .. p64) f1:close()
   f2:write(crypto.b64url_decode(s64) or "") f2:close()
-  local r = os.execute("openssl dgst -sha256" .. opts .. " -verify " .. sh(c.pubkey) .. " -signature "
-    .. sh(base .. ".sig") .. " " .. sh(base .. ".data") .. " >/dev/null 2>&1")
+  -- a child process waited on through the loop: other connections go on meanwhile
+  local _, rc = shell.capture("openssl dgst -sha256" .. opts .. " -verify " .. sh(c.pubkey) .. " -signature "
+    .. sh(base .. ".sig") .. " " .. sh(base .. ".data") .. " >/dev/null 2>&1", nil, 30)
   os.remove(base .. ".data")
   os.remove(base .. ".sig")
-  if not (r == true or r == 0) then return nil, "the signature does not verify with the registered certificate" end
+  if rc ~= 0 then return nil, "the signature does not verify with the registered certificate" end
   return claims.iss
 end
 
