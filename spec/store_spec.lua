@@ -592,10 +592,16 @@ describe("store.command", function()
     if tty then
       tty:close()
     else
+      -- its parent killed, the pipeline is init's to reap: a zombie counts as gone
       local pid = assert(tonumber(h.read_file(pidfile):match("%d+")))
+      local function running()
+        local stat = h.read_file("/proc/" .. pid .. "/stat")
+        local state = stat and stat:match("^%d+ %b() (%a)")
+        return state ~= nil and state ~= "Z" and state ~= "X"
+      end
       local gone = false
-      for _ = 1, 100 do
-        if not h.exec("kill -0 " .. pid) then gone = true break end
+      for _ = 1, 300 do
+        if not running() then gone = true break end
         h.sleep(0.01)
       end
       assert.is_true(gone, "the command's background pipeline is still running")
