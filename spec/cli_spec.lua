@@ -131,6 +131,25 @@ describe("oauthmail usage errors (no peers)", function()
       client_secret = "not-used-secret", user = USER, smtp = { host = "127.0.0.1" } })
   end)
 
+  it("--version prints the library's version and loads neither OpenSSL nor libcurl", function()
+    local probe = h.write_file(h.tmpdir() .. "/probe.lua", [[
+      local rc = require("oauthmail.cli").main(arg)
+      local f = assert(io.open("/proc/self/maps"))
+      local maps = f:read("*a")
+      f:close()
+      io.stderr:write(maps:find("libssl", 1, true) and "[openssl loaded]" or "[no openssl]",
+        maps:find("libcurl", 1, true) and "[libcurl loaded]" or "[no libcurl]")
+      os.exit(rc)
+    ]])
+    for _, flag in ipairs { "--version", "version" } do
+      local r = cli.run(home, { flag }, { program = probe })
+      assert.equals(0, r.rc, r.err)
+      assert.equals(require("oauthmail")._VERSION .. "\n", r.out)
+      assert.matches("^oauthmail %d+%.%d+", r.out)
+      assert.equals("[no openssl][no libcurl]", r.err)
+    end
+  end)
+
   it("send: no recipient, --text with --text-file, a missing attachment, a bad --header", function()
     local r = cli.run(home, { "send", "--profile", "spec", "--subject", "x" })
     assert.equals(64, r.rc)

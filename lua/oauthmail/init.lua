@@ -24,7 +24,7 @@ local cjson = require("cjson.safe").new()
 local wait = require "oauthmail.wait"
 local tokens = require "oauthmail.tokens"
 
-local M = { _VERSION = "oauthmail 0.1" }
+local M = { _VERSION = require "oauthmail.version" }
 
 local Mailer = {}
 Mailer.__index = Mailer

@@ -39,7 +39,7 @@ function M.main(argv)
     return cmd == nil and common.EX.USAGE or 0
   end
   if cmd == "--version" or cmd == "version" then
-    io.stdout:write(require("oauthmail")._VERSION, "\n")
+    io.stdout:write(require "oauthmail.version", "\n")
     return 0
   end
   if not M.COMMANDS[cmd] then
