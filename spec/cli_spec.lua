@@ -12,6 +12,20 @@ local sandbox = require "spec.support.sandbox"
 
 local USER = "noreply@contoso.test"
 
+-- A program that runs the command, then says on stderr whether OpenSSL and
+-- libcurl were mapped into the process ([no openssl][no libcurl]).
+local function maps_probe(dir)
+  return h.write_file(dir .. "/probe.lua", [[
+    local rc = require("oauthmail.cli").main(arg)
+    local f = assert(io.open("/proc/self/maps"))
+    local maps = f:read("*a")
+    f:close()
+    io.stderr:write(maps:find("libssl", 1, true) and "[openssl loaded]" or "[no openssl]",
+      maps:find("libcurl", 1, true) and "[libcurl loaded]" or "[no libcurl]")
+    os.exit(rc)
+  ]])
+end
+
 describe("oauthmail profiles", function()
   it("finds NAME.lua on OAUTHMAIL_PROFILE_PATH, then XDG_CONFIG_HOME, and by path", function()
     local home = cli.home()
@@ -132,15 +146,7 @@ describe("oauthmail usage errors (no peers)", function()
   end)
 
   it("--version prints the library's version and loads neither OpenSSL nor libcurl", function()
-    local probe = h.write_file(h.tmpdir() .. "/probe.lua", [[
-      local rc = require("oauthmail.cli").main(arg)
-      local f = assert(io.open("/proc/self/maps"))
-      local maps = f:read("*a")
-      f:close()
-      io.stderr:write(maps:find("libssl", 1, true) and "[openssl loaded]" or "[no openssl]",
-        maps:find("libcurl", 1, true) and "[libcurl loaded]" or "[no libcurl]")
-      os.exit(rc)
-    ]])
+    local probe = maps_probe(h.tmpdir())
     for _, flag in ipairs { "--version", "version" } do
       local r = cli.run(home, { flag }, { program = probe })
       assert.equals(0, r.rc, r.err)
@@ -280,15 +286,7 @@ describe("oauthmail with the oidc-provider and the sandbox", function()
     local _, mode = h.exec("stat -c %a " .. h.quote(store))
     assert.equals("600", mode:match("%d+"))
     -- from the store, the command loads neither OpenSSL nor libcurl (it reads a file)
-    local probe = h.write_file(home.dir .. "/probe.lua", [[
-      local rc = require("oauthmail.cli").main(arg)
-      local f = assert(io.open("/proc/self/maps"))
-      local maps = f:read("*a")
-      f:close()
-      io.stderr:write(maps:find("libssl", 1, true) and "[openssl loaded]" or "[no openssl]",
-        maps:find("libcurl", 1, true) and "[libcurl loaded]" or "[no libcurl]")
-      os.exit(rc)
-    ]])
+    local probe = maps_probe(home.dir)
     local r2 = cli.run(home, { "token", "--profile", "spec", "--trace", trace }, { program = probe })
     assert.equals(0, r2.rc, r2.err)
     assert.equals(r1.out, r2.out)
